@@ -1,0 +1,1 @@
+"""cpeft_jax: Context-PEFT in JAX/Flax."""

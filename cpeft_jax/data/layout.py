@@ -1,0 +1,143 @@
+"""The paper's fixed-length sequence layout: [BOS] image caption [EOS] [PAD], as numpy arrays.
+
+Row layout (length L, N image positions, `b` = 1 with boundary tokens, else 0):
+
+  position   0     1..b      b+1 .. b+N      b+N+1..b+N+b    then caption, [EOS], [PAD] ...
+  kind       BOS   BOUNDARY  IMAGE           BOUNDARY
+
+Targets are next tokens: the row is built with L+1 slots and `tokens` = slots [0, L),
+`targets` = slots [1, L+1), so `targets[t]` is the token that follows `tokens[t]`. A caption
+keeps at most `caption_budget(N, L)` = L - 1 - N - 2b tokens and its EOS is always kept: when
+the caption fills the budget, the EOS exists only as the target of the last position. With the
+paper's L=128, N=64 this is up to 63 caption tokens + EOS, and the loss covers exactly the last
+64 positions (the last image position predicts the first caption token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from cpeft_jax import contexts
+from cpeft_jax.contexts import Kind
+
+
+def caption_budget(num_image_tokens: int, seq_len: int, boundary: bool = False) -> int:
+  """The most caption tokens (EOS excluded) a row of length `seq_len` holds."""
+  return seq_len - 1 - num_image_tokens - (2 if boundary else 0)
+
+
+def layout_captions(
+    captions: Sequence[Sequence[int]],
+    *,
+    num_image_tokens: int,
+    seq_len: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+    boundary: bool = False,
+    boundary_ids: tuple[int, int] | None = None,
+    context_map: Mapping[str, int] | str | None = None,
+) -> dict[str, np.ndarray]:
+  """Lays out a batch of tokenized captions (no BOS/EOS) into static [B, L] arrays.
+
+  Image (and boundary) positions hold `pad_id` in `tokens`; the model splices embeddings
+  there. `boundary_ids` gives real token ids for the (open, close) boundary positions instead.
+  Returns a dict of numpy arrays:
+    tokens [B,L] int32, targets [B,L] int32 (next token; pad_id past the EOS),
+    kinds [B,L] int32 (`Kind`), target_kinds [B,L] int32 (kind of each target),
+    image_mask [B,L] bool, attention_mask [B,L] bool (False on PAD),
+    loss_mask [B,L] float32 (1 where the target is a caption token or the EOS),
+    num_dropped [B] int32 (caption tokens cut by truncation),
+    context_ids [B,L] int32 (only when `context_map` is given; see `contexts.context_ids`).
+  """
+  budget = _check_sizes(num_image_tokens, seq_len, boundary)
+  for name, value in (('bos_id', bos_id), ('eos_id', eos_id), ('pad_id', pad_id)):
+    _check_id(name, value)
+  if boundary_ids is not None:
+    if not boundary:
+      raise ValueError(f'boundary_ids={boundary_ids} given but boundary=False')
+    if len(boundary_ids) != 2:
+      raise ValueError(f'boundary_ids must be (open_id, close_id), got {boundary_ids}')
+    for value in boundary_ids:
+      _check_id('boundary_ids', value)
+  open_id, close_id = boundary_ids if boundary_ids is not None else (pad_id, pad_id)
+
+  num_rows = len(captions)
+  width = seq_len + 1  # one extra slot so targets are a plain shift
+  slots_BW = np.full((num_rows, width), pad_id, np.int32)
+  kinds_BW = np.full((num_rows, width), Kind.PAD, np.int32)
+  num_dropped_B = np.zeros(num_rows, np.int32)
+
+  # The prefix is the same for every row.
+  prefix_kinds = [Kind.BOS] + [Kind.BOUNDARY] * boundary + [Kind.IMAGE] * num_image_tokens
+  prefix_kinds += [Kind.BOUNDARY] * boundary
+  prefix_ids = [bos_id] + [open_id] * boundary + [pad_id] * num_image_tokens
+  prefix_ids += [close_id] * boundary
+  start = len(prefix_ids)
+  slots_BW[:, :start] = prefix_ids
+  kinds_BW[:, :start] = prefix_kinds
+
+  for row, caption in enumerate(captions):
+    caption = _check_caption(row, caption, bos_id, eos_id)
+    kept = caption[:budget]
+    num_dropped_B[row] = len(caption) - len(kept)
+    end = start + len(kept)
+    slots_BW[row, start:end] = kept
+    kinds_BW[row, start:end] = Kind.TEXT
+    slots_BW[row, end] = eos_id
+    kinds_BW[row, end] = Kind.EOS
+
+  kinds_BL, target_kinds_BL = kinds_BW[:, :-1], kinds_BW[:, 1:]
+  batch = {
+      'tokens': np.ascontiguousarray(slots_BW[:, :-1]),
+      'targets': np.ascontiguousarray(slots_BW[:, 1:]),
+      'kinds': np.ascontiguousarray(kinds_BL),
+      'target_kinds': np.ascontiguousarray(target_kinds_BL),
+      'image_mask': kinds_BL == Kind.IMAGE,
+      'attention_mask': kinds_BL != Kind.PAD,
+      'loss_mask': ((target_kinds_BL == Kind.TEXT) | (target_kinds_BL == Kind.EOS)).astype(np.float32),
+      'num_dropped': num_dropped_B,
+  }
+  if context_map is not None:
+    batch['context_ids'] = contexts.context_ids(batch['kinds'], context_map)
+  return batch
+
+
+def truncation(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
+  """(captions truncated, caption tokens dropped) of a batch from `layout_captions`."""
+  num_dropped_B = np.asarray(batch['num_dropped'])
+  return int((num_dropped_B > 0).sum()), int(num_dropped_B.sum())
+
+
+def _check_sizes(num_image_tokens: int, seq_len: int, boundary: bool) -> int:
+  if num_image_tokens < 0:
+    raise ValueError(f'num_image_tokens must be >= 0, got {num_image_tokens}')
+  budget = caption_budget(num_image_tokens, seq_len, boundary)
+  if budget < 1:
+    need = seq_len - budget + 1
+    raise ValueError(
+        f'seq_len={seq_len} is too small for num_image_tokens={num_image_tokens}'
+        f'{" with boundary tokens" if boundary else ""}: expected seq_len >= {need} '
+        '(BOS, image positions, boundary tokens and at least one caption token)')
+  return budget
+
+
+def _check_id(name: str, value: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f'{name} must be a token id (int >= 0), got {value!r}')
+
+
+def _check_caption(row: int, caption: Sequence[int], bos_id: int, eos_id: int) -> np.ndarray:
+  caption = np.asarray(caption)
+  if caption.ndim != 1 or (caption.size and not np.issubdtype(caption.dtype, np.integer)):
+    raise ValueError(f'caption {row} must be a 1-D sequence of token ids, got {caption!r}')
+  if caption.size and caption.min() < 0:
+    raise ValueError(f'caption {row} has negative token id {caption.min()}')
+  for name, special in (('bos_id', bos_id), ('eos_id', eos_id)):
+    hits = np.flatnonzero(caption == special)
+    if hits.size:
+      raise ValueError(f'caption {row} contains {name}={special} at position {hits[0]}; '
+                       'tokenize captions without special tokens (the layout adds them)')
+  return caption.astype(np.int32)
