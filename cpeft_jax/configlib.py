@@ -35,7 +35,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
       try:
         out[key] = kind(value)
       except ValueError:
-        raise ValueError(f'Config argument {key}={value!r}: expected a {kind.__name__}.') from None
+        raise ValueError(f'Config argument {key}={value!r}: expected {kind.__name__}.') from None
   return ml_collections.ConfigDict(out)
 
 

@@ -1,0 +1,175 @@
+"""The decoder against transformers' PyTorch Llama/Qwen2, and its context/adaptor behaviour."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpeft_jax.adaptors import LoraConfig, PeftConfig
+from cpeft_jax.models.llama import Decoder, DecoderConfig
+
+CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=48, rope_theta=500.0, rms_norm_eps=1e-5)
+ALL = PeftConfig(methods=('lora', 'ia3', 'bitfit'), num_contexts=2,
+                 lora=LoraConfig(rank=4, alpha=8.0))
+
+
+def _tokens(shape=(2, 9), seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, CFG.vocab_size, shape), jnp.int32)
+
+
+def _randomize(tables, seed=1):
+  leaves, treedef = jax.tree.flatten(tables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope='module')
+def adapted():
+  model = Decoder(CFG, ALL)
+  tokens = _tokens()
+  ctx = jnp.asarray(np.random.default_rng(5).integers(0, 2, tokens.shape), jnp.int32)
+  v = model.init(jax.random.key(0), tokens, context_ids_BL=ctx)
+  return model, v, tokens, ctx
+
+
+def _torch_to_flax(sd, cfg):
+  """transformers Llama/Qwen2 state dict -> this decoder's 'params' (layers stacked)."""
+  t = lambda k: np.asarray(sd[k].detach().numpy(), np.float32)
+  layers = []
+  for i in range(cfg.num_layers):
+    p = f'model.layers.{i}.'
+    attn = {n: {'kernel': t(p + f'self_attn.{n}.weight').T} for n in
+            ('q_proj', 'k_proj', 'v_proj', 'o_proj')}
+    if cfg.qkv_bias:
+      for n in ('q_proj', 'k_proj', 'v_proj'):
+        attn[n]['bias'] = t(p + f'self_attn.{n}.bias')
+    mlp = {n: {'kernel': t(p + f'mlp.{n}.weight').T} for n in ('gate_proj', 'up_proj', 'down_proj')}
+    layers.append({'attn': attn, 'mlp': mlp,
+                   'input_layernorm': {'weight': t(p + 'input_layernorm.weight')},
+                   'post_attention_layernorm': {'weight': t(p + 'post_attention_layernorm.weight')}})
+  params = {'embed_tokens': {'embedding': t('model.embed_tokens.weight')},
+            'layers': jax.tree.map(lambda *xs: np.stack(xs), *layers),
+            'norm': {'weight': t('model.norm.weight')}}
+  if not cfg.tie_embeddings:
+    params['lm_head'] = {'kernel': t('lm_head.weight').T}
+  return params
+
+
+@pytest.mark.parametrize('arch', ['llama', 'qwen2'])
+def test_matches_transformers_pytorch(arch):
+  torch = pytest.importorskip('torch')
+  import transformers
+  torch.manual_seed(0)
+  common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                rope_theta=500.0)
+  if arch == 'llama':
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=False))
+    cfg = CFG
+  else:
+    hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
+    cfg = dataclasses.replace(CFG, qkv_bias=True, tie_embeddings=True)
+  hf.eval()
+  with torch.no_grad():  # make biases and norms non-trivial so a mix-up shows
+    for name, p in hf.named_parameters():
+      if name.endswith('bias') or 'norm' in name:
+        p.add_(0.1 * torch.randn_like(p))
+  tokens = _tokens()
+  mask = np.ones(tokens.shape, bool)
+  mask[1, 6:] = False  # right padding in the second row
+  with torch.no_grad():
+    want = hf(input_ids=torch.tensor(np.asarray(tokens)),
+              attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
+  params = _torch_to_flax(hf.state_dict(), cfg)
+  got = Decoder(cfg, ALL).apply(
+      {'params': params, 'adaptors': Decoder(cfg, ALL).init(jax.random.key(0), tokens)['adaptors']},
+      tokens, context_ids_BL=jnp.asarray(np.arange(18).reshape(2, 9) % 2),
+      attention_mask_BL=mask)
+  np.testing.assert_allclose(np.asarray(got)[mask], want[mask], atol=1e-4, rtol=1e-4)
+
+
+def test_fresh_adapted_decoder_is_bit_identical_to_base(adapted):
+  model, v, tokens, ctx = adapted
+  base = Decoder(CFG).apply({'params': v['params']}, tokens)
+  assert np.array_equal(np.asarray(model.apply(v, tokens, context_ids_BL=ctx)), np.asarray(base))
+
+
+def test_fused_gate_up_equals_separate_projections(adapted):
+  _, v, tokens, _ = adapted
+  fused_cfg = dataclasses.replace(CFG, fused_gate_up=True)
+  p = jax.tree.map(lambda x: x, v['params'])
+  mlp = p['layers']['mlp']
+  fused_mlp = {'gate_up_proj': {'kernel': jnp.concatenate(
+      [mlp['gate_proj']['kernel'], mlp['up_proj']['kernel']], -1)}, 'down_proj': mlp['down_proj']}
+  p['layers'] = dict(p['layers'], mlp=fused_mlp)
+  np.testing.assert_allclose(Decoder(fused_cfg).apply({'params': p}, tokens),
+                             Decoder(CFG).apply({'params': v['params']}, tokens), atol=1e-5)
+
+
+def test_causal_and_embeddings_path(adapted):
+  model, v, tokens, ctx = adapted
+  v = {'params': v['params'], 'adaptors': _randomize(v['adaptors'])}
+  out = model.apply(v, tokens, context_ids_BL=ctx)
+  changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % CFG.vocab_size)
+  out2 = model.apply(v, changed, context_ids_BL=ctx)
+  np.testing.assert_array_equal(out[:, :5], out2[:, :5])
+  assert not np.allclose(out[:, 5:], out2[:, 5:])
+  emb = model.apply(v, tokens, method=Decoder.embed)
+  np.testing.assert_array_equal(model.apply(v, embeddings_BLD=emb, context_ids_BL=ctx), out)
+
+
+def test_left_padding_with_positions_matches_unpadded(adapted):
+  model, v, tokens, ctx = adapted
+  v = {'params': v['params'], 'adaptors': _randomize(v['adaptors'])}
+  short, sctx = tokens[:1, :6], ctx[:1, :6]
+  want = model.apply(v, short, context_ids_BL=sctx)
+  padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], 1)
+  pctx = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), sctx], 1)
+  mask = jnp.arange(9)[None] >= 3
+  pos = jnp.maximum(jnp.arange(9)[None] - 3, 0)
+  got = model.apply(v, padded, context_ids_BL=pctx, attention_mask_BL=mask, positions_BL=pos)
+  np.testing.assert_allclose(got[:, 3:], want, atol=1e-5)
+
+
+def test_context_group_changes_and_gradients(adapted):
+  model, v, tokens, _ = adapted
+  tables = _randomize(v['adaptors'])
+  ctx = jnp.zeros_like(tokens)  # only context 0 occurs
+
+  def loss(t):
+    return jnp.mean(model.apply({'params': v['params'], 'adaptors': t}, tokens,
+                                context_ids_BL=ctx) ** 2)
+
+  g = jax.grad(loss)(tables)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(g)[0]:
+    assert np.all(np.asarray(leaf[:, 1]) == 0), jax.tree_util.keystr(path)
+    assert np.any(np.asarray(leaf[:, 0]) != 0), jax.tree_util.keystr(path)
+  # Group 1's parameters do not touch a sequence of context-0 tokens at all.
+  bumped = jax.tree.map(lambda a: a.at[:, 1].add(1.0), tables)
+  assert loss(bumped) == loss(tables)
+
+
+def test_bad_inputs_raise(adapted):
+  model, v, tokens, _ = adapted
+  with pytest.raises(ValueError, match=r'num_contexts=2 \(valid ids are 0..1\)'):
+    model.apply(v, tokens, context_ids_BL=jnp.full(tokens.shape, 2))
+  with pytest.raises(ValueError, match='expected the token shape'):
+    model.apply(v, tokens, context_ids_BL=jnp.zeros((2, 3), jnp.int32))
+  with pytest.raises(ValueError, match='model.num_heads=4 must be a multiple'):
+    dataclasses.replace(CFG, num_kv_heads=3)
+  with pytest.raises(ValueError, match="matches no projection"):
+    Decoder(CFG, PeftConfig(methods=('lora',), targets='query')).init(jax.random.key(0), tokens)
+
+
+def test_bf16_compute_is_close_to_fp32(adapted):
+  model, v, tokens, ctx = adapted
+  v = {'params': v['params'], 'adaptors': _randomize(v['adaptors'])}
+  bf16 = Decoder(dataclasses.replace(CFG, dtype='bfloat16'), ALL)
+  out = bf16.apply(v, tokens, context_ids_BL=ctx)
+  assert out.dtype == jnp.float32
+  ref = model.apply(v, tokens, context_ids_BL=ctx)
+  rel_rms = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean(ref ** 2)))
+  assert 0 < rel_rms < 0.06  # bf16 keeps ~3 significant digits per op

@@ -1,0 +1,58 @@
+"""Parameter accounting against the paper's Table 3, and the config argument parser."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cpeft_jax import configlib, params
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from configs import paper_llm150m  # noqa: E402
+
+# ../shared/PAPER.md, Table 3: LM-backbone trainable parameters, AF, (agnostic, specific).
+TABLE3 = {'method=ia3': (55_296, 110_592), 'method=bitfit': (119_808, 239_616),
+          'method=lora,rank=1': (202_752, 405_504), 'method=lora,rank=8': (1_622_016, 3_244_032),
+          'method=lora,rank=64': (12_976_128, 25_952_256)}
+
+
+@pytest.mark.parametrize('arg', list(TABLE3))
+def test_table3_counts(arg):
+  for contexts, want in zip(('agnostic', 'specific'), TABLE3[arg]):
+    config = paper_llm150m.get_config(f'{arg},targets=AF,contexts={contexts}')
+    rep = params.report(configlib.decoder_config(config), configlib.peft_config(config))
+    assert rep.adaptor_total == want
+    assert all(rep.context_total(c) == want // rep.peft.num_contexts
+               for c in range(rep.peft.num_contexts))
+
+
+def test_cli_prints_table3_grid():
+  out = subprocess.run([sys.executable, '-m', 'cpeft_jax.params',
+                        '--config=configs/paper_llm150m.py', '--grid'], cwd=ROOT,
+                       capture_output=True, text=True, check=True).stdout
+  for agnostic, specific in TABLE3.values():
+    assert f'| {agnostic:,} | {specific:,} |' in out
+
+
+def test_per_context_split_with_unadapted_context():
+  config = paper_llm150m.get_config('method=lora+bitfit,rank=8,targets=A')
+  peft = dataclasses.replace(configlib.peft_config(config), num_contexts=3, adapted_contexts=(2,))
+  rep = params.report(configlib.decoder_config(config), peft)
+  lora = 12 * 4 * (768 * 8 + 8 * 768)
+  assert rep.per_method_context == {'lora': {2: lora}, 'bitfit': {2: 12 * 4 * 768}}
+  assert rep.context_total(0) == 0
+  assert '| lora | 0 | 0 | 589,824 | 589,824 |' in rep.format()
+
+
+def test_parse_arg_errors():
+  assert configlib.parse_arg('rank=4,flag', rank=8, flag=False, name='x').to_dict() == {
+      'rank': 4, 'flag': True, 'name': 'x'}
+  with pytest.raises(ValueError, match="Unknown config argument 'rnak'"):
+    configlib.parse_arg('rnak=4', rank=8)
+  with pytest.raises(ValueError, match=r"rank='four': expected int"):
+    configlib.parse_arg('rank=four', rank=8)
+  with pytest.raises(ValueError, match="contexts='both'"):
+    paper_llm150m.get_config('contexts=both')
