@@ -58,7 +58,8 @@ def validate(mapping: Mapping[str, int] | str) -> dict[str, int]:
   for key, ctx in mapping.items():
     name = key.name.lower() if isinstance(key, Kind) else key
     if name not in KIND_NAMES:
-      raise ValueError(f'unknown token kind {key!r} in context map; expected one of {list(KIND_NAMES)}')
+      raise ValueError(f'unknown token kind {key!r} in context map; '
+                       f'expected one of {list(KIND_NAMES)}')
     if isinstance(ctx, bool) or not isinstance(ctx, (int, np.integer)) or ctx < 0:
       raise ValueError(f'context id for kind {name!r} must be an int >= 0, got {ctx!r}')
     out[name] = int(ctx)
@@ -76,8 +77,9 @@ def context_ids(kinds_BL: np.ndarray, mapping: Mapping[str, int] | str) -> np.nd
   """Maps an integer array of token kinds (any shape) to int32 context ids of the same shape."""
   mapping = validate(mapping)
   kinds_BL = np.asarray(kinds_BL)
-  if kinds_BL.size and (not np.issubdtype(kinds_BL.dtype, np.integer)
-                        or kinds_BL.min() < 0 or kinds_BL.max() >= len(Kind)):
+  if kinds_BL.size and not np.issubdtype(kinds_BL.dtype, np.integer):
+    raise ValueError(f'token kinds must be an integer array, got dtype {kinds_BL.dtype}')
+  if kinds_BL.size and (kinds_BL.min() < 0 or kinds_BL.max() >= len(Kind)):
     bad = sorted(set(np.unique(kinds_BL).tolist()) - set(range(len(Kind))))
     raise ValueError(f'token kinds {bad} are not valid; expected ints in [0, {len(Kind)}) '
                      f'for {list(KIND_NAMES)}')
@@ -87,5 +89,6 @@ def context_ids(kinds_BL: np.ndarray, mapping: Mapping[str, int] | str) -> np.nd
   ctx_BL = table_K[kinds_BL]
   if (ctx_BL < 0).any():
     missing = sorted({KIND_NAMES[k] for k in np.unique(kinds_BL[ctx_BL < 0]).tolist()})
-    raise ValueError(f'context map {mapping} has no id for token kinds {missing} present in the data')
+    raise ValueError(f'context map {mapping} has no id for token kinds {missing} '
+                     'present in the data')
   return ctx_BL

@@ -1,9 +1,9 @@
 """The paper's fixed-length sequence layout: [BOS] image caption [EOS] [PAD], as numpy arrays.
 
-Row layout (length L, N image positions, `b` = 1 with boundary tokens, else 0):
+One row (length L; N image positions; b = 1 with the optional boundary tokens, else 0):
 
-  position   0     1..b      b+1 .. b+N      b+N+1..b+N+b    then caption, [EOS], [PAD] ...
-  kind       BOS   BOUNDARY  IMAGE           BOUNDARY
+  [BOS] ([BND]) [IMG] x N ([BND]) caption tokens ... [EOS] [PAD] ...
+  the open boundary sits at position 1 and the close one at N+2; images start at 1+b.
 
 Targets are next tokens: the row is built with L+1 slots and `tokens` = slots [0, L),
 `targets` = slots [1, L+1), so `targets[t]` is the token that follows `tokens[t]`. A caption
@@ -97,7 +97,7 @@ def layout_captions(
       'target_kinds': np.ascontiguousarray(target_kinds_BL),
       'image_mask': kinds_BL == Kind.IMAGE,
       'attention_mask': kinds_BL != Kind.PAD,
-      'loss_mask': ((target_kinds_BL == Kind.TEXT) | (target_kinds_BL == Kind.EOS)).astype(np.float32),
+      'loss_mask': np.isin(target_kinds_BL, (Kind.TEXT, Kind.EOS)).astype(np.float32),
       'num_dropped': num_dropped_B,
   }
   if context_map is not None:

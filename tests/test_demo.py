@@ -1,0 +1,266 @@
+"""The demo dataset: captions true of the pixels, determinism, and the TFDS round trip."""
+
+import collections
+import io
+import re
+
+import numpy as np
+import pytest
+
+from cpeft_jax.data import demo
+from cpeft_jax.data.demo import scenes
+
+# The test's own reading of the caption language (independent of the generator's tables).
+COUNTS = {'a single': 1, 'a pair of': 2, 'an': 1, 'a': 1, 'one': 1, 'two': 2, 'three': 3,
+          'four': 4}
+SIZES = {'small': 'small', 'little': 'small', 'large': 'large', 'big': 'large'}
+SHAPES = ('circle', 'square', 'triangle', 'diamond', 'cross')
+POSITIONS = {
+    'on the left side': 'left', 'on the left': 'left', 'to the left': 'left',
+    'on the right side': 'right', 'on the right': 'right', 'to the right': 'right',
+    'at the top left': 'top left', 'at the top right': 'top right',
+    'at the bottom left': 'bottom left', 'at the bottom right': 'bottom right',
+    'at the top': 'top', 'near the top': 'top', 'along the top': 'top',
+    'at the bottom': 'bottom', 'near the bottom': 'bottom', 'along the bottom': 'bottom',
+    'in the center': 'center', 'in the middle': 'center',
+    'in the top left corner': 'top left', 'in the top right corner': 'top right',
+    'in the bottom left corner': 'bottom left', 'in the bottom right corner': 'bottom right',
+}
+NUMBERS = {w: i for i, w in enumerate('zero one two three four five six seven eight nine'.split())}
+
+
+def _alt(words):
+  return '|'.join(sorted(map(re.escape, words), key=len, reverse=True))
+
+
+GROUP_RE = re.compile(
+    rf'(?P<count>{_alt(COUNTS)}) (?:(?P<size>{_alt(SIZES)}) )?(?P<color>{_alt(scenes.COLORS)}) '
+    rf'(?P<shape>{_alt(SHAPES)})(?P<plural>e?s)?(?: (?P<pos>{_alt(POSITIONS)}))?'
+    r'(?=,| and |$| on a)')
+FRAME_RE = re.compile(r'(a picture of |an image showing |there (is|are) |a dark scene with '
+                      r'|(?P<total>\w+) shapes?: )?G(, G)*( and G)?( on a dark background)?')
+
+
+def _components(mask_HW):
+  """Connected components (4-neighbour) of a boolean mask, as lists of (row, col)."""
+  seen = np.zeros_like(mask_HW)
+  out = []
+  for start in zip(*np.nonzero(mask_HW)):
+    if seen[start]:
+      continue
+    seen[start] = True
+    stack, pixels = [start], []
+    while stack:
+      r, c = stack.pop()
+      pixels.append((r, c))
+      for nr, nc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+        inside = 0 <= nr < mask_HW.shape[0] and 0 <= nc < mask_HW.shape[1]
+        if inside and mask_HW[nr, nc] and not seen[nr, nc]:
+          seen[nr, nc] = True
+          stack.append((nr, nc))
+    out.append(np.array(pixels))
+  return out
+
+
+def _classify(pixels):
+  """Names a component's shape from its bounding-box fill and row widths."""
+  rows, cols = pixels[:, 0], pixels[:, 1]
+  height, width = np.ptp(rows) + 1, np.ptp(cols) + 1
+  fill = len(pixels) / (height * width)
+  row_width = lambda r: int((rows == r).sum())
+  top, bottom = row_width(rows.min()), row_width(rows.max())
+  if fill > 0.93:
+    return 'square'
+  if bottom >= 0.75 * width and top <= 0.5 * width and fill < 0.68:
+    return 'triangle'
+  # A cross's arms are flat ends: its first two (and last two) rows have the same width.
+  if top == row_width(rows.min() + 1) and bottom == row_width(rows.max() - 1) and top < 0.6 * width:
+    return 'cross'
+  return 'circle' if fill > 0.64 else 'diamond'
+
+
+def _objects_by_color(image_HW3):
+  """color name -> [(shape, extent in cells, (row, col) cell of the centroid)] from pixels."""
+  cell = image_HW3.shape[0] / scenes.GRID
+  found = collections.defaultdict(list)
+  for name, rgb in scenes.COLORS.items():
+    for pixels in _components((image_HW3 == rgb).all(-1)):
+      extent = max(np.ptp(pixels[:, 0]), np.ptp(pixels[:, 1])) + 1
+      centre = pixels.mean(0) // cell
+      found[name].append((_classify(pixels), extent / cell, (int(centre[0]), int(centre[1]))))
+  return found
+
+
+def _region_holds(position, cells):
+  corner = {'top left': (0, 0), 'top right': (0, 2), 'bottom left': (2, 0), 'bottom right': (2, 2)}
+  if position in corner:
+    return cells == [corner[position]]
+  test = {'left': lambda r, c: c == 0, 'right': lambda r, c: c == 2, 'top': lambda r, c: r == 0,
+          'bottom': lambda r, c: r == 2, 'center': lambda r, c: (r, c) == (1, 1)}[position]
+  return all(test(r, c) for r, c in cells)
+
+
+def test_color_names_mean_their_colors():
+  hue = {name: int(np.argmax(rgb)) for name, rgb in scenes.COLORS.items()}
+  assert hue['red'] == 0 and hue['green'] == 1 and hue['blue'] == 2
+  assert min(scenes.COLORS['white']) > 200 and scenes.COLORS['yellow'][2] < 100
+  assert all(max(rgb) > 2 * max(scenes.BACKGROUND) for rgb in scenes.COLORS.values())
+
+
+@pytest.mark.parametrize('image_size, num', [(64, 150), (96, 60)])
+def test_captions_are_true_of_the_pixels(image_size, num):
+  sizes_seen = set()
+  for example in demo.generate_examples('train', num, seed=3, image_size=image_size):
+    image_HW3 = example['image']
+    assert image_HW3.shape == (image_size, image_size, 3) and image_HW3.dtype == np.uint8
+    found = _objects_by_color(image_HW3)
+    colored = (image_HW3 != scenes.BACKGROUND).any(-1)
+    painted = np.zeros_like(colored)
+    for rgb in scenes.COLORS.values():
+      painted |= (image_HW3 == rgb).all(-1)
+    assert painted[colored].all(), 'only palette colours are drawn'
+    assert len(example['captions']) == 5
+    for entry in example['captions']:
+      text = entry['text']
+      groups = list(GROUP_RE.finditer(text))
+      frame = FRAME_RE.fullmatch(GROUP_RE.sub('G', text))
+      assert frame, f'unexpected wording: {text!r}'
+      assert sorted(m['color'] for m in groups) == sorted(found), text  # every colour, once
+      if frame['total']:
+        assert NUMBERS[frame['total']] == sum(len(v) for v in found.values()), text
+      for m in groups:
+        objects = found[m['color']]
+        count = COUNTS[m['count']]
+        assert len(objects) == count, text
+        assert (m['plural'] is not None) == (count > 1), text
+        assert {shape for shape, _, _ in objects} == {m['shape']}, (text, objects)
+        if m['size']:
+          small = all(extent < 0.5 for _, extent, _ in objects)
+          assert small == (SIZES[m['size']] == 'small'), (text, objects)
+          sizes_seen.add(SIZES[m['size']])
+        if m['pos']:
+          assert _region_holds(POSITIONS[m['pos']], sorted(cell for _, _, cell in objects)), text
+  assert sizes_seen == {'small', 'large'}
+
+
+def test_scene_description_matches_pixels():
+  for index in range(40):
+    example, scene = demo.make_example('validation', index, seed=1)
+    found = _objects_by_color(example['image'])
+    assert sorted(found) == sorted(g.color for g in scene.groups)
+    for group in scene.groups:
+      assert len(found[group.color]) == group.count
+      assert {shape for shape, _, _ in found[group.color]} == {group.shape}
+      if group.position is not None:
+        assert _region_holds(group.position, sorted(c for _, _, c in found[group.color]))
+    assert len(scene.items) == sum(g.count for g in scene.groups) <= scenes.GRID**2
+
+
+def test_variety():
+  scenes_ = [demo.make_example('train', i)[1] for i in range(300)]
+  groups = [g for s in scenes_ for g in s.groups]
+  assert {g.shape for g in groups} == set(SHAPES)
+  assert {g.color for g in groups} == set(scenes.COLORS)
+  assert {g.count for g in groups} == {1, 2, 3, 4}
+  assert {len(s.groups) for s in scenes_} == {1, 2, 3}
+  assert {g.position for g in groups} >= {'left', 'right', 'top', 'bottom', 'center', None}
+  texts = [c['text'] for i in range(50) for c in demo.make_example('train', i)[0]['captions']]
+  assert len(set(texts)) > 0.95 * len(texts)
+
+
+def test_deterministic_in_the_seed():
+  first = list(demo.generate_examples('train', 6, seed=7))
+  again = list(demo.generate_examples('train', 6, seed=7))
+  longer = list(demo.generate_examples('train', 9, seed=7))
+  other_seed = list(demo.generate_examples('train', 6, seed=8))
+  other_split = list(demo.generate_examples('test', 6, seed=7))
+  for a, b, c in zip(first, again, longer):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['image'], c['image'])
+    assert a['captions'] == b['captions'] == c['captions']
+  assert any((a['image'] != b['image']).any() for a, b in zip(first, other_seed))
+  assert any((a['image'] != b['image']).any() for a, b in zip(first, other_split))
+
+
+def test_ids_are_unique_across_splits():
+  image_ids, caption_ids = set(), set()
+  for split in demo.SPLITS:
+    for example in demo.generate_examples(split, 5):
+      image_ids.add(example['image/id'])
+      caption_ids.update(c['id'] for c in example['captions'])
+  assert len(image_ids) == 15 and len(caption_ids) == 75
+
+
+@pytest.mark.parametrize('call, match', [
+    (lambda: demo.make_example('val', 0), r"unknown split 'val'; expected one of \['train'"),
+    (lambda: demo.make_example('train', -1), r'example index must be in \[0, 1000000\), got -1'),
+    (lambda: demo.make_example('train', 0, image_size=16),
+     r'image_size must be >= 24 pixels to draw shapes, got 16'),
+    (lambda: demo.make_example('train', 0, captions_per_image=0),
+     r'captions_per_image must be >= 1'),
+])
+def test_errors(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def _decode_png(data):
+  import PIL.Image
+  return np.asarray(PIL.Image.open(io.BytesIO(data)).convert('RGB'))
+
+
+def test_png_round_trip():
+  from cpeft_jax.data.demo import builder
+  image_HW3 = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(_decode_png(builder.encode_png(image_HW3)), image_HW3)
+  with pytest.raises(ValueError, match=r'expected a uint8 \[H, W, 3\] image, got float32 \(2, 2\)'):
+    builder.encode_png(np.zeros((2, 2), np.float32))
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """A tiny demo dataset built with TFDS (array_record) into a temporary data_dir."""
+  from cpeft_jax.data.demo import builder
+  config = builder.make_config(image_size=32, num_train=6, num_validation=3, num_test=2, seed=5)
+  b = builder.CpeftDemoCaptions(config=config, data_dir=str(tmp_path_factory.mktemp('tfds')),
+                                file_format='array_record')
+  b.download_and_prepare()
+  return b
+
+
+def _expected(split, num):
+  return list(demo.generate_examples(split, num, seed=5, image_size=32))
+
+
+def test_tfds_build_without_decoding(built):
+  import tensorflow_datasets as tfds
+  from cpeft_jax.data.demo import builder
+  assert {k: v.num_examples for k, v in built.info.splits.items()} == {
+      'train': 6, 'validation': 3, 'test': 2}
+  for split, num in (('train', 6), ('validation', 3), ('test', 2)):
+    source = built.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+    assert len(source) == num
+    for stored, example in zip(source, _expected(split, num)):
+      assert stored['image'] == builder.encode_png(example['image'])
+      np.testing.assert_array_equal(_decode_png(stored['image']), example['image'])
+      assert stored['image/id'] == example['image/id']
+      assert stored['image/filename'] == example['image/filename'].encode()
+      texts = [t.decode() for t in stored['captions']['text']]
+      assert texts == [c['text'] for c in example['captions']]
+      assert list(stored['captions']['id']) == [c['id'] for c in example['captions']]
+
+
+def test_tfds_read_back_decoded(built):
+  import tensorflow_datasets as tfds
+  from cpeft_jax.data.demo import builder
+  source = built.as_data_source(split='train')
+  for stored, example in zip(source, _expected('train', 6)):
+    np.testing.assert_array_equal(stored['image'], example['image'])
+  # Reading needs only the prepared files, not this package's builder (as with COCO).
+  reader = tfds.builder_from_directory(built.data_dir)
+  np.testing.assert_array_equal(reader.as_data_source(split='test')[1]['image'],
+                                _expected('test', 2)[1]['image'])
+  # data_source() reuses the prepared files.
+  root = built.data_path.parent.parent.parent  # <root>/cpeft_demo_captions/<config>/<version>
+  again = builder.data_source('validation', data_dir=str(root), config=built.builder_config)
+  assert [int(e['image/id']) for e in again] == [e['image/id'] for e in _expected('validation', 3)]
