@@ -1,0 +1,73 @@
+"""Frozen vision encoder -> connector -> spliced into the decoder's input embeddings -> decoder.
+
+The sequence layout (cpeft_jax.data.layout) marks each position with a token kind: image
+positions receive the projected image embeddings in order, boundary positions the connector's
+learned (open, close) vectors, every other position its token's embedding. Context ids come
+with the batch, so a new kind of context needs no change here.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpeft_jax.adaptors import PeftConfig
+from cpeft_jax.contexts import Kind
+from cpeft_jax.models.connector import Connector, ConnectorConfig
+from cpeft_jax.models.llama import DTYPES, Decoder, DecoderConfig
+
+def splice(text_BLD, image_BND, kinds_BL, boundary_2D=None):
+  """Puts image embeddings (in order) at IMAGE positions and boundary vectors at BOUNDARY ones.
+
+  The first BOUNDARY position of a row gets the open vector, the next the close vector.
+  """
+  image_mask = kinds_BL == Kind.IMAGE
+  idx_BL = jnp.clip(jnp.cumsum(image_mask, 1) - 1, 0, image_BND.shape[1] - 1)
+  picked = jnp.take_along_axis(image_BND.astype(text_BLD.dtype), idx_BL[..., None], axis=1)
+  x_BLD = jnp.where(image_mask[..., None], picked, text_BLD)
+  if boundary_2D is not None:
+    bmask = kinds_BL == Kind.BOUNDARY
+    which_BL = jnp.clip(jnp.cumsum(bmask, 1) - 1, 0, 1)
+    x_BLD = jnp.where(bmask[..., None], boundary_2D.astype(x_BLD.dtype)[which_BL], x_BLD)
+  return x_BLD
+
+class VisionLanguageModel(nn.Module):
+  """A captioning model: pixels + laid-out tokens + context ids in, logits out.
+
+  Variables: 'params' holds encoder (frozen), connector (trained) and decoder (frozen unless
+  the config trains it); 'adaptors' holds the decoder's per-context tables.
+  """
+  encoder: nn.Module  # pixels [B, H, W, C] -> features [B, N, Dv]
+  decoder_cfg: DecoderConfig
+  peft: PeftConfig | None = None
+  connector_cfg: ConnectorConfig = ConnectorConfig()
+  train_encoder: bool = False
+  deterministic: bool = True
+
+  def setup(self):
+    self.connector = Connector(self.connector_cfg, self.decoder_cfg.hidden_size,
+                               dtype=DTYPES[self.decoder_cfg.dtype],
+                               deterministic=self.deterministic)
+    self.decoder = Decoder(self.decoder_cfg, self.peft, deterministic=self.deterministic)
+
+  def image_embeddings(self, pixels_BHWC):
+    feats_BNV = self.encoder(pixels_BHWC)
+    if not self.train_encoder:
+      feats_BNV = jax.lax.stop_gradient(feats_BNV)
+    return self.connector(feats_BNV)
+
+  def __call__(self, pixels_BHWC, tokens_BL, kinds_BL, context_ids_BL, attention_mask_BL=None,
+               return_hidden=False):
+    image_BND = self.image_embeddings(pixels_BHWC)
+    if not isinstance(kinds_BL, jax.core.Tracer):
+      counts = np.asarray(kinds_BL == Kind.IMAGE).sum(1)
+      if np.any(counts != image_BND.shape[1]):
+        raise ValueError(f'The layout has {sorted(set(counts.tolist()))} image positions per row '
+                         f'but the encoder gives {image_BND.shape[1]} image embeddings; set the '
+                         f"layout's num_image_tokens to {image_BND.shape[1]}.")
+    boundary = self.connector.boundary() if self.connector_cfg.boundary_tokens else None
+    x_BLD = splice(self.decoder.embed(tokens_BL), image_BND, kinds_BL, boundary)
+    return self.decoder(embeddings_BLD=x_BLD, context_ids_BL=context_ids_BL,
+                        attention_mask_BL=attention_mask_BL, return_hidden=return_hidden)
