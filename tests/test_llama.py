@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.llama import Decoder, DecoderConfig
 
@@ -35,29 +36,6 @@ def adapted():
   return model, v, tokens, ctx
 
 
-def _torch_to_flax(sd, cfg):
-  """transformers Llama/Qwen2 state dict -> this decoder's 'params' (layers stacked)."""
-  t = lambda k: np.asarray(sd[k].detach().numpy(), np.float32)
-  layers = []
-  for i in range(cfg.num_layers):
-    p = f'model.layers.{i}.'
-    attn = {n: {'kernel': t(p + f'self_attn.{n}.weight').T} for n in
-            ('q_proj', 'k_proj', 'v_proj', 'o_proj')}
-    if cfg.qkv_bias:
-      for n in ('q_proj', 'k_proj', 'v_proj'):
-        attn[n]['bias'] = t(p + f'self_attn.{n}.bias')
-    mlp = {n: {'kernel': t(p + f'mlp.{n}.weight').T} for n in ('gate_proj', 'up_proj', 'down_proj')}
-    layers.append({'attn': attn, 'mlp': mlp,
-                   'input_layernorm': {'weight': t(p + 'input_layernorm.weight')},
-                   'post_attention_layernorm': {'weight': t(p + 'post_attention_layernorm.weight')}})
-  params = {'embed_tokens': {'embedding': t('model.embed_tokens.weight')},
-            'layers': jax.tree.map(lambda *xs: np.stack(xs), *layers),
-            'norm': {'weight': t('model.norm.weight')}}
-  if not cfg.tie_embeddings:
-    params['lm_head'] = {'kernel': t('lm_head.weight').T}
-  return params
-
-
 @pytest.mark.parametrize('arch', ['llama', 'qwen2'])
 def test_matches_transformers_pytorch(arch):
   torch = pytest.importorskip('torch')
@@ -83,7 +61,8 @@ def test_matches_transformers_pytorch(arch):
   with torch.no_grad():
     want = hf(input_ids=torch.tensor(np.asarray(tokens)),
               attention_mask=torch.tensor(mask.astype(np.int64))).logits.numpy()
-  params = _torch_to_flax(hf.state_dict(), cfg)
+  params, report = checkpoints.params_from_state_dict(hf.state_dict(), cfg, model_type=arch)
+  assert report == checkpoints.LoadReport((), ())
   got = Decoder(cfg, ALL).apply(
       {'params': params, 'adaptors': Decoder(cfg, ALL).init(jax.random.key(0), tokens)['adaptors']},
       tokens, context_ids_BL=jnp.asarray(np.arange(18).reshape(2, 9) % 2),

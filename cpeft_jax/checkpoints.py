@@ -1,0 +1,360 @@
+"""Hugging Face checkpoints -> the Flax decoder's trees, one name map per architecture.
+
+A checkpoint is a directory (or a hub id already in the local Hugging Face cache: loading never
+goes online) holding config.json and either safetensors (model.safetensors, or shards listed in
+model.safetensors.index.json) or the msgpack files of transformers' former Flax models
+(flax_model.msgpack, or shards listed in flax_model.msgpack.index.json). Tensors are read one
+at a time and written straight into the stacked [layers, ...] leaves of 'params' in the
+requested dtype, so the model is never held twice. Every shape is checked before anything is
+read; missing tensors are freshly initialised and reported, unexpected ones reported, and
+`strict=True` turns either into an error. Adaptor tables always start fresh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cpeft_jax import adaptors
+from cpeft_jax.adaptors import PeftConfig
+from cpeft_jax.models import hf_configs
+from cpeft_jax.models.llama import DTYPES, Decoder, DecoderConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG = 'config.json'
+SAFETENSORS, SAFETENSORS_INDEX = 'model.safetensors', 'model.safetensors.index.json'
+MSGPACK, MSGPACK_INDEX = 'flax_model.msgpack', 'flax_model.msgpack.index.json'
+
+# How a PyTorch tensor becomes a Flax leaf. LINEAR: torch weight [d_out, d_in] -> kernel
+# [d_in, d_out]; EMBED: [vocab, d] as is (Flax calls it 'embedding'); VECTOR: as is.
+LINEAR, EMBED, VECTOR = 'linear', 'embed', 'vector'
+
+
+@dataclasses.dataclass(frozen=True)
+class NameMap:
+  """One architecture's checkpoint names, keyed by the Flax parameter path ('/'-joined).
+
+  Names are transformers' PyTorch state-dict names; '{layer}' marks a per-layer tensor, stacked
+  into the leading layer axis of the Flax leaf. `prefix` is the base model's prefix, absent from
+  checkpoints of the bare base model. `ignore` matches buffers that hold no weights, and
+  `tied_copies` the stored copies of tied embeddings (transformers ties them and ignores them).
+  """
+  params: Mapping[str, tuple[str, str]]
+  prefix: str = 'model.'
+  ignore: tuple[str, ...] = ()
+  tied_copies: tuple[str, ...] = ()
+
+
+_LAYER = 'model.layers.{layer}.'
+LLAMA = NameMap(
+    params={
+        'embed_tokens/embedding': ('model.embed_tokens.weight', EMBED),
+        'norm/weight': ('model.norm.weight', VECTOR),
+        'lm_head/kernel': ('lm_head.weight', LINEAR),
+        'layers/input_layernorm/weight': (_LAYER + 'input_layernorm.weight', VECTOR),
+        'layers/post_attention_layernorm/weight': (_LAYER + 'post_attention_layernorm.weight',
+                                                   VECTOR),
+        **{f'layers/attn/{p}/kernel': (_LAYER + f'self_attn.{p}.weight', LINEAR)
+           for p in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
+        **{f'layers/attn/{p}/bias': (_LAYER + f'self_attn.{p}.bias', VECTOR)
+           for p in ('q_proj', 'k_proj', 'v_proj')},  # Qwen2 only (cfg.qkv_bias)
+        **{f'layers/mlp/{p}/kernel': (_LAYER + f'mlp.{p}.weight', LINEAR)
+           for p in ('gate_proj', 'up_proj', 'down_proj')},
+    },
+    ignore=(r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq',),  # older PyTorch buffers
+    tied_copies=('lm_head.weight',))
+# Mistral and Qwen2 name their tensors as Llama does.
+NAME_MAPS = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA}
+
+
+class LoadReport(NamedTuple):
+  """Checkpoint names the model needed but did not find, and found but did not use."""
+  missing: tuple[str, ...]
+  unexpected: tuple[str, ...]
+
+
+class Pretrained(NamedTuple):
+  """A loaded decoder: its config, frozen 'params', fresh 'adaptors' tables, and the report."""
+  config: DecoderConfig
+  params: dict
+  adaptors: dict
+  report: LoadReport
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def resolve(path_or_id: str | os.PathLike, *, revision: str | None = None,
+            cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """A checkpoint directory: the path itself, or a hub id's snapshot in the local HF cache."""
+  path = pathlib.Path(path_or_id).expanduser()
+  if path.is_dir():
+    return path
+  text = str(path_or_id)
+  if path.exists() or text.startswith(('/', '.', '~')) or text.count('/') > 1:
+    raise FileNotFoundError(f'Checkpoint {text!r} is not a directory.')
+  from huggingface_hub import snapshot_download
+  from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+  cache = cache_dir or _hub_cache()
+  try:
+    return pathlib.Path(snapshot_download(text, revision=revision, cache_dir=cache,
+                                          local_files_only=True))
+  except (LocalEntryNotFoundError, HFValidationError) as e:
+    raise FileNotFoundError(
+        f'Checkpoint {text!r} is not a local directory and not in the local Hugging Face cache '
+        f'({cache}); loading never downloads. Download it first (`hf download {text}`) or pass '
+        'its directory.') from e
+
+
+def _hub_cache() -> str:
+  """The hub cache as the environment says now (huggingface_hub reads it once, at import)."""
+  if os.environ.get('HF_HUB_CACHE'):
+    return os.environ['HF_HUB_CACHE']
+  if os.environ.get('HF_HOME'):
+    return os.path.join(os.environ['HF_HOME'], 'hub')
+  from huggingface_hub import constants
+  return constants.HF_HUB_CACHE
+
+
+def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+  path = pathlib.Path(directory) / CONFIG
+  if not path.is_file():
+    raise FileNotFoundError(f'No {CONFIG} in checkpoint directory {directory}.')
+  return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- tensor sources
+
+
+class _Safetensors:
+  """Safetensors files read one tensor at a time; names and layouts are PyTorch's."""
+  torch_layout, sep = True, '.'
+
+  def __init__(self, files):
+    from safetensors import safe_open
+    self._file_of = {}
+    for file in files:
+      # 'flax', not 'numpy': numpy has no bfloat16. Reads go to the CPU (see `read`).
+      handle = safe_open(str(file), framework='flax')
+      self._file_of.update(dict.fromkeys(handle.keys(), handle))
+
+  def name(self, hf_name: str, kind: str) -> str:
+    del kind
+    return hf_name
+
+  def keys(self):
+    return self._file_of.keys()
+
+  def shape(self, key):
+    return tuple(self._file_of[key].get_slice(key).get_shape())
+
+  def read(self, key) -> np.ndarray:
+    with jax.default_device(jax.devices('cpu')[0]):  # host memory, not an accelerator's
+      return np.asarray(self._file_of[key].get_tensor(key))
+
+
+class _Arrays:
+  """In-memory arrays keyed by name: a PyTorch state dict, or a flattened Flax msgpack."""
+
+  def __init__(self, arrays: Mapping[str, Any], torch_layout: bool):
+    self._arrays, self.torch_layout = dict(arrays), torch_layout
+    self.sep = '.' if torch_layout else '/'
+
+  def name(self, hf_name: str, kind: str) -> str:
+    if self.torch_layout:
+      return hf_name
+    # transformers' Flax models: 'model/layers/0/self_attn/q_proj/kernel', 'norm/weight', ...
+    *path, leaf = hf_name.split('.')
+    if leaf == 'weight':
+      leaf = {LINEAR: 'kernel', EMBED: 'embedding', VECTOR: 'weight'}[kind]
+    return '/'.join(path + [leaf])
+
+  def keys(self):
+    return self._arrays.keys()
+
+  def shape(self, key):
+    return tuple(np.shape(self._arrays[key]))
+
+  def read(self, key) -> np.ndarray:
+    return np.asarray(self._arrays.pop(key))  # popped: each tensor is used once, then freed
+
+
+def _read_msgpack(files) -> _Arrays:
+  """transformers' Flax checkpoints are msgpack (no random access): each file is read whole."""
+  flat = {}
+  for file in files:
+    state = flax.serialization.msgpack_restore(pathlib.Path(file).read_bytes())
+    flat.update(flax.traverse_util.flatten_dict(state, sep='/'))  # shards hold flat '/' keys
+    del state
+  return _Arrays(flat, torch_layout=False)
+
+
+def _open_weights(directory: pathlib.Path):
+  for single, index, opener in ((SAFETENSORS, SAFETENSORS_INDEX, _Safetensors),
+                                (MSGPACK, MSGPACK_INDEX, _read_msgpack)):
+    if (directory / single).is_file():
+      return opener([directory / single])
+    if (directory / index).is_file():
+      weight_map = json.loads((directory / index).read_text())['weight_map']
+      files = [directory / f for f in dict.fromkeys(weight_map.values())]
+      absent = [f.name for f in files if not f.is_file()]
+      if absent:
+        raise FileNotFoundError(f'{directory / index} lists shards that are not there: {absent}.')
+      return opener(files)
+  present = sorted(p.name for p in directory.iterdir())
+  raise FileNotFoundError(
+      f'No weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {MSGPACK} or '
+      f'{MSGPACK_INDEX}; found {present}. (PyTorch .bin files are not read: save the model '
+      'again with save_pretrained, which writes safetensors.)')
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_decoder(path_or_id: str | os.PathLike, peft: PeftConfig | None = None,
+                 dtype: str = 'float32', *, strict: bool = False, seed: int = 0,
+                 revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                 **overrides) -> Pretrained:
+  """A pre-trained decoder: (config, params in `dtype`, fresh adaptor tables, load report).
+
+  `dtype` is that of the frozen weights and of the computation; `overrides` set other
+  `DecoderConfig` fields (e.g. dtype='bfloat16' with param_dtype='float32', remat=True).
+  """
+  directory = resolve(path_or_id, revision=revision, cache_dir=cache_dir)
+  cfg = hf_configs.decoder_config(read_config(directory),
+                                  **{'dtype': dtype, 'param_dtype': dtype, **overrides})
+  params, report = load_params(directory, cfg, strict=strict, seed=seed)
+  return Pretrained(cfg, params, init_adaptors(cfg, peft, seed), report)
+
+
+def load_params(path: str | os.PathLike, cfg: DecoderConfig, *, strict: bool = False,
+                seed: int = 0) -> tuple[dict, LoadReport]:
+  """The 'params' tree of `cfg` (in cfg.param_dtype) from a checkpoint directory or cached id."""
+  directory = resolve(path)
+  model_type = read_config(directory).get('model_type')
+  if model_type not in NAME_MAPS:
+    raise ValueError(f'{directory / CONFIG} has model_type={model_type!r}; supported model '
+                     f'types: {", ".join(NAME_MAPS)}.')
+  return _assemble(_open_weights(directory), cfg, NAME_MAPS[model_type], strict, seed,
+                   str(directory))
+
+
+def params_from_state_dict(state_dict: Mapping[str, Any], cfg: DecoderConfig, *,
+                           model_type: str = 'llama', strict: bool = False,
+                           seed: int = 0) -> tuple[dict, LoadReport]:
+  """The 'params' tree from an in-memory PyTorch state dict (numpy-convertible tensors)."""
+  if model_type not in NAME_MAPS:
+    raise ValueError(f'model_type={model_type!r}; supported: {", ".join(NAME_MAPS)}.')
+  return _assemble(_Arrays(state_dict, torch_layout=True), cfg, NAME_MAPS[model_type], strict,
+                   seed, 'the state dict')
+
+
+def init_adaptors(cfg: DecoderConfig, peft: PeftConfig | None, seed: int = 0) -> dict:
+  """Fresh adaptor tables; only they are computed (the base's init is dead code under jit)."""
+  if peft is None or not peft.methods:
+    return {}
+  model = Decoder(cfg, peft)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = lambda key: model.init(key, tokens).get(adaptors.ADAPTORS, {})
+  if not jax.tree.leaves(jax.eval_shape(init, jax.random.key(seed))):
+    return {}
+  return jax.jit(init)(jax.random.key(seed))
+
+
+def _assemble(source, cfg: DecoderConfig, names: NameMap, strict: bool, seed: int,
+              where: str) -> tuple[dict, LoadReport]:
+  model = Decoder(cfg)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  init = lambda key: model.init(key, tokens)['params']
+  shapes = flax.traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)), sep='/')
+  keys = set(source.keys())
+  base_only = not any(k.startswith(names.prefix.replace('.', source.sep)) for k in keys)
+
+  def lookup(hf_name, kind):
+    if base_only and hf_name.startswith(names.prefix):
+      hf_name = hf_name[len(names.prefix):]
+    return source.name(hf_name, kind)
+
+  # Plan every leaf, and check every shape, before reading a single tensor.
+  plan, missing, mismatched = {}, [], []
+  for path, leaf in shapes.items():
+    if path not in names.params:
+      raise ValueError(f'The name map has no checkpoint tensor for the Flax parameter {path!r}; '
+                       f'this DecoderConfig cannot be loaded from {where}.')
+    hf_name, kind = names.params[path]
+    stacked = '{layer}' in hf_name
+    want = leaf.shape[1:] if stacked else leaf.shape
+    if kind == LINEAR and source.torch_layout:
+      want = want[::-1]
+    slots = []
+    for i in range(cfg.num_layers) if stacked else [None]:
+      key = lookup(hf_name.format(layer=i), kind)
+      if key not in keys:
+        missing.append(key)
+        key = None
+      elif source.shape(key) != tuple(want):
+        mismatched.append(f'{key}: the checkpoint has {source.shape(key)}, the model expects '
+                          f'{tuple(want)}')
+      slots.append(key)
+    plan[path] = (slots, stacked, kind)
+  if mismatched:
+    raise ValueError(f'Shape mismatch between {where} and the model config (nothing loaded):\n  '
+                     + '\n  '.join(mismatched))
+  used = {k for slots, _, _ in plan.values() for k in slots if k is not None}
+  skip = [re.compile(p) for p in names.ignore]
+  if cfg.tie_embeddings:
+    skip += [re.compile(re.escape(lookup(n, LINEAR))) for n in names.tied_copies]
+  unexpected = sorted(k for k in keys - used if not any(p.fullmatch(k) for p in skip))
+  report = LoadReport(tuple(missing), tuple(unexpected))
+  _log_report(report, where, strict)
+
+  fresh = {}
+  if missing:  # Initialise only the leaves with missing tensors: the rest is dead code.
+    needed = [p for p, (slots, _, _) in plan.items() if None in slots]
+    fresh = jax.jit(lambda key: {p: flax.traverse_util.flatten_dict(init(key), sep='/')[p]
+                                 for p in needed})(jax.random.key(seed))
+  dtype = np.dtype(DTYPES[cfg.param_dtype])
+  out = {}
+  log.info('Loading %d tensors from %s into %d %s leaves.', len(used), where, len(plan),
+           cfg.param_dtype)
+  for path, (slots, stacked, kind) in plan.items():
+    buf = np.empty(shapes[path].shape, dtype)
+    for i, key in enumerate(slots):
+      at = i if stacked else ...
+      if key is None:
+        buf[at] = np.asarray(fresh[path][at])
+      else:
+        x = source.read(key)
+        buf[at] = x.T if kind == LINEAR and source.torch_layout else x
+    out[path] = jnp.asarray(buf)
+    del buf
+  return flax.traverse_util.unflatten_dict(out, sep='/'), report
+
+
+def _log_report(report: LoadReport, where: str, strict: bool):
+  def brief(keys):
+    return ', '.join(keys[:20]) + (f' and {len(keys) - 20} more' if len(keys) > 20 else '')
+  problems = []
+  if report.missing:
+    problems.append(f'{len(report.missing)} tensor(s) missing from {where}, initialised fresh: '
+                    f'{brief(report.missing)}')
+  if report.unexpected:
+    problems.append(f'{len(report.unexpected)} unexpected tensor(s) in {where}, not loaded: '
+                    f'{brief(report.unexpected)}')
+  if problems and strict:
+    raise ValueError('Checkpoint does not match the model (strict=True): '
+                     + '; '.join(problems) + '.')
+  for p in problems:
+    log.warning(p)
