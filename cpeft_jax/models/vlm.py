@@ -71,3 +71,15 @@ class VisionLanguageModel(nn.Module):
     x_BLD = splice(self.decoder.embed(tokens_BL), image_BND, kinds_BL, boundary)
     return self.decoder(embeddings_BLD=x_BLD, context_ids_BL=context_ids_BL,
                         attention_mask_BL=attention_mask_BL, return_hidden=return_hidden)
+
+
+def apply_fn(model: VisionLanguageModel):
+  """(variables, batch, *, train, rng) -> logits, for the train and eval steps."""
+  train_model = model.clone(deterministic=False)
+
+  def apply(variables, batch, *, train=False, rng=None):
+    m = train_model if train else model
+    return m.apply(variables, batch['pixels'], batch['tokens'], batch['kinds'],
+                   batch['context_ids'], batch['attention_mask'],
+                   rngs={'dropout': rng} if train else None)
+  return apply

@@ -1,0 +1,1 @@
+"""Training: trainable/frozen split and optimizer (state), the pure train/eval steps (step)."""

@@ -1,0 +1,85 @@
+"""Trainable/frozen split, the loss against a numpy reference, gradient accumulation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpeft_jax.train import state as state_lib
+from cpeft_jax.train import step as step_lib
+from cpeft_jax.models import vlm
+from test_vlm import PatchEncoder, _batch, DEC, PEFT  # noqa: F401  (shared tiny model)
+
+
+@pytest.fixture(scope='module')
+def setup():
+  pixels, b = _batch()
+  model = vlm.VisionLanguageModel(PatchEncoder(), DEC, PEFT)
+  v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
+  batch = {k: jnp.asarray(b[k]) for k in ('tokens', 'targets', 'kinds', 'context_ids',
+                                          'attention_mask', 'loss_mask')}
+  batch['pixels'] = pixels
+  return model, v, batch
+
+
+def _paths(tree):
+  return {'/'.join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_split_modes(setup):
+  _, v, _ = setup
+  for mode, prefixes in (('peft', ('adaptors/', 'params/connector/')),
+                         ('connector', ('params/connector/',)),
+                         ('full', ('adaptors/', 'params/connector/', 'params/decoder/'))):
+    trainable, frozen = state_lib.split(v, mode)
+    t, f = _paths(trainable), _paths(frozen)
+    assert t and all(p.startswith(prefixes) for p in t)
+    assert not any(p.startswith(prefixes) for p in f)
+    assert _paths(v) == t | f
+    merged = state_lib.merge(trainable, frozen)
+    jax.tree.map(np.testing.assert_array_equal, merged, jax.tree.map(lambda x: x, dict(v)))
+  with pytest.raises(ValueError, match="train mode 'lora'"):
+    state_lib.split(v, 'lora')
+
+
+def test_loss_matches_numpy_reference(setup):
+  model, v, batch = setup
+  apply = vlm.apply_fn(model)
+  s, n = step_lib.loss_sums(apply, v, batch, train=False)
+  logits = np.asarray(apply(v, batch), np.float64)
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  mask = np.asarray(batch['loss_mask'])
+  nll = -np.take_along_axis(logp, np.asarray(batch['targets'])[..., None], -1)[..., 0]
+  assert float(n) == mask.sum() == 3 + 1 + 2 + 1  # caption tokens + EOS per row
+  np.testing.assert_allclose(float(s), (nll * mask).sum(), rtol=1e-5)
+
+
+def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
+  model, v, batch = setup
+  apply = vlm.apply_fn(model.clone(connector_cfg=model.connector_cfg.__class__(dropout=0.0)))
+  trainable, frozen = state_lib.split(v, 'peft')
+  tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-2))
+  st = state_lib.TrainState.create(trainable, tx)
+  opt_leaves = jax.tree.leaves(st.opt_state)
+  assert sum(x.size for x in opt_leaves if x.ndim) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
+  step = jax.jit(step_lib.train_step, static_argnames=('apply_fn', 'micro_steps'))
+  s1, m1 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=1)
+  s2, m2 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=2)
+  np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               s1.trainable, s2.trainable)
+  losses = [float(m1['loss'])]
+  for i in range(15):
+    s1, m = step(s1, frozen, batch, jax.random.key(i), apply_fn=apply, micro_steps=1)
+    losses.append(float(m['loss']))
+  assert losses[-1] < 0.9 * losses[0]
+  assert int(s1.step) == 16
+
+
+def test_schedules():
+  cfg = state_lib.OptimConfig(learning_rate=1.0, schedule='cosine', warmup_steps=2, total_steps=10)
+  sched = state_lib.schedule(cfg)
+  assert float(sched(0)) == 0.0 and float(sched(2)) == 1.0 and float(sched(10)) < 1e-6
+  with pytest.raises(ValueError, match='needs optim.total_steps'):
+    state_lib.OptimConfig(schedule='linear')
