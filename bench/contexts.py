@@ -36,6 +36,8 @@ flags.DEFINE_integer('seq', 128, 'Sequence length.')
 flags.DEFINE_integer('rank', 64, 'LoRA rank.')
 flags.DEFINE_integer('repeats', 7, 'Timed runs per figure (median reported).')
 flags.DEFINE_list('strategies', ['auto', 'onehot', 'grouped'], 'LoRA strategies to time.')
+flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped strategy.')
+flags.DEFINE_integer('layers', 0, 'Override the number of layers (0: the shape\'s own).')
 
 
 def context_ids(batch, seq, num_contexts):
@@ -85,6 +87,8 @@ def time_interleaved(steps, repeats):
 def main(argv):
   del argv
   cfg, B, L = SHAPES[FLAGS.shape], FLAGS.batch, FLAGS.seq
+  if FLAGS.layers:
+    cfg = dataclasses.replace(cfg, num_layers=FLAGS.layers)
   lora = LoraConfig(rank=FLAGS.rank, alpha=float(FLAGS.rank))
   print(f'# Context-LoRA r={FLAGS.rank} AF, decoder fwd+bwd (adaptor grads), shape={FLAGS.shape} '
         f'(width {cfg.hidden_size}, {cfg.num_layers} layers), batch {B} x seq {L}, '
@@ -94,7 +98,8 @@ def main(argv):
   runs = {(1, 'dense'): PeftConfig(methods=('lora',), lora=lora)}
   for C in (2, 8):
     for s in FLAGS.strategies:
-      runs[(C, s)] = PeftConfig(methods=('lora',), lora=lora, num_contexts=C, strategy=s)
+      runs[(C, s)] = PeftConfig(methods=('lora',), lora=lora, num_contexts=C, strategy=s,
+                                tile=FLAGS.tile)
   t = time_interleaved({k: build_step(cfg, p, B, L) for k, p in runs.items()}, FLAGS.repeats)
   t1 = t[(1, 'dense')]
   goals = {1: None, 2: 1.10, 8: 1.25}
