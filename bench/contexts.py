@@ -4,8 +4,8 @@
     python -m bench.contexts --shape=small # a quick run
 
 Times the decoder's layers (hidden states out, no LM head) with gradients for the adaptor
-tables only, as PEFT training does. Every figure is the median of --repeats timed runs after
-one warm-up; ratios are taken within the same run. Not a test: nothing asserts a time.
+tables only, as PEFT training does. Every figure is the median over two rounds of --repeats timed
+runs, each block after a warm-up call; ratios are taken within the same run. Not a test: nothing asserts a time.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ flags.DEFINE_enum('shape', 'paper', list(SHAPES), 'Decoder shape.')
 flags.DEFINE_integer('batch', 4, 'Batch size.')
 flags.DEFINE_integer('seq', 128, 'Sequence length.')
 flags.DEFINE_integer('rank', 64, 'LoRA rank.')
-flags.DEFINE_integer('repeats', 7, 'Timed runs per figure (median reported).')
+flags.DEFINE_integer('repeats', 3, 'Timed runs per block; two rounds of blocks.')
 flags.DEFINE_list('strategies', ['auto', 'onehot', 'grouped'], 'LoRA strategies to time.')
 flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped strategy.')
 flags.DEFINE_integer('layers', 0, 'Override the number of layers (0: the shape\'s own).')
@@ -73,14 +73,21 @@ def build_step(cfg, peft, batch, seq):
   return step, args
 
 
-def time_interleaved(steps, repeats):
-  """Median seconds of each step, timed round-robin so that machine noise hits all alike."""
+def time_interleaved(steps, repeats, rounds=2):
+  """Median seconds of each step in steady state.
+
+  Each round runs every step in a block: one untimed call (the first call after switching
+  programs pays for re-faulting the allocator's memory, which a training loop never does), then
+  `repeats` timed calls. Rounds alternate the blocks so that machine noise hits all alike.
+  """
   times = {k: [] for k in steps}
-  for _ in range(repeats):
+  for _ in range(rounds):
     for k, (fn, args) in steps.items():
-      t0 = time.perf_counter()
       jax.block_until_ready(fn(*args))
-      times[k].append(time.perf_counter() - t0)
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times[k].append(time.perf_counter() - t0)
   return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -94,7 +101,8 @@ def main(argv):
         f'(width {cfg.hidden_size}, {cfg.num_layers} layers), batch {B} x seq {L}, '
         f'{cfg.dtype} compute')
   print(f'# {platform.processor() or platform.machine()}, {jax.devices()[0].device_kind}, '
-        f'jax {jax.__version__}; median of {FLAGS.repeats} interleaved runs after warm-up\n')
+        f'jax {jax.__version__}; median of 2 rounds x {FLAGS.repeats} runs, each block after a '
+        'warm-up call\n')
   runs = {(1, 'dense'): PeftConfig(methods=('lora',), lora=lora)}
   for C in (2, 8):
     for s in FLAGS.strategies:

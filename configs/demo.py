@@ -1,0 +1,45 @@
+"""The offline demo: captioning procedurally drawn scenes, no download needed.
+
+    python train.py --config=configs/demo.py --workdir=/tmp/demo
+    python train.py --config=configs/demo.py:method=ia3,contexts=agnostic --workdir=...
+
+The demo has no pre-trained checkpoint to start from: its patch encoder and tiny Llama-style
+decoder are randomly initialised and frozen, the connector and the context adaptors train.
+Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnostic | modality),
+mode (peft | connector | full), epochs, num_train (images).
+"""
+
+import ml_collections
+
+from cpeft_jax import configlib
+
+
+def get_config(arg=None):
+  a = configlib.parse_arg(arg, method='lora', rank=16, contexts='modality', mode='peft',
+                          epochs=3, num_train=1000)
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = dict(
+      dataset='demo', data_dir='', train_split='train', eval_split='validation',
+      demo=dict(image_size=64, num_train=a.num_train, num_validation=100, num_test=100),
+      seq_len=96,  # BOS + 64 image tokens + up to 30 caption tokens + EOS
+      context_map=a.contexts,
+      # No flips: the demo's captions say left and right. No colour jitter: they name colours.
+      augment=dict(flip=False, crop_min_scale=1.0, brightness=0.0, contrast=0.0,
+                   saturation=0.0))
+  c.tokenizer = 'word_level'  # built from the training captions, saved in the workdir
+  c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
+  c.model = dict(vocab_size=0,  # 0: the tokenizer's size
+                 hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
+                 rope_theta=10000.0, residual_dropout=0.1, dtype='float32')
+  c.connector = dict(kind='linear', dropout=0.1, pre_norm=False, boundary_tokens=False)
+  methods = () if a.method == 'none' else tuple(a.method.split('+'))
+  c.peft = dict(methods=methods, targets='AF',
+                num_contexts=2 if a.contexts == 'modality' else 1,
+                lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
+  c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
+                 checkpoint_every=200)
+  c.eval = dict(batch_size=50)
+  c.optim = dict(learning_rate=2e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
+                 total_steps=0, grad_clip_norm=1.0)
+  return c

@@ -1,0 +1,157 @@
+"""Static-shape numpy batches of laid-out captions and images, seeded and resumable.
+
+Training yields one example per (image, caption) pair, shuffled per epoch by (seed, epoch) and
+split across hosts (each host reads a disjoint part); an epoch's batch k is the same whatever
+happened before, so (epoch, batch) is the whole iterator state. Evaluation yields every image
+once with its first caption, and pads the last batch with rows whose loss mask is zero, so no
+example is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import PIL.Image
+
+from cpeft_jax.data import layout
+from cpeft_jax.data import tokenizer as tokenizer_lib
+from cpeft_jax.data.sources import Split
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+  """The paper's image augmentation: horizontal flip, random crop, colour jitter (off: 0)."""
+  flip: bool = False
+  crop_min_scale: float = 1.0  # random crop keeping at least this fraction of the area
+  brightness: float = 0.0
+  contrast: float = 0.0
+  saturation: float = 0.0
+
+  def __post_init__(self):
+    if not 0.0 < self.crop_min_scale <= 1.0:
+      raise ValueError(f'augment.crop_min_scale must be in (0, 1], got {self.crop_min_scale}.')
+
+
+def augment(image_HW3: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
+  """A randomly flipped, cropped and jittered copy (uint8, same size)."""
+  img = image_HW3
+  H, W, _ = img.shape
+  if cfg.crop_min_scale < 1.0:
+    scale = rng.uniform(cfg.crop_min_scale, 1.0)
+    h, w = max(1, round(H * np.sqrt(scale))), max(1, round(W * np.sqrt(scale)))
+    top, left = rng.integers(0, H - h + 1), rng.integers(0, W - w + 1)
+    img = np.asarray(PIL.Image.fromarray(img[top:top + h, left:left + w]).resize(
+        (W, H), PIL.Image.BILINEAR))
+  if cfg.flip and rng.random() < 0.5:
+    img = img[:, ::-1]
+  if cfg.brightness or cfg.contrast or cfg.saturation:
+    x = img.astype(np.float32)
+    x = x * rng.uniform(1 - cfg.brightness, 1 + cfg.brightness)
+    mean = x.mean()
+    x = (x - mean) * rng.uniform(1 - cfg.contrast, 1 + cfg.contrast) + mean
+    gray = x.mean(-1, keepdims=True)
+    x = (x - gray) * rng.uniform(1 - cfg.saturation, 1 + cfg.saturation) + gray
+    img = np.clip(x, 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(img)
+
+
+@dataclasses.dataclass
+class CaptionBatches:
+  """Batches of {pixels, tokens, targets, kinds, context_ids, attention_mask, loss_mask, ...}."""
+  split: Split
+  tokenizer: object
+  batch_size: int
+  num_image_tokens: int
+  seq_len: int
+  context_map: Mapping[str, int] | str
+  image_size: int
+  mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  train: bool = True
+  seed: int = 0
+  augment: AugmentConfig = AugmentConfig()
+  boundary: bool = False
+  host: tuple[int, int] = (0, 1)  # (index, count) for multi-host runs
+
+  def __post_init__(self):
+    index, count = self.host
+    if not 0 <= index < count:
+      raise ValueError(f'host=(index={index}, count={count}) is not a valid host.')
+    self._ids = tokenizer_lib.special_ids(self.tokenizer)
+    if self.train:
+      pairs = [(i, j) for i, caps in enumerate(self.split.captions) for j in range(len(caps))]
+    else:
+      pairs = [(i, 0) for i in range(len(self.split))]
+    self._pairs = np.asarray(pairs, np.int64)[index::count]
+    if self.train and len(self._pairs) < self.batch_size:
+      raise ValueError(f'{self.split.name} has {len(self._pairs)} training pairs on this host, '
+                       f'fewer than one batch of {self.batch_size}.')
+    self.truncated = [0, 0]  # (captions truncated, tokens dropped) so far
+
+  def __len__(self) -> int:
+    n = len(self._pairs)
+    return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+  def _order(self, epoch: int) -> np.ndarray:
+    if not self.train:
+      return self._pairs
+    perm = np.random.default_rng([self.seed, epoch]).permutation(len(self._pairs))
+    return self._pairs[perm]
+
+  def batch(self, epoch: int, k: int) -> dict[str, np.ndarray]:
+    """Batch k of an epoch, a pure function of (seed, epoch, k)."""
+    rows = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+    valid = len(rows)
+    if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of row 0
+      rows = np.concatenate([rows, np.repeat(rows[:1], self.batch_size - valid, 0)])
+    texts = [self.split.captions[i][j] for i, j in rows]
+    out = layout.layout_captions(
+        tokenizer_lib.encode(self.tokenizer, texts), num_image_tokens=self.num_image_tokens,
+        seq_len=self.seq_len, bos_id=self._ids.bos, eos_id=self._ids.eos, pad_id=self._ids.pad,
+        boundary=self.boundary, context_map=self.context_map)
+    truncated, dropped = layout.truncation(out)
+    self.truncated[0] += truncated
+    self.truncated[1] += dropped
+    out['loss_mask'][valid:] = 0.0
+    out['pixels'] = np.stack([self._pixels(i, epoch, n) for n, (i, _) in enumerate(rows)])
+    out['image_ids'] = self.split.image_ids[rows[:, 0]]
+    out['valid'] = np.arange(self.batch_size) < valid
+    return out
+
+  def _pixels(self, i: int, epoch: int, n: int) -> np.ndarray:
+    img = self.split.image(int(i))
+    if img.shape[:2] != (self.image_size, self.image_size):
+      img = np.asarray(PIL.Image.fromarray(img).resize((self.image_size,) * 2,
+                                                       PIL.Image.BICUBIC))
+    if self.train:
+      img = augment(img, np.random.default_rng([self.seed, epoch, int(i), n]), self.augment)
+    x = img.astype(np.float32) / 255.0
+    return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+  def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[dict]:
+    """Batches start.. of an epoch, prepared `prefetch` ahead on a background thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+    stop = threading.Event()
+
+    def work():
+      try:
+        for k in range(start, len(self)):
+          if stop.is_set():
+            return
+          q.put(self.batch(epoch, k))
+        q.put(None)
+      except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+        q.put(e)
+
+    threading.Thread(target=work, daemon=True).start()
+    try:
+      while (item := q.get()) is not None:
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      stop.set()
