@@ -3,10 +3,11 @@
     python train.py --config=configs/demo.py --workdir=/tmp/demo
     python train.py --config=configs/demo.py:method=ia3,contexts=agnostic --workdir=...
 
-The demo has no pre-trained checkpoint to start from: its patch encoder and tiny Llama-style
-decoder are randomly initialised and frozen, the connector and the context adaptors train.
+The demo has no pre-trained checkpoint to download: its patch encoder is a frozen random
+projection, and its tiny Llama-style decoder is pre-trained here first on the captions alone
+(stage 0), then frozen while the connector and the context adaptors train (stage 1).
 Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnostic | modality),
-mode (peft | connector | full), epochs, num_train (images).
+mode (peft | connector | full), epochs, num_train (images), pretrain_epochs (0: random decoder).
 """
 
 import ml_collections
@@ -16,7 +17,7 @@ from cpeft_jax import configlib
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='modality', mode='peft',
-                          epochs=3, num_train=1000)
+                          epochs=3, num_train=1000, pretrain_epochs=2)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = dict(
@@ -28,6 +29,11 @@ def get_config(arg=None):
       augment=dict(flip=False, crop_min_scale=1.0, brightness=0.0, contrast=0.0,
                    saturation=0.0))
   c.tokenizer = 'word_level'  # built from the training captions, saved in the workdir
+  # No checkpoint to download: stage 0 pre-trains the decoder below as a text-only LM on the
+  # training captions and saves it as a Hugging Face checkpoint (workdir/base_lm), which is
+  # then loaded frozen. Set text_model to a checkpoint directory or hub id to skip it.
+  c.text_model = ''
+  c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3)
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
@@ -40,6 +46,6 @@ def get_config(arg=None):
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
                  checkpoint_every=200)
   c.eval = dict(batch_size=50)
-  c.optim = dict(learning_rate=2e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
+  c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
                  total_steps=0, grad_clip_norm=1.0)
   return c

@@ -358,3 +358,54 @@ def _log_report(report: LoadReport, where: str, strict: bool):
                      + '; '.join(problems) + '.')
   for p in problems:
     log.warning(p)
+
+
+def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
+                 tokenizer=None) -> pathlib.Path:
+  """Writes a Hugging Face Llama checkpoint (config.json + model.safetensors) of `params`.
+
+  The inverse of `load_params` for model_type llama: transformers' LlamaForCausalLM and this
+  project's loader both read it. Written to a temporary name and renamed, so an interrupted
+  save leaves no half-written checkpoint. Fused gate+up projections are split back.
+  """
+  import safetensors.numpy
+  import transformers
+  if cfg.qkv_bias:
+    raise ValueError('save_decoder writes Llama checkpoints, which have no q/k/v biases; '
+                     'this decoder has qkv_bias=True.')
+  directory = pathlib.Path(directory)
+  tmp = directory.with_name(directory.name + '.tmp')
+  tmp.mkdir(parents=True, exist_ok=True)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()}
+  if cfg.fused_gate_up:
+    gate, up = np.split(flat.pop('layers/mlp/gate_up_proj/kernel'), 2, axis=-1)
+    flat['layers/mlp/gate_proj/kernel'], flat['layers/mlp/up_proj/kernel'] = gate, up
+  tensors = {}
+  for path, (hf_name, kind) in LLAMA.params.items():
+    if path not in flat:
+      continue
+    value = flat.pop(path)
+    values = [value[i] for i in range(cfg.num_layers)] if '{layer}' in hf_name else [value]
+    for i, v in enumerate(values):
+      tensors[hf_name.format(layer=i)] = np.ascontiguousarray(v.T if kind == LINEAR else v)
+  if flat:
+    raise ValueError(f'save_decoder has no checkpoint name for {sorted(flat)}.')
+  safetensors.numpy.save_file(tensors, str(tmp / SAFETENSORS), metadata={'format': 'pt'})
+  hf = transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims,
+      intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      **({} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
+                                           eos_token_id=tokenizer.eos_token_id,
+                                           pad_token_id=tokenizer.pad_token_id)))
+  hf.architectures = ['LlamaForCausalLM']
+  hf.to_json_file(str(tmp / CONFIG))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(tmp))
+  if directory.exists():
+    import shutil
+    shutil.rmtree(directory)
+  tmp.rename(directory)
+  return directory

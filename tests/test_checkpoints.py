@@ -310,3 +310,31 @@ def test_defaults_agree_with_transformers(model_type):
     except ValueError as e:
       return str(e)
   assert outcome(minimal) == outcome(full)
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_save_decoder_round_trips_through_transformers(tmp_path, fused):
+  torch = pytest.importorskip('torch')
+  import dataclasses as dc
+  import transformers
+  from cpeft_jax.models.llama import Decoder, DecoderConfig
+  cfg = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=48, rope_theta=300.0, rms_norm_eps=1e-5,
+                      fused_gate_up=fused)
+  tokens = np.random.default_rng(0).integers(0, 64, (2, 7))
+  params = Decoder(cfg).init(jax.random.key(4), tokens)['params']
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), params)
+  want = np.asarray(Decoder(cfg).apply({'params': params}, tokens))
+  path = checkpoints.save_decoder(tmp_path / 'ckpt', cfg, params)
+  assert not (tmp_path / 'ckpt.tmp').exists()
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()
+  with torch.no_grad():
+    got = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+  np.testing.assert_allclose(got, want, atol=1e-4)
+  loaded = checkpoints.load_decoder(path)  # the checkpoint has separate gate and up
+  assert loaded.report == checkpoints.LoadReport((), ())
+  assert dc.replace(loaded.config, fused_gate_up=fused) == cfg
+  np.testing.assert_allclose(Decoder(loaded.config).apply({'params': loaded.params}, tokens), want,
+                             atol=1e-5)
+  if not fused:
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, params)

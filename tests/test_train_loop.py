@@ -17,7 +17,8 @@ from cpeft_jax.train import loop  # noqa: E402
 
 
 def tiny(epochs, **kw):
-  c = demo.get_config(f'epochs={epochs},num_train=24,rank=4')
+  c = demo.get_config(f'epochs={epochs},num_train=24,rank=4,pretrain_epochs=2')
+  c.pretrain.batch_size = 16
   c.data.demo.num_validation = 8
   c.data.seq_len = 80
   c.vision.patch_size = 16  # 16 image tokens
@@ -45,6 +46,11 @@ def test_learns_and_resumes_exactly(tmp_path):
   assert len(evals) == 3 and out['steps'] == 45  # 24 images x 5 captions / 8 per batch x 3
   assert evals[-1]['val_loss'] < evals[0]['val_loss']
   assert out['val_loss'] == min(e['val_loss'] for e in evals)
+  # Stage 0 left a Hugging Face checkpoint of the text decoder, which stage 1 kept frozen.
+  from cpeft_jax import checkpoints
+  base = checkpoints.load_decoder(tmp_path / 'a' / 'base_lm')
+  assert base.report == checkpoints.LoadReport((), ())
+  assert base.config.hidden_size == 32 and base.config.num_layers == 2
 
   # The same run, stopped after one epoch and resumed by rerunning with more epochs.
   first = tiny(1)

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpeft_jax import adaptors, configlib
+from cpeft_jax import adaptors, checkpoints, configlib
 from cpeft_jax.data import pipeline, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import vlm
@@ -58,6 +58,8 @@ def _tokenizer(config, workdir, train_split):
   saved = os.path.join(workdir, 'tokenizer')
   if os.path.isdir(saved):
     return tokenizer_lib.load(saved)
+  if config.tokenizer == 'word_level' and config.text_model:
+    return tokenizer_lib.load(config.text_model)  # a checkpoint brings its own tokenizer
   if config.tokenizer == 'word_level':
     tok = tokenizer_lib.word_level(t for caps in train_split.captions for t in caps)
   else:
@@ -82,14 +84,24 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     raise ValueError(f"vision.kind={config.vision.kind!r}; expected 'patch'.")
   enc_cfg = PatchEncoderConfig(config.vision.image_size, config.vision.patch_size,
                                config.vision.width)
-  model_dict = dict(config.model)
-  if not model_dict.get('vocab_size'):
-    model_dict['vocab_size'] = len(tok)
-  dec_cfg = configlib.DecoderConfig.from_dict(model_dict)
-  if dec_cfg.vocab_size < len(tok):
-    raise ValueError(f'model.vocab_size={dec_cfg.vocab_size} is smaller than the tokenizer '
-                     f'({len(tok)} tokens).')
   peft = configlib.peft_config(config)
+  text_model = config.text_model
+  if not text_model and config.pretrain.epochs:
+    from cpeft_jax.train import pretrain
+    text_model = pretrain.text_lm(config, workdir, train_split, tok)
+  if text_model:  # a pre-trained decoder: its config.json decides the shape
+    overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
+                 if k in config.model}
+    pre = checkpoints.load_decoder(text_model, peft, dtype=config.model.dtype, **overrides)
+    dec_cfg = pre.config
+  else:
+    model_dict = dict(config.model)
+    if not model_dict.get('vocab_size'):
+      model_dict['vocab_size'] = len(tok)
+    dec_cfg = configlib.DecoderConfig.from_dict(model_dict)
+  if dec_cfg.vocab_size < len(tok):
+    raise ValueError(f'The decoder\'s vocab_size={dec_cfg.vocab_size} is smaller than the '
+                     f'tokenizer ({len(tok)} tokens).')
   model = vlm.VisionLanguageModel(PatchEncoder(enc_cfg), dec_cfg, peft,
                                   ConnectorConfig.from_dict(config.connector))
   N, L = enc_cfg.num_tokens, config.data.seq_len
@@ -97,6 +109,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
            jnp.zeros((1, L), jnp.int32), jnp.asarray(_dummy_kinds(N, L)), jnp.zeros((1, L),
                                                                                   jnp.int32))
   variables = jax.jit(model.init)(jax.random.key(config.seed), *dummy)
+  if text_model:
+    variables['params']['decoder'] = pre.params
   return Experiment(config, tok, model, variables, N, enc_cfg.image_size, _mesh(config))
 
 
