@@ -1,20 +1,30 @@
-"""Caption datasets as random-access splits: the offline demo and COCO, both through TFDS.
+"""Caption datasets as random-access splits: the offline demo, COCO through TFDS, or a folder.
 
 A `Split` gives an image by index (uint8 [H, W, 3]) and every image's reference captions,
 read once with image decoding skipped. COCO uses TFDS's `coco_captions` (Karpathy splits:
 train, val, test, restval), which must already be prepared in `data_dir` (preparing it needs
-TensorFlow and the download); the demo builds itself on first use.
+TensorFlow and the download); the demo builds itself on first use. A user's own data is a
+folder of images plus a captions JSON in COCO or Karpathy layout; its unusable entries (empty
+captions, missing or corrupt image files) are skipped at load, each named in a warning and
+counted in `Split.skipped`, so that an epoch never fails on them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import json
+import os
 from collections.abc import Sequence
 
 import numpy as np
+import PIL.Image
 import tensorflow_datasets as tfds
+from absl import logging
 
-DATASETS = ('demo', 'coco_captions')
+DATASETS = ('demo', 'coco_captions', 'folder')
+SKIP_KINDS = ('empty_captions', 'uncaptioned_images', 'missing_images', 'corrupt_images',
+              'orphan_captions')
 
 
 @dataclasses.dataclass
@@ -23,6 +33,7 @@ class Split:
   images: Sequence  # random access; [i]['image'] is uint8 [H, W, 3]
   captions: list[list[str]]  # reference captions of each image
   image_ids: np.ndarray
+  skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> count at load
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -36,8 +47,18 @@ def _texts(example) -> list[str]:
   return [t.decode() if isinstance(t, bytes) else str(t) for t in texts]
 
 
-def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None) -> Split:
-  """Opens one split; errors name the dataset or split and list what exists."""
+def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None, *,
+         captions_json: str | None = None, image_dir: str | None = None,
+         restval_in_train: bool = True) -> Split:
+  """Opens one split; errors name the dataset or split and list what exists.
+
+  dataset='folder' reads `captions_json` (COCO or Karpathy layout, told apart by its keys) with
+  images under `image_dir` (default: the JSON's folder); see `load_folder`.
+  """
+  if dataset == 'folder':
+    if captions_json is None:
+      raise ValueError("dataset='folder' needs captions_json (a COCO or Karpathy captions JSON).")
+    return load_folder(captions_json, split, image_dir, restval_in_train=restval_in_train)
   if dataset == 'demo':
     from cpeft_jax.data.demo import builder
     b = builder.CpeftDemoCaptions(config=demo_config or builder.make_config(), data_dir=data_dir,
@@ -63,3 +84,158 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
                      f'{empty[0]}.')
   ids = np.asarray([meta[i]['image/id'] for i in range(len(meta))], np.int64)
   return Split(f'{dataset}/{split}', b.as_data_source(split=split), captions, ids)
+
+
+class ImageFiles(Sequence):
+  """Image files decoded on access to uint8 RGB [H, W, 3]; [i]['image'] like a TFDS source."""
+
+  def __init__(self, paths: Sequence[str]):
+    self.paths = list(paths)
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    path = self.paths[index]
+    try:
+      with PIL.Image.open(path) as im:
+        return {'image': np.asarray(im.convert('RGB'))}
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
+      raise RuntimeError(f'Image {path} (index {index}) passed the check at load time but '
+                         f'cannot be decoded now: {type(e).__name__}: {e}. Fix or remove the '
+                         'file and its captions.') from e
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'Captions JSON {path} does not exist.')
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'Captions JSON {path} is not valid JSON: {e}') from e
+
+
+def _entries(data, path: str, split: str, restval_in_train: bool):
+  """(relative file, image id, raw captions) of each image of `split`, in file order."""
+  layouts = ('expected COCO layout {"images": [{"id", "file_name"}], "annotations": '
+             '[{"image_id", "caption"}]} or Karpathy layout {"images": [{"filename", "split", '
+             '"sentences": [{"raw"}]}]}')
+  keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+  images = data.get('images') if isinstance(data, dict) else None
+  if not isinstance(images, list):
+    raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}); {layouts}.')
+
+  def field(entry, i, *names):
+    for name in names:
+      if isinstance(entry, dict) and name in entry:
+        return entry[name]
+    raise ValueError(f'Captions JSON {path}: images[{i}] has no {" or ".join(map(repr, names))} '
+                     f'(its keys: {sorted(entry) if isinstance(entry, dict) else entry!r}).')
+
+  if 'annotations' in data:  # COCO: the whole file is the split
+    if not isinstance(data['annotations'], list):
+      raise ValueError(f'Captions JSON {path}: "annotations" is a '
+                       f'{type(data["annotations"]).__name__}, not a list; {layouts}.')
+    by_id = {}
+    for i, im in enumerate(images):
+      by_id.setdefault(field(im, i, 'id'), (field(im, i, 'file_name'), []))
+    orphans = 0
+    for a in data['annotations']:
+      if not isinstance(a, dict) or a.get('image_id') not in by_id:
+        orphans += 1
+        continue
+      by_id[a['image_id']][1].append(a.get('caption'))
+    if orphans:
+      logging.warning('%s: %d annotation(s) name no image listed in "images"; skipped.', path,
+                      orphans)
+    return [(f, i, caps) for i, (f, caps) in by_id.items()], orphans
+  if not images or all(isinstance(im, dict) and 'sentences' in im for im in images):  # Karpathy
+    wanted = {split, 'restval'} if split == 'train' and restval_in_train else {split}
+    out, found = [], set()
+    for i, im in enumerate(images):
+      s = field(im, i, 'split')
+      found.add(s)
+      if s not in wanted:
+        continue
+      rel = os.path.join(im.get('filepath', ''), field(im, i, 'filename'))
+      image_id = im.get('cocoid', im.get('imgid', i))
+      caps = [c.get('raw', ' '.join(c.get('tokens', []))) if isinstance(c, dict) else c
+              for c in field(im, i, 'sentences')]
+      out.append((rel, image_id, caps))
+    if not out:
+      raise ValueError(f'Captions JSON {path} (Karpathy layout) has no image in split {split!r}; '
+                       f'its splits are {sorted(found)}.')
+    return out, 0
+  raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}, images '
+                   f'without "sentences" and no "annotations"); {layouts}.')
+
+
+def _check_image(path: str) -> str | None:
+  """None if `path` opens as an image (header and structure checked, not decoded), else why."""
+  if not os.path.isfile(path):
+    return 'missing'
+  try:
+    with PIL.Image.open(path) as im:
+      im.verify()
+  except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def load_folder(captions_json: str, split: str, image_dir: str | None = None, *,
+                restval_in_train: bool = True, workers: int = 8) -> Split:
+  """A split of a user's own images and captions JSON (COCO or Karpathy layout).
+
+  Karpathy entries are selected by their "split" field ("restval" joins "train" unless
+  restval_in_train is False); a COCO file is the split whatever its name. Empty captions,
+  images left without a caption, and missing or unreadable image files are skipped with a
+  warning naming each file, and counted in `Split.skipped`. Images are only verified here
+  (no decoding); decoding happens on access.
+  """
+  entries, orphans = _entries(_read_json(captions_json), captions_json, split, restval_in_train)
+  image_dir = image_dir if image_dir is not None else os.path.dirname(captions_json)
+  skipped = dict.fromkeys(SKIP_KINDS, 0)
+  skipped['orphan_captions'] = orphans
+  kept = []
+  for rel, image_id, raw in entries:
+    path = os.path.join(image_dir, rel)
+    caps = [c.strip() for c in raw if isinstance(c, str) and c.strip()]
+    if len(caps) < len(raw):
+      skipped['empty_captions'] += len(raw) - len(caps)
+      logging.warning('%s: %d empty caption(s) of image %s skipped.', captions_json,
+                      len(raw) - len(caps), path)
+    if not caps:
+      skipped['uncaptioned_images'] += 1
+      logging.warning('%s: image %s has no caption left; skipped.', captions_json, path)
+      continue
+    kept.append((path, image_id, caps))
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:  # file I/O bound
+    problems = list(pool.map(_check_image, [p for p, _, _ in kept]))
+  paths, ids, captions = [], [], []
+  for (path, image_id, caps), problem in zip(kept, problems):
+    if problem == 'missing':
+      skipped['missing_images'] += 1
+      logging.warning('%s: image file %s does not exist; skipped.', captions_json, path)
+    elif problem:
+      skipped['corrupt_images'] += 1
+      logging.warning('%s: image file %s is not a readable image (%s); skipped.', captions_json,
+                      path, problem)
+    else:
+      paths.append(path)
+      ids.append(image_id)
+      captions.append(caps)
+  name = f'folder/{split}'
+  if any(skipped.values()):
+    logging.warning('%s (%s): skipped %s; %d image(s) kept.', name, captions_json,
+                    ', '.join(f'{n} {k}' for k, n in skipped.items() if n), len(paths))
+  if not paths:
+    raise ValueError(f'{name} ({captions_json}): no usable image with a caption under '
+                     f'{image_dir}; skipped {skipped}.')
+  try:
+    image_ids = np.asarray(ids, np.int64)
+  except (TypeError, ValueError, OverflowError):  # non-integer ids: number images by position
+    logging.warning('%s: image ids are not integers; using positions 0..%d instead.',
+                    captions_json, len(ids) - 1)
+    image_ids = np.arange(len(ids), dtype=np.int64)
+  return Split(name, ImageFiles(paths), captions, image_ids, skipped)

@@ -71,9 +71,10 @@ def _tokenizer(config, workdir, train_split):
 
 def _mesh(config) -> jax.sharding.Mesh:
   n = jax.device_count()
-  if config.train.batch_size % n:
-    raise ValueError(f'train.batch_size={config.train.batch_size} must be divisible by the '
-                     f'{n} devices of the data mesh axis.')
+  for name in ('train', 'eval'):
+    if config[name].batch_size % n:
+      raise ValueError(f'{name}.batch_size={config[name].batch_size} must be divisible by the '
+                       f'{n} devices of the data mesh axis.')
   return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
@@ -151,8 +152,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.data.dataset == 'demo':
     from cpeft_jax.data.demo import builder
     demo = builder.make_config(**config.data.demo)
-  train_split = sources.load(config.data.dataset, config.data.train_split, data_dir, demo)
-  eval_split = sources.load(config.data.dataset, config.data.eval_split, data_dir, demo)
+  d = config.data
+  # dataset='folder': a user's images plus a COCO- or Karpathy-format captions JSON (a COCO file
+  # is one split: give the evaluation split its own file in eval_captions_json).
+  folder = dict(captions_json=d.get('captions_json') or None, image_dir=d.get('image_dir') or None)
+  train_split = sources.load(d.dataset, d.train_split, data_dir, demo, **folder)
+  folder['captions_json'] = d.get('eval_captions_json') or folder['captions_json']
+  eval_split = sources.load(d.dataset, d.eval_split, data_dir, demo, **folder)
   exp = build(config, workdir, train_split)
   train_data, eval_data = exp.batches(train_split, train=True), exp.batches(eval_split, train=False)
 
@@ -164,7 +170,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim = state_lib.OptimConfig.from_dict(
       dict(config.optim, total_steps=config.optim.total_steps or
            steps_per_epoch * config.train.epochs))
-  state = state_lib.TrainState.create(trainable, state_lib.optimizer(optim))
+  # The base, the trainable tree and its optimizer state are replicated over the data axis.
+  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  frozen = jax.device_put(frozen, replicated)
+  state = jax.device_put(state_lib.TrainState.create(trainable, state_lib.optimizer(optim)),
+                         replicated)
   mgr = checkpointing.manager(os.path.join(workdir, 'checkpoints'))
   meta = {'epoch': 0, 'batch': 0, 'best_val_loss': None}
   if mgr.latest_step() is not None:
