@@ -84,7 +84,7 @@ class PeftConfig:
     if self.adapted_contexts is not None:
       object.__setattr__(self, 'adapted_contexts', tuple(int(c) for c in self.adapted_contexts))
     if isinstance(self.lora, Mapping):
-      object.__setattr__(self, 'lora', _dataclass_from_dict(LoraConfig, self.lora, 'peft.lora'))
+      object.__setattr__(self, 'lora', config_from_dict(LoraConfig, self.lora, 'peft.lora'))
     self.validate()
 
   def validate(self):
@@ -123,7 +123,7 @@ class PeftConfig:
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> PeftConfig:
     """Builds from a dict or ml_collections ConfigDict; unknown keys are an error."""
-    return _dataclass_from_dict(cls, d, 'peft')
+    return config_from_dict(cls, d, 'peft')
 
   @property
   def rows(self) -> tuple[int, ...]:
@@ -140,7 +140,8 @@ class PeftConfig:
     return dict(self.method_targets).get(method, self.targets)
 
 
-def _dataclass_from_dict(cls, d, where):
+def config_from_dict(cls, d, where: str):
+  """Builds config dataclass `cls` from a dict or ConfigDict; unknown keys name `where`."""
   if isinstance(d, cls):
     return d
   d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)

@@ -37,7 +37,7 @@ class ConnectorConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ConnectorConfig:
-    return adaptors._dataclass_from_dict(cls, d, 'connector')
+    return adaptors.config_from_dict(cls, d, 'connector')
 
 
 class Connector(nn.Module):

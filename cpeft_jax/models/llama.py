@@ -64,7 +64,7 @@ class DecoderConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
-    return adaptors._dataclass_from_dict(cls, d, 'model')
+    return adaptors.config_from_dict(cls, d, 'model')
 
   @property
   def kv_heads(self) -> int:

@@ -88,7 +88,7 @@ class SwinV2Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> SwinV2Config:
-    return adaptors._dataclass_from_dict(cls, d, 'swinv2')
+    return adaptors.config_from_dict(cls, d, 'swinv2')
 
   @property
   def num_stages(self) -> int:

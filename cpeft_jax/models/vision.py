@@ -112,7 +112,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ViTConfig:
-    return adaptors._dataclass_from_dict(cls, d, 'vision')
+    return adaptors.config_from_dict(cls, d, 'vision')
 
   @property
   def grid(self) -> int:

@@ -52,7 +52,7 @@ class OptimConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
-    return adaptors._dataclass_from_dict(cls, d, 'optim')
+    return adaptors.config_from_dict(cls, d, 'optim')
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
