@@ -8,6 +8,9 @@ at a time and written straight into the stacked [layers, ...] leaves of 'params'
 requested dtype, so the model is never held twice. Every shape is checked before anything is
 read; missing tensors are freshly initialised and reported, unexpected ones reported, and
 `strict=True` turns either into an error. Adaptor tables always start fresh.
+
+The pieces that do not depend on the architecture (locating a checkpoint, reading its weight
+files, planning and filling the leaves, reporting) are shared with vision_checkpoints.py.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import logging
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax
@@ -40,6 +43,8 @@ MSGPACK, MSGPACK_INDEX = 'flax_model.msgpack', 'flax_model.msgpack.index.json'
 # How a PyTorch tensor becomes a Flax leaf. LINEAR: torch weight [d_out, d_in] -> kernel
 # [d_in, d_out]; EMBED: [vocab, d] as is (Flax calls it 'embedding'); VECTOR: as is.
 LINEAR, EMBED, VECTOR = 'linear', 'embed', 'vector'
+# The axes permutation that turns a PyTorch tensor of each kind into its Flax leaf.
+TORCH_LAYOUT = {LINEAR: (1, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,17 +143,18 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- tensor sources
 
 
-class _Safetensors:
+class Safetensors:
   """Safetensors files read one tensor at a time; names and layouts are PyTorch's."""
   torch_layout, sep = True, '.'
 
   def __init__(self, files):
     from safetensors import safe_open
     self._file_of = {}
-    for file in files:
-      # 'flax', not 'numpy': numpy has no bfloat16. Reads go to the CPU (see `read`).
-      handle = safe_open(str(file), framework='flax')
-      self._file_of.update(dict.fromkeys(handle.keys(), handle))
+    with jax.default_device(jax.devices('cpu')[0]):
+      for file in files:
+        # 'flax', not 'numpy': numpy has no bfloat16. Reads go to the CPU (see `read`).
+        handle = safe_open(str(file), framework='flax')
+        self._file_of.update(dict.fromkeys(handle.keys(), handle))
 
   def name(self, hf_name: str, kind: str) -> str:
     del kind
@@ -201,9 +207,12 @@ def _read_msgpack(files) -> _Arrays:
   return _Arrays(flat, torch_layout=False)
 
 
-def _open_weights(directory: pathlib.Path):
-  for single, index, opener in ((SAFETENSORS, SAFETENSORS_INDEX, _Safetensors),
-                                (MSGPACK, MSGPACK_INDEX, _read_msgpack)):
+def open_weights(directory: pathlib.Path, msgpack: bool = True):
+  """The tensors of a checkpoint directory: safetensors, or (if `msgpack`) Flax msgpack files."""
+  formats = [(SAFETENSORS, SAFETENSORS_INDEX, Safetensors)]
+  if msgpack:
+    formats.append((MSGPACK, MSGPACK_INDEX, _read_msgpack))
+  for single, index, opener in formats:
     if (directory / single).is_file():
       return opener([directory / single])
     if (directory / index).is_file():
@@ -213,11 +222,12 @@ def _open_weights(directory: pathlib.Path):
       if absent:
         raise FileNotFoundError(f'{directory / index} lists shards that are not there: {absent}.')
       return opener(files)
+  names = [name for single, index, _ in formats for name in (single, index)]
   present = sorted(p.name for p in directory.iterdir())
   raise FileNotFoundError(
-      f'No weights in {directory}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {MSGPACK} or '
-      f'{MSGPACK_INDEX}; found {present}. (PyTorch .bin files are not read: save the model '
-      'again with save_pretrained, which writes safetensors.)')
+      f'No weights in {directory}: expected {", ".join(names[:-1])} or {names[-1]}; found '
+      f'{present}. (PyTorch .bin files are not read: save the model again with '
+      'save_pretrained, which writes safetensors.)')
 
 
 # ----------------------------------------------------------------------------- loading
@@ -247,7 +257,7 @@ def load_params(path: str | os.PathLike, cfg: DecoderConfig, *, strict: bool = F
   if model_type not in NAME_MAPS:
     raise ValueError(f'{directory / CONFIG} has model_type={model_type!r}; supported model '
                      f'types: {", ".join(NAME_MAPS)}.')
-  return _assemble(_open_weights(directory), cfg, NAME_MAPS[model_type], strict, seed,
+  return _assemble(open_weights(directory), cfg, NAME_MAPS[model_type], strict, seed,
                    str(directory))
 
 
@@ -281,69 +291,102 @@ def _assemble(source, cfg: DecoderConfig, names: NameMap, strict: bool, seed: in
   shapes = flax.traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)), sep='/')
   keys = set(source.keys())
   base_only = not any(k.startswith(names.prefix.replace('.', source.sep)) for k in keys)
+  layout = TORCH_LAYOUT if source.torch_layout else {}
 
   def lookup(hf_name, kind):
     if base_only and hf_name.startswith(names.prefix):
       hf_name = hf_name[len(names.prefix):]
     return source.name(hf_name, kind)
 
-  # Plan every leaf, and check every shape, before reading a single tensor.
-  plan, missing, mismatched = {}, [], []
-  for path, leaf in shapes.items():
+  def tensor_of(path):
     if path not in names.params:
       raise ValueError(f'The name map has no checkpoint tensor for the Flax parameter {path!r}; '
                        f'this DecoderConfig cannot be loaded from {where}.')
     hf_name, kind = names.params[path]
-    stacked = '{layer}' in hf_name
-    want = leaf.shape[1:] if stacked else leaf.shape
-    if kind == LINEAR and source.torch_layout:
-      want = want[::-1]
-    slots = []
-    for i in range(cfg.num_layers) if stacked else [None]:
-      key = lookup(hf_name.format(layer=i), kind)
-      if key not in keys:
-        missing.append(key)
-        key = None
-      elif source.shape(key) != tuple(want):
-        mismatched.append(f'{key}: the checkpoint has {source.shape(key)}, the model expects '
-                          f'{tuple(want)}')
-      slots.append(key)
-    plan[path] = (slots, stacked, kind)
-  if mismatched:
-    raise ValueError(f'Shape mismatch between {where} and the model config (nothing loaded):\n  '
-                     + '\n  '.join(mismatched))
+    return (lambda i: lookup(hf_name.format(layer=i), kind)), '{layer}' in hf_name, kind
+
+  plan, missing = plan_leaves(
+      shapes, source, tensor_of, layout, where,
+      mismatch='{key}: the checkpoint has {got}, the model expects {want}')
   used = {k for slots, _, _ in plan.values() for k in slots if k is not None}
   skip = [re.compile(p) for p in names.ignore]
   if cfg.tie_embeddings:
     skip += [re.compile(re.escape(lookup(n, LINEAR))) for n in names.tied_copies]
   unexpected = sorted(k for k in keys - used if not any(p.fullmatch(k) for p in skip))
   report = LoadReport(tuple(missing), tuple(unexpected))
-  _log_report(report, where, strict)
+  log_report(report, where, strict)
+  return fill_leaves(plan, shapes, source, layout, init, seed, cfg.param_dtype, where), report
 
+
+# ----------------------------------------------------------------------------- shared with vision
+
+# A leaf's plan: the checkpoint name filling each slot (one per layer if stacked; None where the
+# checkpoint lacks it), whether it is stacked, and its kind.
+Plan = dict[str, tuple[list[str | None], bool, str]]
+
+
+def plan_leaves(shapes: Mapping[str, Any], source, tensor_of: Callable[[str], tuple],
+                layout: Mapping[str, tuple[int, ...]], where: str,
+                mismatch: str = '{key}: checkpoint {got}, model {want}') -> tuple[Plan, list]:
+  """Which tensor fills each slot of each leaf, and which are missing; nothing is read.
+
+  `tensor_of(path)` gives a leaf's (layer index -> checkpoint name, stacked, kind); `layout`
+  maps a kind to the permutation from the stored tensor to the leaf. Every shape is checked
+  first, and any mismatch (worded by `mismatch`) is an error before anything loads.
+  """
+  keys = set(source.keys())
+  plan, missing, mismatched = {}, [], []
+  for path, leaf in shapes.items():
+    name_of, stacked, kind = tensor_of(path)
+    want = tuple(leaf.shape[1:] if stacked else leaf.shape)
+    if layout.get(kind):
+      want = tuple(want[i] for i in np.argsort(layout[kind]))
+    slots = []
+    for i in range(leaf.shape[0]) if stacked else [None]:
+      key = name_of(i)
+      if key not in keys:
+        missing.append(key)
+        key = None
+      elif source.shape(key) != want:
+        mismatched.append(mismatch.format(key=key, got=source.shape(key), want=want))
+      slots.append(key)
+    plan[path] = (slots, stacked, kind)
+  if mismatched:
+    raise ValueError(f'Shape mismatch between {where} and the model config (nothing loaded):\n  '
+                     + '\n  '.join(mismatched))
+  return plan, missing
+
+
+def fill_leaves(plan: Plan, shapes: Mapping[str, Any], source,
+                layout: Mapping[str, tuple[int, ...]], init: Callable, seed: int,
+                param_dtype: str, where: str) -> dict:
+  """The 'params' tree: each leaf filled tensor by tensor, missing slots from `init(seed)`."""
   fresh = {}
-  if missing:  # Initialise only the leaves with missing tensors: the rest is dead code.
-    needed = [p for p, (slots, _, _) in plan.items() if None in slots]
+  needed = [p for p, (slots, _, _) in plan.items() if None in slots]
+  if needed:  # Initialise only the leaves with missing tensors: the rest is dead code.
     fresh = jax.jit(lambda key: {p: flax.traverse_util.flatten_dict(init(key), sep='/')[p]
                                  for p in needed})(jax.random.key(seed))
-  dtype = np.dtype(DTYPES[cfg.param_dtype])
+  dtype = np.dtype(DTYPES[param_dtype])
+  used = sum(k is not None for slots, _, _ in plan.values() for k in slots)
+  log.info('Loading %d tensors from %s into %d %s leaves.', used, where, len(plan), param_dtype)
   out = {}
-  log.info('Loading %d tensors from %s into %d %s leaves.', len(used), where, len(plan),
-           cfg.param_dtype)
   for path, (slots, stacked, kind) in plan.items():
     buf = np.empty(shapes[path].shape, dtype)
+    axes = layout.get(kind)
     for i, key in enumerate(slots):
       at = i if stacked else ...
       if key is None:
         buf[at] = np.asarray(fresh[path][at])
       else:
         x = source.read(key)
-        buf[at] = x.T if kind == LINEAR and source.torch_layout else x
+        buf[at] = x.transpose(axes) if axes else x
     out[path] = jnp.asarray(buf)
     del buf
-  return flax.traverse_util.unflatten_dict(out, sep='/'), report
+  return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
-def _log_report(report: LoadReport, where: str, strict: bool):
+def log_report(report: LoadReport, where: str, strict: bool, what: str = 'model'):
+  """Warns of missing and unexpected tensors; with `strict`, they are an error naming `what`."""
   def brief(keys):
     return ', '.join(keys[:20]) + (f' and {len(keys) - 20} more' if len(keys) > 20 else '')
   problems = []
@@ -354,7 +397,7 @@ def _log_report(report: LoadReport, where: str, strict: bool):
     problems.append(f'{len(report.unexpected)} unexpected tensor(s) in {where}, not loaded: '
                     f'{brief(report.unexpected)}')
   if problems and strict:
-    raise ValueError('Checkpoint does not match the model (strict=True): '
+    raise ValueError(f'Checkpoint does not match the {what} (strict=True): '
                      + '; '.join(problems) + '.')
   for p in problems:
     log.warning(p)

@@ -9,38 +9,34 @@ with safetensors.safe_open, after every shape has been checked. Tensors outside 
 tower, heads, classifier) are ignored; tensors of layers past `feature_layer` are skipped;
 anything else unused is reported as unexpected, and tensors the encoder needs but the checkpoint
 lacks are reported missing and initialised fresh (`strict=True` turns either into an error).
+Locating, reading, filling and reporting are checkpoints.py's; this module adds the name maps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import pathlib
 import re
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from cpeft_jax.checkpoints import (LINEAR, TORCH_LAYOUT, VECTOR, LoadReport, fill_leaves,
+                                   log_report, open_weights, plan_leaves, read_config, resolve)
 from cpeft_jax.models import clip, siglip, swinv2
-from cpeft_jax.models.llama import DTYPES
 from cpeft_jax.models.vision import ViT
 
 log = logging.getLogger(__name__)
 
-CONFIG = 'config.json'
-SAFETENSORS, SAFETENSORS_INDEX = 'model.safetensors', 'model.safetensors.index.json'
-
 # How a PyTorch tensor becomes a Flax leaf. LINEAR: [out, in] -> [in, out]; CONV: [out, in, kh,
 # kw] -> [kh, kw, in, out]; VECTOR: as is.
-LINEAR, CONV, VECTOR = 'linear', 'conv', 'vector'
-_LAYOUT = {LINEAR: (1, 0), CONV: (2, 3, 1, 0), VECTOR: None}
+CONV = 'conv'
+_LAYOUT = {**TORCH_LAYOUT, CONV: (2, 3, 1, 0)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +141,6 @@ ARCHITECTURES = {
 }
 
 
-class LoadReport(NamedTuple):
-  """Tower tensors the encoder needed but did not find, and found but did not use."""
-  missing: tuple[str, ...]
-  unexpected: tuple[str, ...]
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -188,87 +178,13 @@ def architecture(model_type) -> Architecture:
   return ARCHITECTURES[model_type]
 
 
-def resolve(path_or_id: str | os.PathLike) -> pathlib.Path:
-  """A checkpoint directory: the path itself, or a hub id's snapshot in the local HF cache."""
-  path = pathlib.Path(path_or_id).expanduser()
-  if path.is_dir():
-    return path
-  text = str(path_or_id)
-  if path.exists() or text.startswith(('/', '.', '~')) or text.count('/') > 1:
-    raise FileNotFoundError(f'Checkpoint {text!r} is not a directory.')
-  from huggingface_hub import snapshot_download
-  from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-  try:
-    return pathlib.Path(snapshot_download(text, local_files_only=True))
-  except (LocalEntryNotFoundError, HFValidationError) as e:
-    raise FileNotFoundError(
-        f'Checkpoint {text!r} is not a local directory and not in the local Hugging Face cache; '
-        f'loading never downloads. Download it first (`hf download {text}`) or pass its '
-        'directory.') from e
-
-
-def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-  path = pathlib.Path(directory) / CONFIG
-  if not path.is_file():
-    raise FileNotFoundError(f'No {CONFIG} in checkpoint directory {directory}.')
-  return json.loads(path.read_text())
-
-
 def load_params(directory: str | os.PathLike, module: nn.Module, *, strict: bool = False,
                 seed: int = 0) -> tuple[dict, LoadReport]:
   """The 'params' tree of `module` (in its param_dtype) from a checkpoint directory."""
   directory = resolve(directory)
   names = architecture(read_config(directory).get('model_type')).names
-  with _Safetensors(_weight_files(directory)) as source:
-    return _assemble(source, module, names, strict, seed, str(directory))
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def _weight_files(directory: pathlib.Path) -> list[pathlib.Path]:
-  if (directory / SAFETENSORS).is_file():
-    return [directory / SAFETENSORS]
-  if (directory / SAFETENSORS_INDEX).is_file():
-    weight_map = json.loads((directory / SAFETENSORS_INDEX).read_text())['weight_map']
-    files = [directory / f for f in dict.fromkeys(weight_map.values())]
-    absent = [f.name for f in files if not f.is_file()]
-    if absent:
-      raise FileNotFoundError(f'{directory / SAFETENSORS_INDEX} lists shards that are not '
-                              f'there: {absent}.')
-    return files
-  present = sorted(p.name for p in directory.iterdir())
-  raise FileNotFoundError(f'No weights in {directory}: expected {SAFETENSORS} or '
-                          f'{SAFETENSORS_INDEX}; found {present}.')
-
-
-class _Safetensors:
-  """Safetensors files read one tensor at a time (framework 'flax': numpy has no bfloat16)."""
-
-  def __init__(self, files):
-    from safetensors import safe_open
-    self._file_of = {}
-    with jax.default_device(jax.devices('cpu')[0]):
-      for file in files:
-        handle = safe_open(str(file), framework='flax')
-        for key in handle.keys():
-          self._file_of[key] = handle
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self._file_of.clear()
-
-  def keys(self):
-    return self._file_of.keys()
-
-  def shape(self, key) -> tuple[int, ...]:
-    return tuple(self._file_of[key].get_slice(key).get_shape())
-
-  def read(self, key) -> np.ndarray:
-    with jax.default_device(jax.devices('cpu')[0]):
-      return np.asarray(self._file_of[key].get_tensor(key))
+  return _assemble(open_weights(directory, msgpack=False), module, names, strict, seed,
+                   str(directory))
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -300,32 +216,16 @@ def _assemble(source, module: nn.Module, names: NameMap, strict: bool, seed: int
   prefix = _find_prefix(keys, names.anchor, where)
   patterns = [(_placeholder_regex(p, groups=True), hf) for p, hf in names.params.items()]
 
-  # Plan every leaf, and check every shape, before reading a single tensor.
-  plan, missing, mismatched = {}, [], []
-  for path, leaf in shapes.items():
+  def tensor_of(path):
     found = [(m, hf) for rx, hf in patterns if (m := rx.fullmatch(path))]
     if len(found) != 1:
       raise ValueError(f'The name map has no checkpoint tensor for the Flax parameter {path!r}; '
                        f'this config cannot be loaded from {where}.')
     match, (template, kind) = found[0]
-    stacked = '{layer}' in template
-    want = tuple(leaf.shape[1:] if stacked else leaf.shape)
-    if _LAYOUT[kind]:
-      want = tuple(want[i] for i in np.argsort(_LAYOUT[kind]))
-    slots = []
-    for i in range(leaf.shape[0]) if stacked else [None]:
-      key = prefix + template.format(layer=i, **match.groupdict())
-      if key not in keys:
-        missing.append(key)
-        key = None
-      elif source.shape(key) != want:
-        mismatched.append(f'{key}: checkpoint {source.shape(key)}, model {want}')
-      slots.append(key)
-    plan[path] = (slots, stacked, kind)
-  if mismatched:
-    raise ValueError(f'Shape mismatch between {where} and the model config (nothing loaded):\n  '
-                     + '\n  '.join(mismatched))
+    name_of = lambda i: prefix + template.format(layer=i, **match.groupdict())
+    return name_of, '{layer}' in template, kind
 
+  plan, missing = plan_leaves(shapes, source, tensor_of, _LAYOUT, where)
   used = {k for slots, _, _ in plan.values() for k in slots if k is not None}
   known = [_placeholder_regex(hf, groups=False) for hf, _ in names.params.values()]
   unused = [re.compile(p) for p in names.unused]
@@ -344,41 +244,5 @@ def _assemble(source, module: nn.Module, names: NameMap, strict: bool, seed: int
   log.info('%s: vision tower at prefix %r; %d tensors outside it ignored, %d past the feature '
            'layer skipped.', where, prefix, outside, skipped)
   report = LoadReport(tuple(missing), tuple(unexpected))
-  _log_report(report, where, strict)
-
-  fresh = {}
-  if missing:  # Initialise only the leaves with missing tensors: the rest is dead code.
-    needed = [p for p, (slots, _, _) in plan.items() if None in slots]
-    fresh = jax.jit(lambda key: {p: flax.traverse_util.flatten_dict(init(key), sep='/')[p]
-                                 for p in needed})(jax.random.key(seed))
-  dtype = np.dtype(DTYPES[cfg.param_dtype])
-  out = {}
-  for path, (slots, stacked, kind) in plan.items():
-    buf = np.empty(shapes[path].shape, dtype)
-    for i, key in enumerate(slots):
-      at = i if stacked else ...
-      if key is None:
-        buf[at] = np.asarray(fresh[path][at])
-      else:
-        x = source.read(key)
-        buf[at] = x.transpose(_LAYOUT[kind]) if _LAYOUT[kind] else x
-    out[path] = jnp.asarray(buf)
-    del buf
-  return flax.traverse_util.unflatten_dict(out, sep='/'), report
-
-
-def _log_report(report: LoadReport, where: str, strict: bool):
-  def brief(keys):
-    return ', '.join(keys[:20]) + (f' and {len(keys) - 20} more' if len(keys) > 20 else '')
-  problems = []
-  if report.missing:
-    problems.append(f'{len(report.missing)} tensor(s) missing from {where}, initialised fresh: '
-                    f'{brief(report.missing)}')
-  if report.unexpected:
-    problems.append(f'{len(report.unexpected)} unexpected tensor(s) in {where}, not loaded: '
-                    f'{brief(report.unexpected)}')
-  if problems and strict:
-    raise ValueError('Checkpoint does not match the vision encoder (strict=True): '
-                     + '; '.join(problems) + '.')
-  for p in problems:
-    log.warning(p)
+  log_report(report, where, strict, what='vision encoder')
+  return fill_leaves(plan, shapes, source, _LAYOUT, init, seed, cfg.param_dtype, where), report
