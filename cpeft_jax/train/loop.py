@@ -17,16 +17,17 @@ import time
 from typing import Any
 
 from absl import logging
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpeft_jax import adaptors, checkpoints, configlib
-from cpeft_jax.data import pipeline, sources
+from cpeft_jax import adaptors, checkpoints, configlib, vision_checkpoints
+from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
-from cpeft_jax.models import vlm
+from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
 from cpeft_jax.train import checkpointing, metrics
@@ -43,13 +44,17 @@ class Experiment:
   num_image_tokens: int
   image_size: int
   mesh: jax.sharding.Mesh
+  # Pixel normalisation (x / 255 - mean) / std: the vision checkpoint's, else [-1, 1].
+  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
   def batches(self, split: sources.Split, *, train: bool) -> pipeline.CaptionBatches:
     c = self.config
     return pipeline.CaptionBatches(
         split, self.tokenizer, batch_size=c.train.batch_size if train else c.eval.batch_size,
         num_image_tokens=self.num_image_tokens, seq_len=c.data.seq_len,
-        context_map=c.data.context_map, image_size=self.image_size, train=train, seed=c.seed,
+        context_map=c.data.context_map, image_size=self.image_size, mean=self.image_mean,
+        std=self.image_std, train=train, seed=c.seed,
         augment=pipeline.AugmentConfig(**c.data.augment), boundary=c.connector.boundary_tokens,
         host=(jax.process_index(), jax.process_count()))
 
@@ -79,12 +84,16 @@ def _mesh(config) -> jax.sharding.Mesh:
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Experiment:
-  """Tokenizer, model and initial variables of the config."""
+  """Tokenizer, model and initial variables of the config.
+
+  vision.kind 'patch' is the demo's frozen random patch encoder; 'hf' loads a Hugging Face
+  vision checkpoint (vision.path: a directory or a cached hub id) whose config decides the
+  image size and number of image tokens, and whose preprocessor_config.json (when present)
+  the pixel normalisation. Parts loaded from checkpoints are never initialised: only what no
+  checkpoint provides (connector, adaptor tables, a patch encoder, a decoder without
+  text_model) is computed by the jitted init; the rest of it is dead code.
+  """
   tok = _tokenizer(config, workdir, train_split)
-  if config.vision.kind != 'patch':
-    raise ValueError(f"vision.kind={config.vision.kind!r}; expected 'patch'.")
-  enc_cfg = PatchEncoderConfig(config.vision.image_size, config.vision.patch_size,
-                               config.vision.width)
   peft = configlib.peft_config(config)
   text_model = config.text_model
   if not text_model and config.pretrain.epochs:
@@ -93,8 +102,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   if text_model:  # a pre-trained decoder: its config.json decides the shape
     overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
                  if k in config.model}
-    pre = checkpoints.load_decoder(text_model, peft, dtype=config.model.dtype, **overrides)
-    dec_cfg = pre.config
+    dec_cfg = hf_configs.decoder_config(
+        checkpoints.read_config(checkpoints.resolve(text_model)),
+        **{'dtype': config.model.dtype, 'param_dtype': config.model.dtype, **overrides})
   else:
     model_dict = dict(config.model)
     if not model_dict.get('vocab_size'):
@@ -103,16 +113,75 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   if dec_cfg.vocab_size < len(tok):
     raise ValueError(f'The decoder\'s vocab_size={dec_cfg.vocab_size} is smaller than the '
                      f'tokenizer ({len(tok)} tokens).')
-  model = vlm.VisionLanguageModel(PatchEncoder(enc_cfg), dec_cfg, peft,
+  _check_lora_rank(dec_cfg, peft)
+
+  loaded = {}  # 'params' subtrees that come from checkpoints
+  mean, std = Experiment.image_mean, Experiment.image_std
+  if config.vision.kind == 'patch':
+    enc_cfg = PatchEncoderConfig(config.vision.image_size, config.vision.patch_size,
+                                 config.vision.width)
+    encoder = PatchEncoder(enc_cfg)
+  elif config.vision.kind == 'hf':
+    if not config.vision.get('path'):
+      raise ValueError("vision.kind='hf' needs vision.path (a checkpoint directory or a hub id "
+                       'in the local Hugging Face cache).')
+    encoder, loaded['encoder'] = vision_checkpoints.load_vision(
+        config.vision.path, dtype=config.vision.get('dtype', 'float32'),
+        feature_layer=config.vision.get('feature_layer', -1),
+        drop_cls=config.vision.get('drop_cls', True))
+    enc_cfg = encoder.cfg
+    mean, std = _normalisation(checkpoints.resolve(config.vision.path), mean, std)
+  else:
+    raise ValueError(f"vision.kind={config.vision.kind!r}; expected 'patch' or 'hf'.")
+
+  model = vlm.VisionLanguageModel(encoder, dec_cfg, peft,
                                   ConnectorConfig.from_dict(config.connector))
-  N, L = enc_cfg.num_tokens, config.data.seq_len
-  dummy = (jnp.zeros((1, enc_cfg.image_size, enc_cfg.image_size, 3)),
-           jnp.zeros((1, L), jnp.int32), jnp.asarray(_dummy_kinds(N, L)), jnp.zeros((1, L),
-                                                                                  jnp.int32))
-  variables = jax.jit(model.init)(jax.random.key(config.seed), *dummy)
+  N, L, S = enc_cfg.num_tokens, config.data.seq_len, enc_cfg.image_size
+  dummy = (jnp.zeros((1, S, S, 3)), jnp.zeros((1, L), jnp.int32),
+           jnp.asarray(_dummy_kinds(N, L)), jnp.zeros((1, L), jnp.int32))
+  skip = set(loaded) | ({'decoder'} if text_model else set())
+
+  def init(key, *inputs):
+    v = model.init(key, *inputs)
+    return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
+  variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
   if text_model:
-    variables['params']['decoder'] = pre.params
-  return Experiment(config, tok, model, variables, N, enc_cfg.image_size, _mesh(config))
+    loaded['decoder'], _ = checkpoints.load_params(text_model, dec_cfg)
+  variables['params'].update(loaded)
+  return Experiment(config, tok, model, variables, N, S, _mesh(config), tuple(mean), tuple(std))
+
+
+def _check_lora_rank(dec_cfg, peft):
+  """Refuses a LoRA rank above min(d_in, d_out) of a projection it adapts (the model's width).
+
+  Such a rank adds parameters that cannot raise the update's rank; it is a config mistake.
+  Checked on shapes only (jax.eval_shape), before any weights load.
+  """
+  if 'lora' not in peft.methods:
+    return
+  tables = jax.eval_shape(lambda: checkpoints.init_adaptors(dec_cfg, peft))
+  flat = flax.traverse_util.flatten_dict(tables, sep='/')
+  for path, a in flat.items():
+    if not path.endswith('/lora_a'):
+      continue
+    d_in, d_out = a.shape[-2], flat[path[:-1] + 'b'].shape[-1]
+    if peft.lora.rank > min(d_in, d_out):
+      name = path.removesuffix('/lora_a').removeprefix('decoder/')
+      raise ValueError(f'peft.lora.rank={peft.lora.rank} is larger than the adapted projection '
+                       f'{name} ({d_in} -> {d_out}) of the decoder (hidden_size='
+                       f'{dec_cfg.hidden_size}); expected a rank <= {min(d_in, d_out)}.')
+
+
+def _normalisation(directory, mean, std):
+  """The pixel mean and std of a vision checkpoint's preprocessor_config.json, if it has one."""
+  if not (directory / preprocess.PREPROCESSOR_CONFIG).is_file():
+    logging.warning('%s has no %s; normalising pixels with mean=%s, std=%s.', directory,
+                    preprocess.PREPROCESSOR_CONFIG, mean, std)
+    return mean, std
+  proc = preprocess.ImageProcessing.from_pretrained(directory)
+  if not proc.do_normalize:
+    return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+  return proc.image_mean, proc.image_std
 
 
 def _dummy_kinds(N, L):
@@ -207,6 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         meta.update(epoch=epoch, batch=k + 1)
         if stop['signal'] is not None or (config.train.checkpoint_every and
                                           pending[0] % config.train.checkpoint_every == 0):
+          last = _check(jax.device_get(pending[1]), pending[0])  # never save a NaN state
           checkpointing.save(mgr, state, meta)
           if stop['signal'] is not None:
             raise SystemExit(f'Stopped by signal {stop["signal"]} at step {pending[0]}; '

@@ -1,0 +1,1 @@
+"""Evaluation of trained workdirs: caption perplexity per split (perplexity)."""

@@ -1,0 +1,266 @@
+"""Caption perplexity of a trained workdir's weights on whole splits, as training validates.
+
+The frozen base is rebuilt as training built it (`loop.build` with the workdir, which reloads
+the saved tokenizer and the demo's stage-0 decoder) and the trainable tree is restored from
+the workdir: 'best' (the best-validation weights in DIR/best), 'latest' (the newest step of
+DIR/checkpoints, its trainable tree only) or the path of a directory saved like DIR/best.
+The loss is `loop.evaluate_loss` over `step.eval_step`, the computation of training's
+validation, so 'best' on the validation split gives back the perplexity in best.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+import tqdm
+
+from cpeft_jax import checkpoints
+from cpeft_jax.data import sources
+from cpeft_jax.models import vlm
+from cpeft_jax.train import loop
+from cpeft_jax.train import state as state_lib
+from cpeft_jax.train import step as step_lib
+
+CHECKPOINTS = ('best', 'latest')
+# Config entries that decide the trainable tree's shapes, compared with the run's config.json
+# to say which setting disagrees when a checkpoint does not fit.
+MODEL_KEYS = ('peft', 'model', 'connector', 'vision', 'text_model', 'tokenizer', 'train.mode')
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint's trainable tree does not fit the model the config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  kind: str  # 'best', 'latest' or 'path'
+  path: str  # for 'latest' the CheckpointManager's directory, else the saved tree's
+  step: int | None  # training step of the weights, where known
+
+
+def find_checkpoint(workdir: str, checkpoint: str = 'best') -> Checkpoint:
+  """The weights that --checkpoint names; errors name the paths looked in."""
+  best = os.path.abspath(os.path.join(workdir, 'best'))
+  managed = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  if checkpoint not in CHECKPOINTS:
+    if not os.path.isdir(checkpoint):
+      raise ValueError(f'Unknown --checkpoint value {checkpoint!r}: expected one of '
+                       f'{CHECKPOINTS} or a directory saved like {best} (no such directory).')
+    path = os.path.abspath(checkpoint)
+    _saved_tree(path)  # fail before the model is built
+    return Checkpoint('path', path, _read_json(path + '.json').get('step'))
+  latest = _latest_step(managed)
+  if checkpoint == 'best' and os.path.isdir(best):
+    return Checkpoint('best', best, _read_json(best + '.json').get('step'))
+  if checkpoint == 'latest' and latest is not None:
+    return Checkpoint('latest', managed, latest)
+  if latest is None and not os.path.isdir(best):
+    raise FileNotFoundError(f'No checkpoint in workdir {workdir}: looked for best-validation '
+                            f'weights in {best} and for steps in {managed}; train first.')
+  if checkpoint == 'best':
+    raise FileNotFoundError(f'No best-validation weights in workdir {workdir}: {best} does not '
+                            f'exist (training writes it after its first validation); {managed} '
+                            f'holds step {latest}: pass --checkpoint=latest.')
+  raise FileNotFoundError(f'No step in {managed}; workdir {workdir} has best-validation weights '
+                          f'in {best}: pass --checkpoint=best.')
+
+
+def load_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:
+  """One split of the config's dataset, opened as training opens its splits."""
+  d = config.data
+  demo = None
+  if d.dataset == 'demo':
+    from cpeft_jax.data.demo import builder
+    demo = builder.make_config(**d.demo)
+  # A folder dataset in COCO layout has one captions file per split: training's train file,
+  # and the evaluation file for any other split.
+  captions_json = d.get('captions_json') or None
+  if name != d.train_split:
+    captions_json = d.get('eval_captions_json') or captions_json
+  return sources.load(d.dataset, name, d.data_dir or os.path.join(workdir, 'tfds'), demo,
+                      captions_json=captions_json, image_dir=d.get('image_dir') or None)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
+             splits: list[str] | None = None, config_name: str = 'the given config',
+             progress: bool = True) -> dict[str, Any]:
+  """{'checkpoint': {kind, path, step}, 'splits': {name: {loss, perplexity, images}}}.
+
+  `splits` defaults to the config's data.eval_split; `config_name` names the config in errors.
+  """
+  ckpt = find_checkpoint(workdir, checkpoint)
+  _check_base_saved(config, workdir)
+  # The tokenizer and the base decoder are read from the workdir, so build needs no train split.
+  exp = loop.build(config, workdir, None)
+  trainable, frozen = state_lib.split(exp.variables, config.train.mode)
+  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          trainable)
+  trainable = restore_trainable(ckpt, abstract, config_name=config_name,
+                                note=_config_note(config, workdir, config_name))
+  frozen = jax.device_put(frozen, replicated)
+  # Splits open once the config is known to fit: a demo config that differs would build its
+  # own dataset in the workdir.
+  data = {name: load_split(config, workdir, name)
+          for name in dict.fromkeys(splits or [config.data.eval_split])}
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=vlm.apply_fn(exp.model)))
+  results = {}
+  for name, split in data.items():
+    batches = _Progress(exp.batches(split, train=False), f'{name} ({ckpt.kind})', progress)
+    loss, ppl = loop.evaluate_loss(exp, trainable, frozen, batches, eval_fn)
+    results[name] = {'loss': loss, 'perplexity': ppl, 'images': len(split)}
+  return {'checkpoint': dataclasses.asdict(ckpt), 'splits': results}
+
+
+def write_metrics(workdir: str, result: dict[str, Any]) -> str:
+  """Writes `result` to DIR/eval/metrics.json (process 0 only); returns the path."""
+  path = os.path.join(workdir, 'eval', 'metrics.json')
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(result, f, indent=2)
+  return path
+
+
+def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the given config',
+                      note: str = ''):
+  """The checkpoint's trainable tree, placed as `abstract`; it must match in shapes first."""
+  if ckpt.kind == 'latest':
+    with _manager(ckpt.path) as mgr:
+      saved = mgr.item_metadata(ckpt.step)['state']['trainable']
+      _check_fits(_shapes(saved), _shapes(abstract), f'step {ckpt.step} of {ckpt.path}',
+                  config_name, note)
+      # Only the trainable tree: evaluation needs neither the optimizer state nor its config.
+      item = {'trainable': abstract}
+      out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))
+    return out['state']['trainable']
+  _check_fits(_shapes(_saved_tree(ckpt.path)), _shapes(abstract), ckpt.path, config_name, note)
+  with ocp.StandardCheckpointer() as reader:
+    return reader.restore(ckpt.path, abstract)
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Batches whose epochs draw a progress bar on stderr (evaluate_loss only iterates epochs)."""
+  data: Any
+  desc: str
+  enabled: bool
+
+  def epoch(self, epoch: int, start: int = 0):
+    return tqdm.tqdm(self.data.epoch(epoch, start=start), total=len(self.data) - start,
+                     desc=self.desc, unit='batch', file=sys.stderr, disable=not self.enabled)
+
+
+def _manager(directory: str) -> ocp.CheckpointManager:
+  # Handlers by item so that metadata can be read and 'state' restored in part.
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+
+
+def _saved_tree(path: str):
+  """The metadata tree of a directory saved like DIR/best (StandardCheckpointer)."""
+  with ocp.StandardCheckpointer() as reader:
+    try:
+      metadata = reader.metadata(path).item_metadata
+    except (FileNotFoundError, ValueError) as e:
+      metadata, why = None, f': {e}'
+    else:
+      why = ''
+  if metadata is None:
+    raise FileNotFoundError(f'{path} holds no orbax checkpoint of a trainable tree (a directory '
+                            f'saved like DIR/best){why}.')
+  return metadata.tree
+
+
+def _latest_step(directory: str) -> int | None:
+  if not os.path.isdir(directory):
+    return None
+  with _manager(directory) as mgr:
+    return mgr.latest_step()
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_base_saved(config, workdir):
+  """Evaluation reloads, never rebuilds, what training saved: its tokenizer and stage-0 decoder."""
+  if config.text_model:
+    return
+  needed = []
+  if config.tokenizer == 'word_level':
+    needed.append(os.path.join(workdir, 'tokenizer'))
+  if config.get('pretrain', {}).get('epochs'):
+    needed.append(os.path.join(workdir, 'base_lm', checkpoints.CONFIG))
+  missing = [p for p in needed if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f'Workdir {workdir} lacks {missing}, which training saves and '
+                            'evaluation reloads (the tokenizer built from the training '
+                            "captions, the demo's pre-trained base decoder).")
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
+          for path, x in leaves}
+
+
+def _some(items: list[str], n: int = 3) -> str:
+  more = f' (and {len(items) - n} more)' if len(items) > n else ''
+  return ', '.join(items[:n]) + more
+
+
+def _check_fits(saved: dict, wanted: dict, where: str, config_name: str, note: str):
+  problems = []
+  if only := sorted(saved.keys() - wanted.keys()):
+    problems.append(f'only in the checkpoint: {_some(only)}')
+  if only := sorted(wanted.keys() - saved.keys()):
+    problems.append(f"only in the config's model: {_some(only)}")
+  shapes = [f'{k} is {saved[k]} in the checkpoint, {wanted[k]} in the config\'s model'
+            for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+  if shapes:
+    problems.append(f'different shapes: {_some(shapes)}')
+  if problems:
+    raise CheckpointMismatch(f'The checkpoint {where} does not fit the model of {config_name} '
+                             f'(different methods, ranks, contexts or targets?): '
+                             f'{"; ".join(problems)}.{note}')
+
+
+def _flat(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _config_note(config, workdir, config_name) -> str:
+  """The model-shaping entries where the workdir's config.json and `config` disagree."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    return ''
+  saved = _flat(_read_json(path))
+  given = _flat(json.loads(config.to_json_best_effort()))
+  keys = sorted(k for k in saved.keys() | given.keys()
+                if any(k == m or k.startswith(m + '.') for m in MODEL_KEYS))
+  diffs = [f'{k}={saved.get(k, "(absent)")!r} vs {given.get(k, "(absent)")!r}' for k in keys
+           if saved.get(k) != given.get(k)]
+  return (f' The config training ran with ({path}) vs {config_name}: {"; ".join(diffs)}.'
+          if diffs else '')
