@@ -5,6 +5,10 @@ gate+up projection, as the paper's LLM), grouped-query attention, optional q/k/v
 tied or untied embeddings, causal attention with a padding mask. The layers run under
 `nn.scan`, so every parameter and adaptor table carries a leading layer axis. The decoder takes
 token ids or input embeddings (image embeddings are spliced in by the caller) plus context ids.
+
+For generation, a `KVCache` (static shape [layers, B, max_len, kv_heads, head_dim]) passed to
+the decoder turns a call into an incremental one: the new positions' keys and values are
+written at the cache index and attention runs over every filled, non-padding slot.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,6 +89,35 @@ class DecoderConfig:
     return attn + mlp + (P('mlp/down_proj', 'F', 'in'),)
 
 
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of the positions seen so far, for incremental decoding under jit.
+
+  key/value_NBMGK: [layers, B, max_len, kv_heads, head_dim] in the compute dtype (RoPE applied);
+  valid_BM: slots filled by a non-padding token; index: the next slot to fill (one for all rows).
+  """
+  key_NBMGK: jax.Array
+  value_NBMGK: jax.Array
+  valid_BM: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def create(cls, cfg: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
+    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.dims)
+    zeros = jnp.zeros(shape, DTYPES[cfg.dtype])
+    return cls(zeros, zeros, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.valid_BM.shape[1]
+
+  def take(self, rows):
+    """The cache of rows `rows` (e.g. repeated for beams, or reordered by beam origin)."""
+    return self.replace(key_NBMGK=jnp.take(self.key_NBMGK, rows, axis=1),
+                        value_NBMGK=jnp.take(self.value_NBMGK, rows, axis=1),
+                        valid_BM=jnp.take(self.valid_BM, rows, axis=0))
+
+
 class RMSNorm(nn.Module):
   """x / rms(x) * weight, normalised in float32 (as transformers' LlamaRMSNorm)."""
   eps: float = 1e-6
@@ -131,7 +165,13 @@ class Attention(_Sub):
   """Grouped-query causal self-attention with rotary embeddings."""
 
   @nn.compact
-  def __call__(self, x_BLD, routing, mask_B11L, cos, sin):
+  def __call__(self, x_BLD, routing, mask, cos, sin, kv=None, index=None):
+    """Without `kv`, causal attention within x (mask: [B,1,1,L] padding or None).
+
+    With kv = this layer's cached (keys, values) [B, M, G, K], the new keys and values are
+    written at slot `index` and the queries attend over the cache (mask: [B,1,L,M], causal and
+    padding already folded in); returns (out, updated kv).
+    """
     cfg = self.cfg
     B, L, _ = x_BLD.shape
     H, G, K = cfg.num_heads, cfg.kv_heads, cfg.dims
@@ -139,8 +179,17 @@ class Attention(_Sub):
     k = self.dense('k_proj', G * K, cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
     v = self.dense('v_proj', G * K, cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask_B11L, is_causal=True)
-    return self.dense('o_proj', cfg.hidden_size)(out.reshape(B, L, H * K), routing)
+    if kv is None:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+    else:
+      key_BMGK, value_BMGK = kv
+      key_BMGK = jax.lax.dynamic_update_slice_in_dim(key_BMGK, k.astype(key_BMGK.dtype), index, 1)
+      value_BMGK = jax.lax.dynamic_update_slice_in_dim(value_BMGK, v.astype(value_BMGK.dtype),
+                                                       index, 1)
+      out = jax.nn.dot_product_attention(q, key_BMGK.astype(q.dtype), value_BMGK.astype(q.dtype),
+                                         mask=mask)
+      kv = (key_BMGK, value_BMGK)
+    return self.dense('o_proj', cfg.hidden_size)(out.reshape(B, L, H * K), routing), kv
 
 
 class Mlp(_Sub):
@@ -159,23 +208,27 @@ class Mlp(_Sub):
 
 
 class Block(nn.Module):
-  """One pre-norm decoder layer, shaped for nn.scan: (x, shared inputs) -> (x, None)."""
+  """One pre-norm decoder layer, shaped for nn.scan: (x, shared, kv) -> (x, kv).
+
+  kv is this layer's slice of a `KVCache` (keys, values), or None without a cache.
+  """
   cfg: DecoderConfig
   peft: PeftConfig | None
   targets: tuple[tuple[str, adaptors.LayerAdaptor], ...]
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x_BLD, shared):
-    routing, mask_B11L, cos, sin = shared
+  def __call__(self, x_BLD, shared, kv=None):
+    routing, mask, cos, sin, index = shared
     cfg = self.cfg
     sub = dict(cfg=cfg, peft=self.peft, targets=self.targets, deterministic=self.deterministic)
     drop = nn.Dropout(cfg.residual_dropout, deterministic=self.deterministic)
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name=name)
-    h = Attention(**sub, name='attn')(norm('input_layernorm')(x_BLD), routing, mask_B11L, cos, sin)
+    h, kv = Attention(**sub, name='attn')(norm('input_layernorm')(x_BLD), routing, mask, cos, sin,
+                                          kv, index)
     x_BLD = x_BLD + drop(h)
     h = Mlp(**sub, name='mlp')(norm('post_attention_layernorm')(x_BLD), routing)
-    return x_BLD + drop(h), None
+    return x_BLD + drop(h), kv
 
 
 class Decoder(nn.Module):
@@ -199,7 +252,7 @@ class Decoder(nn.Module):
       block = nn.remat(block, prevent_cse=False)
     self.layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0},
-        split_rngs={'params': True, 'dropout': True}, in_axes=nn.broadcast,
+        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
         length=cfg.num_layers)(cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
     self.norm = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
     if not cfg.tie_embeddings:
@@ -216,8 +269,12 @@ class Decoder(nn.Module):
     return self.embed_tokens(tokens_BL).astype(DTYPES[self.cfg.dtype])
 
   def __call__(self, tokens_BL=None, *, embeddings_BLD=None, context_ids_BL=None,
-               attention_mask_BL=None, positions_BL=None, return_hidden=False):
-    """Logits [B, L, vocab] in float32 (or the final hidden states with return_hidden)."""
+               attention_mask_BL=None, positions_BL=None, return_hidden=False, cache=None):
+    """Logits [B, L, vocab] in float32 (or the final hidden states with return_hidden).
+
+    With a `KVCache`, the L positions are the next ones after those cached (slots index ..
+    index+L-1; default positions likewise) and the call returns (logits, updated cache).
+    """
     cfg = self.cfg
     if (tokens_BL is None) == (embeddings_BLD is None):
       raise ValueError('Decoder takes exactly one of tokens_BL and embeddings_BLD.')
@@ -230,19 +287,50 @@ class Decoder(nn.Module):
       raise ValueError(f'context_ids_BL has shape {tuple(context_ids_BL.shape)}; expected the '
                        f'token shape {(B, L)}.')
     adaptors.check_context_ids(context_ids_BL, self.num_contexts, 'context_ids_BL')
+    routing = (adaptors.route(context_ids_BL, self.peft)
+               if self.peft is not None and self.peft.methods else None)
+    if cache is not None:
+      return self._cached(x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     mask_B11L = None
     if attention_mask_BL is not None:
       mask_B11L = jnp.asarray(attention_mask_BL, bool)[:, None, None, :]
-    routing = (adaptors.route(context_ids_BL, self.peft)
-               if self.peft is not None and self.peft.methods else None)
     cos, sin = rope_tables(positions_BL, cfg.dims, cfg.rope_theta)
-    x_BLD, _ = self.layers(x_BLD, (routing, mask_B11L, cos, sin))
+    x_BLD, _ = self.layers(x_BLD, (routing, mask_B11L, cos, sin, None), None)
+    return self._head(x_BLD, return_hidden)
+
+  def _cached(self, x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache):
+    cfg = self.cfg
+    B, L = x_BLD.shape[:2]
+    M = cache.max_len
+    if cache.valid_BM.shape[0] != B or cache.key_NBMGK.shape[0] != cfg.num_layers:
+      raise ValueError(f'The cache holds {cache.valid_BM.shape[0]} rows of '
+                       f'{cache.key_NBMGK.shape[0]} layers; expected {B} rows (the batch) of '
+                       f'{cfg.num_layers} layers.')
+    if L > M:
+      raise ValueError(f'{L} new positions do not fit a cache of max_len={M}.')
+    index = cache.index
+    slots_L = index + jnp.arange(L, dtype=jnp.int32)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(slots_L, (B, L))
+    new_valid_BL = (jnp.ones((B, L), bool) if attention_mask_BL is None
+                    else jnp.asarray(attention_mask_BL, bool))
+    valid_BM = jax.lax.dynamic_update_slice_in_dim(cache.valid_BM, new_valid_BL, index, 1)
+    # A query in slot s sees the filled, non-padding slots up to s (later slots are unfilled).
+    causal_LM = jnp.arange(M, dtype=jnp.int32)[None, :] <= slots_L[:, None]
+    mask_B1LM = (valid_BM[:, None, :] & causal_LM[None])[:, None]
+    cos, sin = rope_tables(positions_BL, cfg.dims, cfg.rope_theta)
+    x_BLD, (key, value) = self.layers(x_BLD, (routing, mask_B1LM, cos, sin, index),
+                                      (cache.key_NBMGK, cache.value_NBMGK))
+    cache = KVCache(key, value, valid_BM, index + L)
+    return self._head(x_BLD, return_hidden), cache
+
+  def _head(self, x_BLD, return_hidden):
     x_BLD = self.norm(x_BLD)
     if return_hidden:
       return x_BLD
-    if cfg.tie_embeddings:
+    if self.cfg.tie_embeddings:
       logits = x_BLD @ self.embed_tokens.embedding.astype(x_BLD.dtype).T
     else:
       logits = self.lm_head(x_BLD)

@@ -59,7 +59,8 @@ class VisionLanguageModel(nn.Module):
     return self.connector(feats_BNV)
 
   def __call__(self, pixels_BHWC, tokens_BL, kinds_BL, context_ids_BL, attention_mask_BL=None,
-               return_hidden=False):
+               return_hidden=False, cache=None):
+    """Logits [B, L, vocab]; with a decoder `KVCache` (to prefill a prompt), (logits, cache)."""
     image_BND = self.image_embeddings(pixels_BHWC)
     if not isinstance(kinds_BL, jax.core.Tracer):
       counts = np.asarray(kinds_BL == Kind.IMAGE).sum(1)
@@ -70,7 +71,13 @@ class VisionLanguageModel(nn.Module):
     boundary = self.connector.boundary() if self.connector_cfg.boundary_tokens else None
     x_BLD = splice(self.decoder.embed(tokens_BL), image_BND, kinds_BL, boundary)
     return self.decoder(embeddings_BLD=x_BLD, context_ids_BL=context_ids_BL,
-                        attention_mask_BL=attention_mask_BL, return_hidden=return_hidden)
+                        attention_mask_BL=attention_mask_BL, return_hidden=return_hidden,
+                        cache=cache)
+
+  def decode(self, tokens_BL, context_ids_BL, cache, positions_BL=None):
+    """Text tokens after a prefilled prompt (generation steps): (logits, updated cache)."""
+    return self.decoder(tokens_BL, context_ids_BL=context_ids_BL, positions_BL=positions_BL,
+                        cache=cache)
 
 
 def apply_fn(model: VisionLanguageModel):
