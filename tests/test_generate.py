@@ -8,7 +8,6 @@ the logits at a position do not depend on the buffer's later slots.
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,22 +19,13 @@ from cpeft_jax.data import layout
 from cpeft_jax.evaluation import generate as gen
 from cpeft_jax.models.llama import Decoder, DecoderConfig, KVCache
 from cpeft_jax.models.vlm import VisionLanguageModel
+from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder)
 
 DEC = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=48, rope_theta=500.0)
 PEFT = PeftConfig(methods=('lora', 'bitfit'), num_contexts=2, lora=LoraConfig(rank=2, alpha=2.0))
 N, T, TEXT = 4, 6, 0  # image tokens, new tokens, the text context under 'modality'
 PAD = 0
-
-
-class PatchEncoder(nn.Module):
-  """A stand-in frozen encoder: 8x8 patches, one linear map, [B, 4, 24]."""
-
-  @nn.compact
-  def __call__(self, pixels_BHWC):
-    B, H, W, C = pixels_BHWC.shape
-    p = pixels_BHWC.reshape(B, H // 8, 8, W // 8, 8, C).transpose(0, 1, 3, 2, 4, 5)
-    return nn.Dense(24)(p.reshape(B, (H // 8) * (W // 8), 64 * C))
 
 
 def _randomize(tree, seed):
