@@ -23,7 +23,6 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from cpeft_jax import checkpoints
-from cpeft_jax.data import sources
 from cpeft_jax.models import vlm
 from cpeft_jax.train import loop
 from cpeft_jax.train import state as state_lib
@@ -73,22 +72,6 @@ def find_checkpoint(workdir: str, checkpoint: str = 'best') -> Checkpoint:
                           f'in {best}: pass --checkpoint=best.')
 
 
-def load_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:
-  """One split of the config's dataset, opened as training opens its splits."""
-  d = config.data
-  demo = None
-  if d.dataset == 'demo':
-    from cpeft_jax.data.demo import builder
-    demo = builder.make_config(**d.demo)
-  # A folder dataset in COCO layout has one captions file per split: training's train file,
-  # and the evaluation file for any other split.
-  captions_json = d.get('captions_json') or None
-  if name != d.train_split:
-    captions_json = d.get('eval_captions_json') or captions_json
-  return sources.load(d.dataset, name, d.data_dir or os.path.join(workdir, 'tfds'), demo,
-                      captions_json=captions_json, image_dir=d.get('image_dir') or None)
-
-
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
              splits: list[str] | None = None, config_name: str = 'the given config',
              progress: bool = True) -> dict[str, Any]:
@@ -109,7 +92,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
   frozen = jax.device_put(frozen, replicated)
   # Splits open once the config is known to fit: a demo config that differs would build its
   # own dataset in the workdir.
-  data = {name: load_split(config, workdir, name)
+  data = {name: loop.open_split(config, workdir, name)
           for name in dict.fromkeys(splits or [config.data.eval_split])}
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=vlm.apply_fn(exp.model)))
   results = {}

@@ -95,26 +95,6 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   """
   tok = _tokenizer(config, workdir, train_split)
   peft = configlib.peft_config(config)
-  text_model = config.text_model
-  if not text_model and config.pretrain.epochs:
-    from cpeft_jax.train import pretrain
-    text_model = pretrain.text_lm(config, workdir, train_split, tok)
-  if text_model:  # a pre-trained decoder: its config.json decides the shape
-    overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
-                 if k in config.model}
-    dec_cfg = hf_configs.decoder_config(
-        checkpoints.read_config(checkpoints.resolve(text_model)),
-        **{'dtype': config.model.dtype, 'param_dtype': config.model.dtype, **overrides})
-  else:
-    model_dict = dict(config.model)
-    if not model_dict.get('vocab_size'):
-      model_dict['vocab_size'] = len(tok)
-    dec_cfg = configlib.DecoderConfig.from_dict(model_dict)
-  if dec_cfg.vocab_size < len(tok):
-    raise ValueError(f'The decoder\'s vocab_size={dec_cfg.vocab_size} is smaller than the '
-                     f'tokenizer ({len(tok)} tokens).')
-  _check_lora_rank(dec_cfg, peft)
-
   loaded = {}  # 'params' subtrees that come from checkpoints
   mean, std = Experiment.image_mean, Experiment.image_std
   if config.vision.kind == 'patch':
@@ -133,6 +113,26 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     mean, std = _normalisation(checkpoints.resolve(config.vision.path), mean, std)
   else:
     raise ValueError(f"vision.kind={config.vision.kind!r}; expected 'patch' or 'hf'.")
+
+  text_model = config.text_model
+  if not text_model and config.pretrain.epochs:
+    from cpeft_jax.train import pretrain
+    text_model = pretrain.text_lm(config, workdir, train_split, tok, enc_cfg.num_tokens)
+  if text_model:  # a pre-trained decoder: its config.json decides the shape
+    overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
+                 if k in config.model}
+    dec_cfg = hf_configs.decoder_config(
+        checkpoints.read_config(checkpoints.resolve(text_model)),
+        **{'dtype': config.model.dtype, 'param_dtype': config.model.dtype, **overrides})
+  else:
+    model_dict = dict(config.model)
+    if not model_dict.get('vocab_size'):
+      model_dict['vocab_size'] = len(tok)
+    dec_cfg = configlib.DecoderConfig.from_dict(model_dict)
+  if dec_cfg.vocab_size < len(tok):
+    raise ValueError(f'The decoder\'s vocab_size={dec_cfg.vocab_size} is smaller than the '
+                     f'tokenizer ({len(tok)} tokens).')
+  _check_lora_rank(dec_cfg, peft)
 
   model = vlm.VisionLanguageModel(encoder, dec_cfg, peft,
                                   ConnectorConfig.from_dict(config.connector))
@@ -211,23 +211,31 @@ def _device_batch(exp: Experiment, batch):
   return {k: jax.device_put(batch[k], sharding) for k in MODEL_KEYS}
 
 
+def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:
+  """One split of the config's dataset (the demo builds into workdir/tfds unless data_dir).
+
+  dataset='folder': a user's images plus a COCO- or Karpathy-format captions JSON. A COCO file
+  is one split: training's file for the train split, eval_captions_json for any other.
+  """
+  d = config.data
+  demo = None
+  if d.dataset == 'demo':
+    from cpeft_jax.data.demo import builder
+    demo = builder.make_config(**d.demo)
+  captions_json = d.get('captions_json') or None
+  if name != d.train_split:
+    captions_json = d.get('eval_captions_json') or captions_json
+  return sources.load(d.dataset, name, d.data_dir or os.path.join(workdir, 'tfds'), demo,
+                      captions_json=captions_json, image_dir=d.get('image_dir') or None)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains; returns the final metrics. Resumes from the latest checkpoint in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
-  data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
-  demo = None
-  if config.data.dataset == 'demo':
-    from cpeft_jax.data.demo import builder
-    demo = builder.make_config(**config.data.demo)
-  d = config.data
-  # dataset='folder': a user's images plus a COCO- or Karpathy-format captions JSON (a COCO file
-  # is one split: give the evaluation split its own file in eval_captions_json).
-  folder = dict(captions_json=d.get('captions_json') or None, image_dir=d.get('image_dir') or None)
-  train_split = sources.load(d.dataset, d.train_split, data_dir, demo, **folder)
-  folder['captions_json'] = d.get('eval_captions_json') or folder['captions_json']
-  eval_split = sources.load(d.dataset, d.eval_split, data_dir, demo, **folder)
+  train_split = open_split(config, workdir, config.data.train_split)
+  eval_split = open_split(config, workdir, config.data.eval_split)
   exp = build(config, workdir, train_split)
   train_data, eval_data = exp.batches(train_split, train=True), exp.batches(eval_split, train=False)
 

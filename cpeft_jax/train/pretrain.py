@@ -24,8 +24,11 @@ from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
 
-def text_lm(config, workdir: str, split, tok) -> str:
-  """The directory of the pre-trained text decoder (trained now unless already there)."""
+def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
+  """The directory of the pre-trained text decoder (trained now unless already there).
+
+  Its rows are as long as the caption part of stage 1's rows (seq_len - num_image_tokens).
+  """
   out = os.path.join(workdir, 'base_lm')
   if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
     return out
@@ -37,7 +40,7 @@ def text_lm(config, workdir: str, split, tok) -> str:
   ids = tokenizer_lib.special_ids(tok)
   texts = [t for caps in split.captions for t in caps]
   tokens = tokenizer_lib.encode(tok, texts)
-  seq_len = config.data.seq_len - (config.vision.image_size // config.vision.patch_size) ** 2
+  seq_len = config.data.seq_len - num_image_tokens
   data = layout.layout_captions(tokens, num_image_tokens=0, seq_len=seq_len, bos_id=ids.bos,
                                 eos_id=ids.eos, pad_id=ids.pad)
   keys = ('tokens', 'targets', 'attention_mask', 'loss_mask')
