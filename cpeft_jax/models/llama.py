@@ -21,10 +21,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cpeft_jax import adaptors
 from cpeft_jax.adaptors import ContextDense, PeftConfig
 
+# Collection that attention weights are sown into when it is mutable (attention heatmaps).
+INTERMEDIATES = 'intermediates'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -181,6 +184,8 @@ class Attention(_Sub):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+      if self.is_mutable_collection(INTERMEDIATES):  # for attention heatmaps only
+        self.sow(INTERMEDIATES, 'attention_probs', attention_probs(q, k, mask))
     else:
       key_BMGK, value_BMGK = kv
       key_BMGK = jax.lax.dynamic_update_slice_in_dim(key_BMGK, k.astype(key_BMGK.dtype), index, 1)
@@ -190,6 +195,19 @@ class Attention(_Sub):
                                          mask=mask)
       kv = (key_BMGK, value_BMGK)
     return self.dense('o_proj', cfg.hidden_size)(out.reshape(B, L, H * K), routing), kv
+
+
+def attention_probs(q_BLHK, k_BLGK, mask=None):
+  """Causal softmax attention weights [B, H, L, L] (queries x keys), as the fused kernel uses."""
+  H, G = q_BLHK.shape[2], k_BLGK.shape[2]
+  k_BLHK = jnp.repeat(k_BLGK, H // G, axis=2)
+  scores = jnp.einsum('bqhk,bshk->bhqs', q_BLHK, k_BLHK).astype(jnp.float32)
+  scores = scores / np.sqrt(q_BLHK.shape[-1])
+  L = q_BLHK.shape[1]
+  allowed = jnp.tril(jnp.ones((L, L), bool))[None, None]
+  if mask is not None:
+    allowed = allowed & mask
+  return jax.nn.softmax(jnp.where(allowed, scores, -1e30), axis=-1)
 
 
 class Mlp(_Sub):
@@ -251,7 +269,7 @@ class Decoder(nn.Module):
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
     self.layers = nn.scan(
-        block, variable_axes={'params': 0, adaptors.ADAPTORS: 0},
+        block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
         length=cfg.num_layers)(cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
     self.norm = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
