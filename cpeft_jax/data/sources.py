@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 DATASETS = ('demo', 'coco_captions', 'folder')
+COCO_VERSION = '1.1.0'  # TFDS coco_captions (Karpathy splits) as prepared by `tfds build`
 SKIP_KINDS = ('empty_captions', 'uncaptioned_images', 'missing_images', 'corrupt_images',
               'orphan_captions')
 
@@ -65,10 +66,13 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
                                   file_format='array_record')
     b.download_and_prepare()
   elif dataset == 'coco_captions':
+    # Naming the version makes TFDS read the prepared files (dataset_info.json, features.json,
+    # array_record shards) without running the builder's code, which needs TensorFlow.
+    name = f'coco_captions/2014:{COCO_VERSION}'
     try:
-      b = tfds.builder('coco_captions', data_dir=data_dir, file_format='array_record')
+      b = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     except Exception as e:  # noqa: BLE001 - TFDS raises many types here
-      raise RuntimeError(f'Cannot open TFDS coco_captions in data_dir={data_dir!r}: {e}. '
+      raise RuntimeError(f'Cannot open TFDS {name} in data_dir={data_dir!r}: {e}. '
                          'Prepare it once with TensorFlow installed '
                          '(tfds build coco_captions --file_format=array_record).') from e
   else:
