@@ -83,6 +83,8 @@ def test_coco_splits_read_through_tfds_with_all_references(data_dir):
     s = sources.load('coco_captions', split, data_dir)
     assert len(s) == n and s.name == f'coco_captions/{split}'
     assert all(len(c) == 3 for c in s.captions)
+  both = sources.load('coco_captions', 'train+restval', data_dir)
+  assert len(both) == 8 and both.image_ids.tolist()[-2:] == [3000, 3001]
   val = sources.load('coco_captions', 'val', data_dir)
   want = _scenes('val', 3)
   assert val.captions == [[c['text'] for c in e['captions']] for e in want]
@@ -95,6 +97,8 @@ def test_coco_splits_read_through_tfds_with_all_references(data_dir):
 def test_coco_missing_split_or_data_dir_is_a_clear_error(data_dir, tmp_path):
   with pytest.raises(ValueError, match=r"no split 'validation'.*'restval'"):
     sources.load('coco_captions', 'validation', data_dir)
+  with pytest.raises(ValueError, match=r"no split 'extra'"):
+    sources.load('coco_captions', 'train+extra', data_dir)
   with pytest.raises(RuntimeError, match='coco_captions/2014:1.1.0.*tfds build coco_captions'):
     sources.load('coco_captions', 'val', str(tmp_path / 'empty'))
 

@@ -77,9 +77,10 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
                          '(tfds build coco_captions --file_format=array_record).') from e
   else:
     raise ValueError(f'Unknown dataset {dataset!r}; expected one of {DATASETS}.')
-  if split not in b.info.splits:
-    raise ValueError(f'Dataset {dataset!r} has no split {split!r}; it has '
-                     f'{sorted(b.info.splits)}.')
+  for part in split.split('+'):  # TFDS split expressions such as 'train+restval'
+    if part.split('[')[0] not in b.info.splits:
+      raise ValueError(f'Dataset {dataset!r} has no split {part!r}; it has '
+                       f'{sorted(b.info.splits)}.')
   meta = b.as_data_source(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   captions = [_texts(meta[i]) for i in range(len(meta))]
   empty = [i for i, c in enumerate(captions) if not c]
