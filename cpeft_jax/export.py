@@ -1,0 +1,280 @@
+"""Export and import of adaptors: PyTorch PEFT's LoRA format, and merged checkpoints.
+
+A context's LoRA group is an ordinary LoRA, so it can leave as one: `export_peft` writes
+adapter_config.json + adapter_model.safetensors in PEFT's own names (PeftModel.from_pretrained
+loads them onto the same base), and `import_peft` reads such an adapter into one row of a
+model's tables. `merged_params` folds a context's adaptors into the frozen weights
+(W' = diag(ia3_in) W diag(ia3_out) + s A_c B_c) for inference without adaptors, and
+`save_merged` writes that as a plain Hugging Face checkpoint (checkpoints.save_decoder).
+
+Table layout (see adaptors.py): under the decoder's layer scan every table has a leading layer
+axis, lora_a [N, R, d_in, r], lora_b [N, R, r, d_out], ia3 / bitfit [N, R, d].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from cpeft_jax import adaptors
+from cpeft_jax.adaptors import PeftConfig
+from cpeft_jax.models.llama import DecoderConfig
+
+ADAPTER_CONFIG = 'adapter_config.json'
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+# Our block path -> the module path of transformers' Llama-family decoder layer.
+HF_MODULES = {'attn': 'self_attn', 'mlp': 'mlp'}
+PEFT_PREFIX = 'base_model.model.model.layers.{layer}.'
+
+
+def _flat(tree) -> dict[str, Any]:
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+
+
+def _unflat(flat: Mapping[str, Any]) -> dict:
+  return flax.traverse_util.unflatten_dict(dict(flat), sep='/')
+
+
+def row_of(peft: PeftConfig, context: int) -> int:
+  """The table row of `context`; an error if the context has no adaptor group."""
+  if context not in peft.rows:
+    raise ValueError(f'Context {context} has no adaptor row: the model adapts contexts '
+                     f'{peft.rows} of num_contexts={peft.num_contexts}.')
+  return peft.rows.index(context)
+
+
+def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
+  """The block paths ('attn/q_proj', ...) that carry LoRA."""
+  targets = adaptors.resolve_targets(peft, cfg.projections())
+  return sorted(name for name, a in targets.items() if a.lora)
+
+
+def _hf_projections(path: str, cfg: DecoderConfig) -> list[tuple[str, slice]]:
+  """transformers' module names of one of our projections, with its slice of the outputs.
+
+  A fused gate+up projection is two modules in transformers; LoRA's A is shared by both
+  halves, so it exports exactly as two LoRAs with the halves of B.
+  """
+  block, proj = path.split('/')
+  if proj == 'gate_up_proj':
+    I = cfg.intermediate_size
+    return [(f'{HF_MODULES[block]}.gate_proj', slice(0, I)),
+            (f'{HF_MODULES[block]}.up_proj', slice(I, 2 * I))]
+  return [(f'{HF_MODULES[block]}.{proj}', slice(None))]
+
+
+# ----------------------------------------------------------------------------- PEFT export
+
+
+def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: PeftConfig,
+                context: int = 0, *, base_model_name_or_path: str | None = None
+                ) -> pathlib.Path:
+  """Writes context `context`'s LoRA group as a PyTorch PEFT adapter (LORA, CAUSAL_LM).
+
+  Only LoRA has a place in that format: a model that also carries IA3 or BitFit is an error
+  rather than a silently partial export.
+  """
+  import safetensors.numpy
+  others = [m for m in peft.methods if m != 'lora']
+  if 'lora' not in peft.methods or others:
+    raise ValueError(f'export_peft writes a LoRA adapter; this model has methods '
+                     f'{peft.methods} ({others or "no lora"} cannot be expressed as PEFT LoRA).')
+  row = row_of(peft, context)
+  flat = _flat(tables)
+  tensors, modules = {}, set()
+  for path in lora_targets(cfg, peft):
+    a_NDr = np.asarray(flat[f'layers/{path}/lora_a'][:, row], np.float32)
+    b_NrE = np.asarray(flat[f'layers/{path}/lora_b'][:, row], np.float32)
+    for module, cols in _hf_projections(path, cfg):
+      modules.add(module.rsplit('.', 1)[-1])
+      for i in range(cfg.num_layers):
+        key = PEFT_PREFIX.format(layer=i) + module
+        tensors[f'{key}.lora_A.weight'] = np.ascontiguousarray(a_NDr[i].T)  # [r, d_in]
+        tensors[f'{key}.lora_B.weight'] = np.ascontiguousarray(b_NrE[i][:, cols].T)  # [d_out, r]
+  lo = peft.lora
+  config = {
+      'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': lo.rank, 'lora_alpha': lo.alpha,
+      'use_rslora': lo.rslora, 'lora_dropout': lo.dropout, 'target_modules': sorted(modules),
+      'bias': 'none', 'use_dora': False, 'fan_in_fan_out': False, 'modules_to_save': None,
+      'init_lora_weights': True, 'inference_mode': True, 'rank_pattern': {},
+      'alpha_pattern': {}, 'layers_to_transform': None,
+      'base_model_name_or_path': base_model_name_or_path,
+  }
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  safetensors.numpy.save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={'format': 'pt'})
+  (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+  return directory
+
+
+# ----------------------------------------------------------------------------- PEFT import
+
+# adapter_config.json options we can represent, with the only accepted values.
+_MUST_BE = {'use_dora': (False, None), 'bias': ('none', None), 'fan_in_fan_out': (False, None),
+            'modules_to_save': (None, []), 'layers_to_transform': (None, []),
+            'rank_pattern': ({}, None), 'alpha_pattern': ({}, None),
+            'layers_pattern': (None, [], ''), 'megatron_config': (None,),
+            'use_qalora': (False, None), 'lora_bias': (False, None),
+            'exclude_modules': (None, [], ''), 'trainable_token_indices': (None, {}, []),
+            'target_parameters': (None, []), 'layer_replication': (None, []),
+            'alora_invocation_tokens': (None, []), 'use_bdlora': (None, False, {})}
+
+
+def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
+  """adapter_config.json, checked for options that have no counterpart here."""
+  path = pathlib.Path(directory) / ADAPTER_CONFIG
+  if not path.is_file():
+    raise FileNotFoundError(f'No {ADAPTER_CONFIG} in PEFT adapter directory {directory}.')
+  config = json.loads(path.read_text())
+  if config.get('peft_type') != 'LORA':
+    raise ValueError(f'{path}: peft_type={config.get("peft_type")!r}; only LORA adapters can be '
+                     'imported.')
+  for key, ok in _MUST_BE.items():
+    if key in config and config[key] not in ok:
+      raise ValueError(f'{path}: {key}={config[key]!r} is not supported (expected '
+                       f'{ok[0]!r}); DoRA, trained biases, saved modules and per-layer '
+                       'patterns have no place in a context\'s LoRA tables.')
+  for key in ('r', 'lora_alpha', 'target_modules'):
+    if key not in config:
+      raise ValueError(f'{path} has no {key!r}.')
+  return config
+
+
+def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: PeftConfig,
+                context: int = 0):
+  """`tables` with context `context`'s LoRA rows replaced by the PEFT adapter in `directory`.
+
+  The adapter's target modules, rank and every tensor's shape must match the model's LoRA
+  tables (else an error naming the difference, before anything is changed). A different
+  lora_alpha or rsLoRA setting is folded into B, so the imported row computes exactly what
+  PEFT computes under the model's own scale.
+  """
+  from safetensors.numpy import load_file
+  directory = pathlib.Path(directory)
+  config = read_peft_config(directory)
+  if 'lora' not in peft.methods:
+    raise ValueError(f'The model has no LoRA tables to import into (methods={peft.methods}).')
+  row = row_of(peft, context)
+  targets = lora_targets(cfg, peft)
+  want_modules = sorted({m.rsplit('.', 1)[-1] for p in targets for m, _ in
+                         _hf_projections(p, cfg)})
+  got_modules = config['target_modules']
+  got_modules = sorted([got_modules] if isinstance(got_modules, str) else got_modules)
+  if got_modules != want_modules:
+    raise ValueError(f'{directory}: the adapter targets {got_modules}, the model\'s LoRA '
+                     f'targets are {want_modules} (set peft.targets to match).')
+  if config['r'] != peft.lora.rank:
+    raise ValueError(f'{directory}: the adapter has rank r={config["r"]}, the model '
+                     f'peft.lora.rank={peft.lora.rank}.')
+  r = config['r']
+  scale = config['lora_alpha'] / (math.sqrt(r) if config.get('use_rslora') else r)
+  fold = scale / peft.lora.scale
+  weights_path = directory / ADAPTER_WEIGHTS
+  if not weights_path.is_file():
+    raise FileNotFoundError(f'No {ADAPTER_WEIGHTS} in PEFT adapter directory {directory}.')
+  weights = {k.replace('.default.', '.'): v for k, v in load_file(str(weights_path)).items()}
+  flat = _flat(tables)
+  out, used, problems = {}, set(), []
+
+  def take(key, shape):
+    if key not in weights:
+      problems.append(f'{key} is missing')
+      return np.zeros(shape, np.float32)
+    used.add(key)
+    if weights[key].shape != shape:
+      problems.append(f'{key} has shape {weights[key].shape}, the model expects {shape}')
+      return np.zeros(shape, np.float32)
+    return weights[key].astype(np.float32)
+
+  for path in targets:
+    a_NRDr = np.array(flat[f'layers/{path}/lora_a'], np.float32)
+    b_NRrE = np.array(flat[f'layers/{path}/lora_b'], np.float32)
+    N, _, D, _ = a_NRDr.shape
+    parts = _hf_projections(path, cfg)
+    for i in range(N):
+      a_Dr = None
+      for module, cols in parts:
+        key = PEFT_PREFIX.format(layer=i) + module
+        E = b_NRrE[i, row][:, cols].shape[1]
+        a_rD = take(f'{key}.lora_A.weight', (r, D))
+        if a_Dr is not None and not np.array_equal(a_Dr, a_rD.T):
+          problems.append(f'{key}.lora_A.weight differs from that of the other half of the '
+                          'fused gate+up projection, which shares one A')
+        a_Dr = a_rD.T
+        b_NRrE[i, row][:, cols] = take(f'{key}.lora_B.weight', (E, r)).T * fold
+      a_NRDr[i, row] = a_Dr
+    out[f'layers/{path}/lora_a'] = a_NRDr.astype(flat[f'layers/{path}/lora_a'].dtype)
+    out[f'layers/{path}/lora_b'] = b_NRrE.astype(flat[f'layers/{path}/lora_b'].dtype)
+  unexpected = sorted(set(weights) - used)
+  if unexpected:
+    problems.append(f'{len(unexpected)} tensor(s) have no place in the model, e.g. '
+                    f'{unexpected[:3]} (a deeper base than num_layers={cfg.num_layers}?)')
+  if problems:
+    raise ValueError(f'PEFT adapter {directory} does not fit this base model (nothing '
+                     'imported):\n  ' + '\n  '.join(problems[:12]))
+  flat.update({k: jax.numpy.asarray(v) for k, v in out.items()})
+  return _unflat(flat)
+
+
+# ----------------------------------------------------------------------------- merged weights
+
+
+def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context: int = 0):
+  """The frozen 'params' with context `context`'s adaptors folded in (a plain decoder's).
+
+  For every adapted projection, W' = diag(ia3_in) W diag(ia3_out) + s A_c B_c and
+  b' = b * ia3_out + bitfit_c, which is exactly the layer's function for tokens of context
+  `context` (LoRA reads the unscaled input and adds after IA3, as ContextDense does).
+  BitFit needs a bias to fold into: on a bias-free projection it is an error.
+  """
+  row = row_of(peft, context)
+  flat_p = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
+  flat_t = _flat(tables)
+  targets = adaptors.resolve_targets(peft, cfg.projections())
+  for path, adapt in targets.items():
+    if not adapt.any:
+      continue
+    base = f'layers/{path}'
+    w_NDE = flat_p[f'{base}/kernel']
+    table = lambda name: np.asarray(flat_t[f'{base}/{name}'][:, row], np.float32)
+    bias_NE = flat_p.get(f'{base}/bias')
+    if adapt.ia3 == 'in':
+      w_NDE = w_NDE * table('ia3')[:, :, None]
+    if adapt.ia3 == 'out':
+      s_NE = table('ia3')
+      w_NDE = w_NDE * s_NE[:, None, :]
+      bias_NE = None if bias_NE is None else bias_NE * s_NE
+    if adapt.bitfit:
+      if bias_NE is None:
+        raise ValueError(f'BitFit on {path} cannot be merged: the projection has no bias in a '
+                         'plain checkpoint (only q/k/v biases exist, with qkv_bias).')
+      bias_NE = bias_NE + table('bitfit')
+    if adapt.lora:
+      w_NDE = w_NDE + peft.lora.scale * np.einsum('ndr,nre->nde', table('lora_a'),
+                                                  table('lora_b'))
+    flat_p[f'{base}/kernel'] = w_NDE
+    if bias_NE is not None:
+      flat_p[f'{base}/bias'] = bias_NE
+  dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
+  return _unflat({k: jax.numpy.asarray(v, dtype) for k, v in flat_p.items()})
+
+
+def merged_per_context(params, tables, cfg: DecoderConfig, peft: PeftConfig) -> dict[int, dict]:
+  """{context: merged params} for every adapted context (one plain decoder per context)."""
+  return {c: merged_params(params, tables, cfg, peft, c) for c in peft.rows}
+
+
+def save_merged(directory: str | os.PathLike, params, tables, cfg: DecoderConfig,
+                peft: PeftConfig, context: int = 0, tokenizer=None) -> pathlib.Path:
+  """A plain Hugging Face Llama checkpoint of the model as context `context`'s tokens see it."""
+  from cpeft_jax import checkpoints
+  return checkpoints.save_decoder(directory, cfg, merged_params(params, tables, cfg, peft,
+                                                                context), tokenizer)

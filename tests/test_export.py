@@ -1,0 +1,210 @@
+"""PEFT export/import and merged checkpoints, against PyTorch PEFT and transformers.
+
+The base is a tiny random transformers Llama written by save_pretrained; PyTorch PEFT loads
+our exported adapter onto it (and writes the adapters we import), so every parity check has an
+independent reference.
+"""
+
+import functools
+import json
+import shutil
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+peft_lib = pytest.importorskip('peft')
+
+from cpeft_jax import checkpoints, export  # noqa: E402
+from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
+from cpeft_jax.models.llama import Decoder  # noqa: E402
+from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
+
+ALL_MODULES = ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
+
+
+def fresh_tables(cfg, peft):
+  """Tables of an adapter that changes nothing (A = B = 0, IA3 = 1), from shapes alone:
+  compiling the model's init for every config would cost seconds each."""
+  shapes = jax.eval_shape(lambda: checkpoints.init_adaptors(cfg, peft))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, s: jnp.full(s.shape, 1.0 if path[-1].key == 'ia3' else 0.0, s.dtype), shapes)
+
+
+def random_tables(tables, seed, scale=0.2):
+  """Non-trivial adaptor tables: LoRA A/B and BitFit noisy, IA3 near one (numpy: no compiles)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    noise = scale * rng.standard_normal(leaf.shape).astype(np.float32)
+    return jnp.asarray(1 + noise if path[-1].key == 'ia3' else noise)
+  return jax.tree_util.tree_map_with_path(fill, tables)
+
+
+def logits(cfg, params, tables=None, peft=None, context=0):
+  """Our logits on TOKENS with every token in `context` (the base's without `peft`)."""
+  ctx = jnp.full(TOKENS.shape, context, jnp.int32) if peft is not None else None
+  return np.asarray(_apply(cfg, peft, params, tables, ctx))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(cfg, peft, params, tables, ctx):
+  variables = {'params': params}
+  if tables is not None:
+    variables['adaptors'] = tables
+  return Decoder(cfg, peft).apply(variables, jnp.asarray(TOKENS), attention_mask_BL=MASK,
+                                  context_ids_BL=ctx)
+
+
+def torch_logits(model):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(TOKENS),
+                 attention_mask=torch.tensor(MASK.astype(np.int64))).logits.float().numpy()
+
+
+@pytest.fixture(scope='module')
+def base(tmp_path_factory):
+  directory = tmp_path_factory.mktemp('base')
+  _torch_model('llama').save_pretrained(directory)
+  loaded = checkpoints.load_decoder(directory)
+  return types.SimpleNamespace(dir=directory, cfg=loaded.config, params=loaded.params,
+                               hf=lambda: transformers.LlamaForCausalLM.from_pretrained(directory))
+
+
+@pytest.fixture(scope='module')
+def exported(base, tmp_path_factory):
+  """Context 1 of a two-context LoRA on every projection, exported; reused by error tests."""
+  peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=8.0))
+  tables = random_tables(fresh_tables(base.cfg, peft), seed=1)
+  directory = export.export_peft(tmp_path_factory.mktemp('adapter'), tables, base.cfg, peft, 1,
+                                 base_model_name_or_path=str(base.dir))
+  return types.SimpleNamespace(dir=directory, peft=peft, tables=tables)
+
+
+@pytest.mark.parametrize('targets, rslora, context', [('all', False, 1), ('q_proj,v_proj', True, 0)])
+def test_exported_adapter_matches_pytorch_peft(base, tmp_path, targets, rslora, context):
+  peft = PeftConfig(methods=('lora',), targets=targets, num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora))
+  tables = random_tables(fresh_tables(base.cfg, peft), seed=2)
+  export.export_peft(tmp_path, tables, base.cfg, peft, context)
+  config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+  assert config['target_modules'] == (ALL_MODULES if targets == 'all' else ['q_proj', 'v_proj'])
+  model = peft_lib.PeftModel.from_pretrained(base.hf(), tmp_path).eval()
+  want = torch_logits(model)
+  got = logits(base.cfg, base.params, tables, peft, context)
+  plain = logits(base.cfg, base.params)
+  assert np.abs(want - plain)[MASK].max() > 0.05  # the adapter changes the function
+  diff = np.abs(got - want)[MASK].max()
+  print(f'export parity ({targets}, rslora={rslora}): max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4
+
+
+def test_import_pytorch_peft_adapter_as_one_context(base, tmp_path):
+  torch.manual_seed(0)
+  lora = peft_lib.LoraConfig(r=4, lora_alpha=16, target_modules=ALL_MODULES,
+                             init_lora_weights=False, task_type='CAUSAL_LM')
+  model = peft_lib.get_peft_model(base.hf(), lora).eval()
+  with torch.no_grad():  # PEFT's non-default init leaves B small: make the adapter matter
+    for name, p in model.named_parameters():
+      if 'lora_B' in name:
+        p.normal_(0, 0.3)
+  model.save_pretrained(tmp_path)
+  want = torch_logits(model)
+  with model.disable_adapter():
+    want_base = torch_logits(model)
+  # alpha 8 here vs 16 there: the importer folds the scale ratio into B.
+  peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=8.0))
+  fresh = fresh_tables(base.cfg, peft)
+  tables = export.import_peft(tmp_path, fresh, base.cfg, peft, context=1)
+  diff = np.abs(logits(base.cfg, base.params, tables, peft, 1) - want)[MASK].max()
+  print(f'import parity: max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4
+  base_diff = np.abs(logits(base.cfg, base.params, tables, peft, 0) - want_base)[MASK].max()
+  assert base_diff <= 1e-4  # row 0 is untouched (B = 0)
+  flat_new, flat_old = export._flat(tables), export._flat(fresh)
+  for k in flat_old:
+    np.testing.assert_array_equal(flat_new[k][:, 0], flat_old[k][:, 0])
+
+
+def test_export_import_round_trip(base, exported):
+  fresh = fresh_tables(base.cfg, exported.peft)
+  tables = export.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=0)
+  new, old = export._flat(tables), export._flat(exported.tables)
+  for k in old:
+    np.testing.assert_allclose(new[k][:, 0], old[k][:, 1], rtol=1e-6, atol=1e-7)
+
+
+def _edit_config(src, dst, **changes):
+  shutil.copytree(src, dst)
+  config = json.loads((dst / export.ADAPTER_CONFIG).read_text())
+  config.update(changes)
+  (dst / export.ADAPTER_CONFIG).write_text(json.dumps(config))
+  return dst
+
+
+@pytest.mark.parametrize('changes, match', [
+    (dict(use_dora=True), r'use_dora=True is not supported .*DoRA'),
+    (dict(bias='all'), r"bias='all' is not supported"),
+    (dict(peft_type='IA3'), r"peft_type='IA3'; only LORA"),
+    (dict(target_modules=['q_proj', 'v_proj']), r"targets \['q_proj', 'v_proj'\], the model's "
+                                                r"LoRA targets are \['down_proj'"),
+    (dict(r=8), r'rank r=8, the model peft.lora.rank=4'),
+])
+def test_import_rejects_unsupported_or_mismatched_adapters(base, exported, tmp_path, changes,
+                                                           match):
+  bad = _edit_config(exported.dir, tmp_path / 'bad', **changes)
+  fresh = fresh_tables(base.cfg, exported.peft)
+  with pytest.raises(ValueError, match=match):
+    export.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
+
+
+def test_import_names_shape_mismatch_of_another_base(base, exported, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  bad = _edit_config(exported.dir, tmp_path / 'bad')
+  weights = load_file(str(bad / export.ADAPTER_WEIGHTS))
+  key = 'base_model.model.model.layers.1.mlp.up_proj.lora_B.weight'
+  weights[key] = np.zeros((50, 4), np.float32)  # a base with intermediate_size 50
+  weights['base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight'] = weights[
+      'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight']
+  save_file(weights, str(bad / export.ADAPTER_WEIGHTS))
+  fresh = fresh_tables(base.cfg, exported.peft)
+  with pytest.raises(ValueError, match=r'(?s)does not fit this base model.*up_proj.lora_B.weight '
+                     r'has shape \(50, 4\), the model expects \(48, 4\).*layers.2'):
+    export.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
+  with pytest.raises(ValueError, match=r'Context 2 has no adaptor row'):
+    export.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=2)
+
+
+@pytest.mark.parametrize('methods, num_contexts, context', [
+    (('lora',), 1, 0), (('lora', 'ia3'), 2, 1)])
+def test_merged_checkpoint_matches_adapted_model(base, tmp_path, methods, num_contexts, context):
+  peft = PeftConfig(methods=methods, targets='all', num_contexts=num_contexts,
+                    lora=LoraConfig(rank=4, alpha=8.0))
+  tables = random_tables(fresh_tables(base.cfg, peft), seed=3)
+  want = logits(base.cfg, base.params, tables, peft, context)
+  export.save_merged(tmp_path / 'merged', base.params, tables, base.cfg, peft, context)
+  hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'merged').eval()
+  diff = np.abs(torch_logits(hf) - want)[MASK].max()
+  print(f'merged ({methods}, C={num_contexts}): max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4
+  assert np.abs(want - logits(base.cfg, base.params))[MASK].max() > 0.05
+  merged = export.merged_per_context(base.params, tables, base.cfg, peft)
+  assert sorted(merged) == list(range(num_contexts))
+  for c, params in merged.items():
+    np.testing.assert_allclose(logits(base.cfg, params),
+                               logits(base.cfg, base.params, tables, peft, c), atol=1e-4)
+
+
+def test_what_cannot_be_expressed_is_an_error(base, tmp_path):
+  peft = PeftConfig(methods=('lora', 'bitfit'), targets='all', lora=LoraConfig(rank=4))
+  tables = fresh_tables(base.cfg, peft)
+  with pytest.raises(ValueError, match=r"\['bitfit'\] cannot be expressed as PEFT LoRA"):
+    export.export_peft(tmp_path, tables, base.cfg, peft)
+  with pytest.raises(ValueError, match=r'BitFit on attn/\w+ cannot be merged'):
+    export.merged_params(base.params, tables, base.cfg, peft)
