@@ -32,7 +32,8 @@ import numpy as np
 from cpeft_jax import adaptors
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models import hf_configs
-from cpeft_jax.models.llama import DTYPES, Decoder, DecoderConfig
+from cpeft_jax.models.decoders import make_decoder
+from cpeft_jax.models.llama import DTYPES, DecoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,22 +42,40 @@ SAFETENSORS, SAFETENSORS_INDEX = 'model.safetensors', 'model.safetensors.index.j
 MSGPACK, MSGPACK_INDEX = 'flax_model.msgpack', 'flax_model.msgpack.index.json'
 
 # How a PyTorch tensor becomes a Flax leaf. LINEAR: torch weight [d_out, d_in] -> kernel
-# [d_in, d_out]; EMBED: [vocab, d] as is (Flax calls it 'embedding'); VECTOR: as is.
-LINEAR, EMBED, VECTOR = 'linear', 'embed', 'vector'
-# The axes permutation that turns a PyTorch tensor of each kind into its Flax leaf.
+# [d_in, d_out]; CONV1D: GPT-2's Conv1D weight, already [d_in, d_out]; EMBED: [vocab, d] as is
+# (Flax calls it 'embedding'); VECTOR: as is; SCALE: a LayerNorm weight (Flax's 'scale').
+LINEAR, CONV1D, EMBED, VECTOR, SCALE = 'linear', 'conv1d', 'embed', 'vector', 'scale'
+# The axes permutation that turns a stored tensor of each kind into its Flax leaf: PyTorch's,
+# and that of transformers' former Flax models (whose GPT-2 Conv1D kernel is [d_out, d_in]).
 TORCH_LAYOUT = {LINEAR: (1, 0)}
+FLAX_LAYOUT = {CONV1D: (1, 0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """Piece `index` of `parts` equal pieces of one tensor along the leaf's output (last) axis:
+  GPT-2's fused c_attn holds q, k and v."""
+  name: str
+  index: int
+  parts: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat:
+  """Tensors joined along the leaf's output axis: separate gate and up into gate_up_proj."""
+  names: tuple[str, ...]
 
 
 @dataclasses.dataclass(frozen=True)
 class NameMap:
   """One architecture's checkpoint names, keyed by the Flax parameter path ('/'-joined).
 
-  Names are transformers' PyTorch state-dict names; '{layer}' marks a per-layer tensor, stacked
-  into the leading layer axis of the Flax leaf. `prefix` is the base model's prefix, absent from
+  Names are transformers' PyTorch state-dict names (or a `Split`/`Concat` of them); '{layer}'
+  marks a per-layer tensor, stacked into the leading layer axis of the Flax leaf. `prefix` is the base model's prefix, absent from
   checkpoints of the bare base model. `ignore` matches buffers that hold no weights, and
   `tied_copies` the stored copies of tied embeddings (transformers ties them and ignores them).
   """
-  params: Mapping[str, tuple[str, str]]
+  params: Mapping[str, tuple[str | Split | Concat, str]]
   prefix: str = 'model.'
   ignore: tuple[str, ...] = ()
   tied_copies: tuple[str, ...] = ()
@@ -77,11 +96,63 @@ LLAMA = NameMap(
            for p in ('q_proj', 'k_proj', 'v_proj')},  # Qwen2 only (cfg.qkv_bias)
         **{f'layers/mlp/{p}/kernel': (_LAYER + f'mlp.{p}.weight', LINEAR)
            for p in ('gate_proj', 'up_proj', 'down_proj')},
+        'layers/mlp/gate_up_proj/kernel': (Concat((_LAYER + 'mlp.gate_proj.weight',
+                                                   _LAYER + 'mlp.up_proj.weight')), LINEAR),
     },
     ignore=(r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq',),  # older PyTorch buffers
     tied_copies=('lm_head.weight',))
+
+
+def _layer_norm(flax_path, hf_name):
+  return {f'{flax_path}/scale': (hf_name + '.weight', SCALE),
+          f'{flax_path}/bias': (hf_name + '.bias', VECTOR)}
+
+
+def _dense(flax_path, hf_name, kind=LINEAR):
+  return {f'{flax_path}/kernel': (hf_name + '.weight', kind),
+          f'{flax_path}/bias': (hf_name + '.bias', VECTOR)}
+
+
+_H = 'transformer.h.{layer}.'
+GPT2 = NameMap(
+    params={
+        'embed_tokens/embedding': ('transformer.wte.weight', EMBED),
+        'embed_positions/embedding': ('transformer.wpe.weight', EMBED),
+        **_layer_norm('norm', 'transformer.ln_f'),
+        **_layer_norm('layers/ln_1', _H + 'ln_1'),
+        **_layer_norm('layers/ln_2', _H + 'ln_2'),
+        **{f'layers/attn/{p}/{leaf}': (Split(f'{_H}attn.c_attn.{w}', i, 3), kind)
+           for i, p in enumerate(('q_proj', 'k_proj', 'v_proj'))
+           for leaf, w, kind in (('kernel', 'weight', CONV1D), ('bias', 'bias', VECTOR))},
+        **_dense('layers/attn/c_proj', _H + 'attn.c_proj', CONV1D),
+        **_dense('layers/mlp/c_fc', _H + 'mlp.c_fc', CONV1D),
+        **_dense('layers/mlp/c_proj', _H + 'mlp.c_proj', CONV1D),
+    },
+    prefix='transformer.',
+    ignore=(r'(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)',),  # causal-mask buffers
+    tied_copies=('lm_head.weight',))
+
+_D, _L = 'model.decoder.', 'model.decoder.layers.{layer}.'
+OPT = NameMap(
+    params={
+        'embed_tokens/embedding': (_D + 'embed_tokens.weight', EMBED),
+        'embed_positions/embedding': (_D + 'embed_positions.weight', EMBED),
+        'project_in/kernel': (_D + 'project_in.weight', LINEAR),
+        'project_out/kernel': (_D + 'project_out.weight', LINEAR),
+        'lm_head/kernel': ('lm_head.weight', LINEAR),
+        **_layer_norm('norm', _D + 'final_layer_norm'),
+        **_layer_norm('layers/self_attn_layer_norm', _L + 'self_attn_layer_norm'),
+        **_layer_norm('layers/final_layer_norm', _L + 'final_layer_norm'),
+        **{k: v for p in ('q_proj', 'k_proj', 'v_proj', 'out_proj')
+           for k, v in _dense(f'layers/attn/{p}', f'{_L}self_attn.{p}').items()},
+        **_dense('layers/mlp/fc1', _L + 'fc1'),
+        **_dense('layers/mlp/fc2', _L + 'fc2'),
+    },
+    tied_copies=('lm_head.weight',))
 # Mistral and Qwen2 name their tensors as Llama does.
-NAME_MAPS = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA}
+NAME_MAPS = {'llama': LLAMA, 'mistral': LLAMA, 'qwen2': LLAMA, 'gpt2': GPT2, 'opt': OPT}
+# The decoder architecture (DecoderConfig.arch) of each model_type.
+ARCH_OF = {'llama': 'llama', 'mistral': 'llama', 'qwen2': 'llama', 'gpt2': 'gpt2', 'opt': 'opt'}
 
 
 class LoadReport(NamedTuple):
@@ -184,7 +255,8 @@ class _Arrays:
     # transformers' Flax models: 'model/layers/0/self_attn/q_proj/kernel', 'norm/weight', ...
     *path, leaf = hf_name.split('.')
     if leaf == 'weight':
-      leaf = {LINEAR: 'kernel', EMBED: 'embedding', VECTOR: 'weight'}[kind]
+      leaf = {LINEAR: 'kernel', CONV1D: 'kernel', EMBED: 'embedding', VECTOR: 'weight',
+              SCALE: 'scale'}[kind]
     return '/'.join(path + [leaf])
 
   def keys(self):
@@ -250,32 +322,41 @@ def load_decoder(path_or_id: str | os.PathLike, peft: PeftConfig | None = None,
 
 
 def load_params(path: str | os.PathLike, cfg: DecoderConfig, *, strict: bool = False,
-                seed: int = 0) -> tuple[dict, LoadReport]:
-  """The 'params' tree of `cfg` (in cfg.param_dtype) from a checkpoint directory or cached id."""
+                seed: int = 0, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+  """The 'params' tree of `cfg` (in cfg.param_dtype) from a checkpoint directory or cached id.
+
+  `leaf_fn(path, array)`, if given, transforms each leaf as soon as it is filled (e.g.
+  cpeft_jax.quantize.leaf_quantizer), so the whole tree never exists untransformed.
+  """
   directory = resolve(path)
   model_type = read_config(directory).get('model_type')
-  if model_type not in NAME_MAPS:
-    raise ValueError(f'{directory / CONFIG} has model_type={model_type!r}; supported model '
-                     f'types: {", ".join(NAME_MAPS)}.')
-  return _assemble(open_weights(directory), cfg, NAME_MAPS[model_type], strict, seed,
-                   str(directory))
+  names = _name_map(model_type, cfg, f'{directory / CONFIG} has model_type')
+  return _assemble(open_weights(directory), cfg, names, strict, seed, str(directory), leaf_fn)
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], cfg: DecoderConfig, *,
                            model_type: str = 'llama', strict: bool = False,
                            seed: int = 0) -> tuple[dict, LoadReport]:
   """The 'params' tree from an in-memory PyTorch state dict (numpy-convertible tensors)."""
+  names = _name_map(model_type, cfg, 'model_type')
+  return _assemble(_Arrays(state_dict, torch_layout=True), cfg, names, strict, seed,
+                   'the state dict')
+
+
+def _name_map(model_type, cfg: DecoderConfig, what: str) -> NameMap:
   if model_type not in NAME_MAPS:
-    raise ValueError(f'model_type={model_type!r}; supported: {", ".join(NAME_MAPS)}.')
-  return _assemble(_Arrays(state_dict, torch_layout=True), cfg, NAME_MAPS[model_type], strict,
-                   seed, 'the state dict')
+    raise ValueError(f'{what}={model_type!r}; supported model types: {", ".join(NAME_MAPS)}.')
+  if ARCH_OF[model_type] != cfg.arch:
+    raise ValueError(f'{what}={model_type!r}, a {ARCH_OF[model_type]} checkpoint, but the '
+                     f'decoder config has arch={cfg.arch!r}.')
+  return NAME_MAPS[model_type]
 
 
 def init_adaptors(cfg: DecoderConfig, peft: PeftConfig | None, seed: int = 0) -> dict:
   """Fresh adaptor tables; only they are computed (the base's init is dead code under jit)."""
   if peft is None or not peft.methods:
     return {}
-  model = Decoder(cfg, peft)
+  model = make_decoder(cfg, peft)
   tokens = jnp.zeros((1, 1), jnp.int32)
   init = lambda key: model.init(key, tokens).get(adaptors.ADAPTORS, {})
   if not jax.tree.leaves(jax.eval_shape(init, jax.random.key(seed))):
@@ -283,39 +364,132 @@ def init_adaptors(cfg: DecoderConfig, peft: PeftConfig | None, seed: int = 0) ->
   return jax.jit(init)(jax.random.key(seed))
 
 
+class _Views:
+  """A tensor source plus the `Split`/`Concat` pieces a name map asks for, as extra keys.
+
+  A stored tensor that several pieces share (GPT-2's c_attn) is read once and kept until its
+  last piece is read. `axis_of(kind)` is the stored axis that becomes the leaf's last one.
+  """
+
+  def __init__(self, source, layout):
+    self.source, self.layout = source, layout
+    self.torch_layout, self.sep = source.torch_layout, source.sep
+    self._views, self._uses, self._held = {}, {}, {}
+    self._present = set(source.keys())
+
+  def define(self, spec, kind) -> str:
+    """The key of a name-map entry (already mapped through `source.name`)."""
+    if isinstance(spec, str):
+      return spec
+    parts = (spec.name,) if isinstance(spec, Split) else tuple(spec.names)
+    key = (f'{spec.name}[{spec.index}/{spec.parts}]' if isinstance(spec, Split)
+           else '+'.join(parts))
+    if key not in self._views:
+      self._views[key] = (spec, parts, kind)
+      for p in parts:
+        self._uses[p] = self._uses.get(p, 0) + 1
+    return key
+
+  def sources(self, key) -> tuple[str, ...]:
+    return self._views[key][1] if key in self._views else (key,)
+
+  def absent(self, key) -> list[str]:
+    return [p for p in self.sources(key) if p not in self._present]
+
+  def keys(self):
+    return self._present | {k for k in self._views if not self.absent(k)}
+
+  def _axis(self, kind, ndim):
+    perm = self.layout.get(kind)
+    return perm[-1] if perm else ndim - 1
+
+  def shape(self, key):
+    if key not in self._views:
+      return self.source.shape(key)
+    spec, parts, kind = self._views[key]
+    shapes = [list(self.source.shape(p)) for p in parts]
+    axis = self._axis(kind, len(shapes[0]))
+    out = shapes[0]
+    if isinstance(spec, Split):
+      out[axis] //= spec.parts
+    else:
+      out[axis] = sum(s[axis] for s in shapes)
+    return tuple(out)
+
+  def _read(self, name):
+    if name not in self._held:
+      self._held[name] = self.source.read(name)
+    x = self._held[name]
+    self._uses[name] -= 1
+    if not self._uses[name]:
+      del self._held[name]
+    return x
+
+  def read(self, key) -> np.ndarray:
+    if key not in self._views:
+      return self.source.read(key)
+    spec, parts, kind = self._views[key]
+    xs = [self._read(p) for p in parts]
+    axis = self._axis(kind, xs[0].ndim)
+    if isinstance(spec, Split):
+      if xs[0].shape[axis] % spec.parts:
+        raise ValueError(f'{spec.name} has {xs[0].shape[axis]} features along axis {axis}, '
+                         f'which do not split into {spec.parts} equal parts.')
+      return np.split(xs[0], spec.parts, axis=axis)[spec.index]
+    return np.concatenate(xs, axis=axis)
+
+
 def _assemble(source, cfg: DecoderConfig, names: NameMap, strict: bool, seed: int,
-              where: str) -> tuple[dict, LoadReport]:
-  model = Decoder(cfg)
+              where: str, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+  model = make_decoder(cfg)
   tokens = jnp.zeros((1, 1), jnp.int32)
   init = lambda key: model.init(key, tokens)['params']
   shapes = flax.traverse_util.flatten_dict(jax.eval_shape(init, jax.random.key(0)), sep='/')
   keys = set(source.keys())
   base_only = not any(k.startswith(names.prefix.replace('.', source.sep)) for k in keys)
-  layout = TORCH_LAYOUT if source.torch_layout else {}
+  layout = TORCH_LAYOUT if source.torch_layout else FLAX_LAYOUT
+  views = _Views(source, layout)
 
   def lookup(hf_name, kind):
     if base_only and hf_name.startswith(names.prefix):
       hf_name = hf_name[len(names.prefix):]
     return source.name(hf_name, kind)
 
+  def key_of(spec, kind, i):
+    if isinstance(spec, str):
+      return lookup(spec.format(layer=i), kind)
+    if isinstance(spec, Split):
+      return views.define(Split(lookup(spec.name.format(layer=i), kind), spec.index,
+                                spec.parts), kind)
+    return views.define(Concat(tuple(lookup(n.format(layer=i), kind) for n in spec.names)),
+                        kind)
+
   def tensor_of(path):
     if path not in names.params:
       raise ValueError(f'The name map has no checkpoint tensor for the Flax parameter {path!r}; '
                        f'this DecoderConfig cannot be loaded from {where}.')
-    hf_name, kind = names.params[path]
-    return (lambda i: lookup(hf_name.format(layer=i), kind)), '{layer}' in hf_name, kind
+    spec, kind = names.params[path]
+    text = spec if isinstance(spec, str) else repr(spec)
+    return (lambda i: key_of(spec, kind, i)), '{layer}' in text, kind
 
+  for path, leaf in shapes.items():  # define every piece first: plan_leaves lists keys once
+    name_of, stacked, _ = tensor_of(path)
+    for i in range(leaf.shape[0]) if stacked else [None]:
+      name_of(i)
   plan, missing = plan_leaves(
-      shapes, source, tensor_of, layout, where,
+      shapes, views, tensor_of, layout, where,
       mismatch='{key}: the checkpoint has {got}, the model expects {want}')
-  used = {k for slots, _, _ in plan.values() for k in slots if k is not None}
+  used = {r for slots, _, _ in plan.values() for k in slots if k is not None
+          for r in views.sources(k)}
+  missing = list(dict.fromkeys(a for k in missing for a in views.absent(k)))
   skip = [re.compile(p) for p in names.ignore]
   if cfg.tie_embeddings:
     skip += [re.compile(re.escape(lookup(n, LINEAR))) for n in names.tied_copies]
   unexpected = sorted(k for k in keys - used if not any(p.fullmatch(k) for p in skip))
   report = LoadReport(tuple(missing), tuple(unexpected))
   log_report(report, where, strict)
-  return fill_leaves(plan, shapes, source, layout, init, seed, cfg.param_dtype, where), report
+  return fill_leaves(plan, shapes, views, layout, init, seed, cfg.param_dtype, where,
+                     leaf_fn), report
 
 
 # ----------------------------------------------------------------------------- shared with vision
@@ -359,8 +533,9 @@ def plan_leaves(shapes: Mapping[str, Any], source, tensor_of: Callable[[str], tu
 
 def fill_leaves(plan: Plan, shapes: Mapping[str, Any], source,
                 layout: Mapping[str, tuple[int, ...]], init: Callable, seed: int,
-                param_dtype: str, where: str) -> dict:
-  """The 'params' tree: each leaf filled tensor by tensor, missing slots from `init(seed)`."""
+                param_dtype: str, where: str, leaf_fn: Callable | None = None) -> dict:
+  """The 'params' tree: each leaf filled tensor by tensor, missing slots from `init(seed)`;
+  `leaf_fn(path, array)` transforms each leaf as soon as it is filled."""
   fresh = {}
   needed = [p for p, (slots, _, _) in plan.items() if None in slots]
   if needed:  # Initialise only the leaves with missing tensors: the rest is dead code.
@@ -380,7 +555,7 @@ def fill_leaves(plan: Plan, shapes: Mapping[str, Any], source,
       else:
         x = source.read(key)
         buf[at] = x.transpose(axes) if axes else x
-    out[path] = jnp.asarray(buf)
+    out[path] = jnp.asarray(buf) if leaf_fn is None else leaf_fn(path, buf)
     del buf
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
@@ -413,6 +588,8 @@ def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
   """
   import safetensors.numpy
   import transformers
+  if cfg.arch != 'llama':
+    raise ValueError(f'save_decoder writes Llama checkpoints; this decoder has arch={cfg.arch!r}.')
   if cfg.qkv_bias:
     raise ValueError('save_decoder writes Llama checkpoints, which have no q/k/v biases; '
                      'this decoder has qkv_bias=True.')
@@ -440,6 +617,7 @@ def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
       num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims,
       intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
       rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+      **({} if cfg.rope_type == 'default' else {'rope_scaling': _rope_scaling(cfg)}),
       **({} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
                                            eos_token_id=tokenizer.eos_token_id,
                                            pad_token_id=tokenizer.pad_token_id)))
@@ -452,3 +630,13 @@ def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
     shutil.rmtree(directory)
   tmp.rename(directory)
   return directory
+
+
+def _rope_scaling(cfg: DecoderConfig) -> dict[str, Any]:
+  """transformers' rope_scaling dict of a scaled rotary embedding."""
+  out = {'rope_type': cfg.rope_type, 'factor': cfg.rope_factor}
+  if cfg.rope_type == 'llama3':
+    out.update(low_freq_factor=cfg.rope_low_freq_factor,
+               high_freq_factor=cfg.rope_high_freq_factor,
+               original_max_position_embeddings=cfg.rope_original_max_positions)
+  return out

@@ -268,11 +268,13 @@ def test_rope_theta_from_old_and_new_configs():
   new = dict(_hf(), rope_parameters={'rope_theta': 250.0, 'rope_type': 'default'})
   del new['rope_theta']
   assert hf_configs.decoder_config(new).rope_theta == 250.0
-  inert = _hf(rope_scaling={'type': 'linear', 'factor': 1.0})
-  assert hf_configs.decoder_config(inert).rope_theta == 500.0
-  with pytest.raises(ValueError, match="rope scaling 'llama3' \\(factor=8.0\\).*inert"):
-    hf_configs.decoder_config(_hf(rope_parameters={'rope_type': 'llama3', 'factor': 8.0,
+  linear = hf_configs.decoder_config(_hf(rope_scaling={'type': 'linear', 'factor': 2.0}))
+  assert (linear.rope_theta, linear.rope_type, linear.rope_factor) == (500.0, 'linear', 2.0)
+  with pytest.raises(ValueError, match="rope scaling 'yarn' \\(factor=8.0\\).*'llama3'"):
+    hf_configs.decoder_config(_hf(rope_parameters={'rope_type': 'yarn', 'factor': 8.0,
                                                    'rope_theta': 5e5}))
+  with pytest.raises(ValueError, match="'llama3' without \\['low_freq_factor'"):
+    hf_configs.decoder_config(_hf(rope_parameters={'rope_type': 'llama3', 'factor': 8.0}))
 
 
 def test_sliding_window_refused_unless_inert():
@@ -297,7 +299,7 @@ def test_unsupported_features_refused():
     hf_configs.decoder_config({k: v for k, v in _hf().items() if k != 'intermediate_size'})
 
 
-@pytest.mark.parametrize('model_type', hf_configs.MODEL_TYPES)
+@pytest.mark.parametrize('model_type', hf_configs.LLAMA_TYPES)
 def test_defaults_agree_with_transformers(model_type):
   """A config.json with only the shape keys means what transformers' config class says."""
   minimal = _hf(model_type)

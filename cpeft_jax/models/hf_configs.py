@@ -1,9 +1,11 @@
-"""Hugging Face config.json -> `DecoderConfig`, for the model types the decoder reproduces exactly.
+"""Hugging Face config.json -> `DecoderConfig`, for the model types the decoders reproduce exactly.
 
 Llama, Mistral and Qwen2 (and SmolLM, TinyLlama, which are model_type llama) share one block:
-RMSNorm, rotary embeddings, grouped-query attention, SwiGLU. What the decoder does not implement
-(rope scaling, sliding-window attention, an o_proj or MLP bias, another activation) is refused
-here, where config.json enters, unless the config makes it inert.
+RMSNorm, rotary embeddings (plain, or 'linear'/'llama3' scaled), grouped-query attention,
+SwiGLU. GPT-2 and OPT are the learned-position decoders (arch 'gpt2' and 'opt'). What the
+decoders do not implement (other rope scaling, sliding-window attention, an o_proj or MLP bias,
+GPT-2's per-layer attention scaling, OPT without biases ...) is refused here, where config.json
+enters, unless the config makes it inert.
 """
 
 from __future__ import annotations
@@ -24,30 +26,89 @@ _DEFAULTS = {
                   max_position_embeddings=32768, sliding_window=4096, hidden_act='silu',
                   use_sliding_window=False, max_window_layers=28),
 }
-MODEL_TYPES = tuple(_DEFAULTS)
+LLAMA_TYPES = tuple(_DEFAULTS)
+MODEL_TYPES = LLAMA_TYPES + ('gpt2', 'opt')
 _QKV_BIAS = {'llama': False, 'mistral': False, 'qwen2': True}  # Qwen2 always has q/k/v biases
 _NULLABLE = ('sliding_window',)  # null: no sliding window (Mistral v0.2+)
 _REQUIRED = ('vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
              'intermediate_size')
-# Rope types that compute plain rotary embeddings when their factor is 1.0.
-_INERT_AT_FACTOR_1 = ('linear', 'llama3')
+# transformers' defaults of GPT2Config / OPTConfig for the keys that change what is computed.
+_GPT2_DEFAULTS = dict(activation_function='gelu_new', layer_norm_epsilon=1e-5,
+                      scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+                      add_cross_attention=False, tie_word_embeddings=True, n_inner=None)
+_OPT_DEFAULTS = dict(activation_function='relu', do_layer_norm_before=True,
+                     _remove_final_layer_norm=False, enable_bias=True,
+                     layer_norm_elementwise_affine=True, tie_word_embeddings=True,
+                     word_embed_proj_dim=None, max_position_embeddings=2048)
 
 
 def decoder_config(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
   """The `DecoderConfig` of a config.json dict; `overrides` set other fields (dtype, remat, ...)."""
   model_type = hf.get('model_type')
-  if model_type not in _DEFAULTS:
-    raise ValueError(f'config.json has model_type={model_type!r}, which the Flax decoder cannot '
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'config.json has model_type={model_type!r}, which the Flax decoders cannot '
                      f'load; supported model types: {", ".join(MODEL_TYPES)} (SmolLM and '
                      f'TinyLlama are llama).')
+  fields = {'gpt2': _gpt2, 'opt': _opt}.get(model_type, _llama)(hf, model_type)
+  fields.update(overrides)
+  return DecoderConfig.from_dict(fields)
+
+
+def _required(hf, model_type, keys):
+  missing = [k for k in keys if hf.get(k) is None]
+  if missing:
+    raise ValueError(f'config.json ({model_type}) lacks {missing}; expected all of {keys}.')
+
+
+def _gpt2(hf, model_type) -> dict[str, Any]:
+  get = lambda key: _GPT2_DEFAULTS[key] if hf.get(key) is None else hf[key]
+  _required(hf, model_type, ('vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head'))
+  if not get('scale_attn_weights') or get('scale_attn_by_inverse_layer_idx'):
+    raise ValueError('config.json (gpt2) has scale_attn_weights=false or '
+                     'scale_attn_by_inverse_layer_idx=true; the decoder scales attention by '
+                     '1/sqrt(head_dim) only.')
+  if get('add_cross_attention'):
+    raise ValueError('config.json (gpt2) has add_cross_attention=true; the decoder has no '
+                     'cross-attention.')
+  if not get('tie_word_embeddings'):
+    raise ValueError('config.json (gpt2) has tie_word_embeddings=false; GPT-2 ties its LM '
+                     'head to the token embeddings.')
+  D = hf['n_embd']
+  return dict(arch='gpt2', vocab_size=hf['vocab_size'], hidden_size=D,
+              num_layers=hf['n_layer'], num_heads=hf['n_head'],
+              intermediate_size=get('n_inner') or 4 * D, max_positions=hf['n_positions'],
+              layer_norm_eps=float(get('layer_norm_epsilon')),
+              activation=get('activation_function'), tie_embeddings=True)
+
+
+def _opt(hf, model_type) -> dict[str, Any]:
+  get = lambda key: _OPT_DEFAULTS[key] if hf.get(key) is None else hf[key]
+  _required(hf, model_type, ('vocab_size', 'hidden_size', 'num_hidden_layers',
+                             'num_attention_heads', 'ffn_dim'))
+  if not get('enable_bias') or not get('layer_norm_elementwise_affine'):
+    raise ValueError('config.json (opt) has enable_bias=false or '
+                     'layer_norm_elementwise_affine=false; the decoder has biases and affine '
+                     'LayerNorms (as every released OPT).')
+  pre_norm = bool(get('do_layer_norm_before'))
+  if pre_norm and get('_remove_final_layer_norm'):
+    raise ValueError('config.json (opt) has _remove_final_layer_norm=true with '
+                     'do_layer_norm_before=true; the decoder keeps the final LayerNorm there.')
+  embed_dim = get('word_embed_proj_dim')
+  return dict(arch='opt', vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
+              num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
+              intermediate_size=hf['ffn_dim'], max_positions=get('max_position_embeddings'),
+              activation=get('activation_function'), pre_norm=pre_norm,
+              embed_dim=None if embed_dim in (None, hf['hidden_size']) else embed_dim,
+              tie_embeddings=bool(get('tie_word_embeddings')))
+
+
+def _llama(hf, model_type) -> dict[str, Any]:
   def get(key):  # null means "the default", except where null has a meaning of its own
     if hf.get(key) is not None or (key in _NULLABLE and key in hf):
       return hf[key]
     return _DEFAULTS[model_type].get(key)
 
-  missing = [k for k in _REQUIRED if hf.get(k) is None]
-  if missing:
-    raise ValueError(f'config.json ({model_type}) lacks {missing}; expected all of {_REQUIRED}.')
+  _required(hf, model_type, _REQUIRED)
   act = get('hidden_act')
   if act not in ('silu', 'swish'):
     raise ValueError(f'config.json has hidden_act={act!r}; the decoder implements SwiGLU '
@@ -58,7 +119,7 @@ def decoder_config(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
     raise ValueError(f'config.json ({model_type}) has attention_bias=true (biases on q/k/v and '
                      'o_proj); the decoder supports q/k/v biases only (as Qwen2).')
   _check_sliding_window(hf, model_type, get)
-  theta = _rope_theta(hf, model_type, get)
+  rope = _rope(hf, model_type, get)
   head_dim = hf.get('head_dim')
   if head_dim == hf['hidden_size'] // hf['num_attention_heads']:
     head_dim = None  # the decoder's default; one config per model, however config.json spells it
@@ -69,18 +130,15 @@ def decoder_config(hf: Mapping[str, Any], **overrides) -> DecoderConfig:
       vocab_size=hf['vocab_size'], hidden_size=hf['hidden_size'],
       num_layers=hf['num_hidden_layers'], num_heads=hf['num_attention_heads'],
       num_kv_heads=kv_heads, head_dim=head_dim,
-      intermediate_size=hf['intermediate_size'], rope_theta=float(theta),
+      intermediate_size=hf['intermediate_size'],
       rms_norm_eps=float(get('rms_norm_eps')), qkv_bias=_QKV_BIAS[model_type],
-      tie_embeddings=bool(get('tie_word_embeddings')))
-  fields.update(overrides)
-  return DecoderConfig.from_dict(fields)
+      tie_embeddings=bool(get('tie_word_embeddings')), **rope)
+  return fields
 
 
-def _rope_theta(hf, model_type, get) -> float:
-  """The rotary base, from transformers 5's rope_parameters or the older rope_theta/rope_scaling.
-
-  Rope scaling changes the frequencies the decoder computes, so any scaling that is not inert
-  (type 'default', or 'linear'/'llama3' with factor 1.0) is refused.
+def _rope(hf, model_type, get) -> dict[str, Any]:
+  """The rotary fields (base and scaling), from transformers 5's rope_parameters or the older
+  rope_theta/rope_scaling. Scaling types other than 'linear' and 'llama3' are refused.
   """
   params = dict(hf.get('rope_parameters') or {})
   if params and all(isinstance(v, Mapping) for v in params.values()):
@@ -93,17 +151,30 @@ def _rope_theta(hf, model_type, get) -> float:
   rope = {**scaling, **params}
   kind = rope.get('rope_type') or rope.get('type') or 'default'
   factor = rope.get('factor')
-  if kind != 'default' and not (kind in _INERT_AT_FACTOR_1 and factor == 1.0):
+  if kind not in ('default', 'linear', 'llama3'):
     raise ValueError(
         f'config.json ({model_type}) uses rope scaling {kind!r} (factor={factor}), which the '
-        "decoder does not implement; it loads rope type 'default', or 'linear'/'llama3' with "
-        'factor 1.0, where the scaling is inert.')
+        "decoder does not implement; it loads rope types 'default', 'linear' and 'llama3'.")
+  out = {}
+  if kind != 'default':
+    if factor is None:
+      raise ValueError(f'config.json ({model_type}) has rope scaling {kind!r} without a factor.')
+    out = dict(rope_type=kind, rope_factor=float(factor))
+  if kind == 'llama3':
+    keys = ('low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings')
+    absent = [k for k in keys if rope.get(k) is None]
+    if absent:
+      raise ValueError(f"config.json ({model_type}) has rope scaling 'llama3' without {absent}.")
+    out.update(rope_low_freq_factor=float(rope['low_freq_factor']),
+               rope_high_freq_factor=float(rope['high_freq_factor']),
+               rope_original_max_positions=int(rope['original_max_position_embeddings']))
   partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
   if partial not in (None, 1.0):
     raise ValueError(f'config.json ({model_type}) has partial_rotary_factor={partial}; the '
                      'decoder rotates the whole head (1.0).')
   theta = rope.get('rope_theta', hf.get('rope_theta'))
-  return get('rope_theta') if theta is None else theta
+  out['rope_theta'] = float(get('rope_theta') if theta is None else theta)
+  return out
 
 
 def _check_sliding_window(hf, model_type, get):

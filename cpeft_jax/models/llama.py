@@ -1,5 +1,10 @@
 """A Llama-style decoder whose every projection is a context-indexed `ContextDense`.
 
+This module also holds what the other decoders (gpt2.py, opt.py) share with it: the config,
+the attention core, the block and its layer scan, the KV cache and the forward pass; they
+subclass `Block` and `Decoder` and change names, norms, the MLP and the position embedding.
+Build a decoder of any architecture with `decoders.make_decoder(cfg)`.
+
 RMSNorm, rotary position embeddings with a configurable base, SwiGLU (optionally with a fused
 gate+up projection, as the paper's LLM), grouped-query attention, optional q/k/v biases (Qwen2),
 tied or untied embeddings, causal attention with a padding mask. The layers run under
@@ -29,11 +34,25 @@ from cpeft_jax.adaptors import ContextDense, PeftConfig
 # Collection that attention weights are sown into when it is mutable (attention heatmaps).
 INTERMEDIATES = 'intermediates'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+ARCHS = ('llama', 'gpt2', 'opt')
+ROPE_TYPES = ('default', 'linear', 'llama3')
+# Feed-forward activations by Hugging Face name (gelu_new is GPT-2's tanh approximation).
+ACTIVATIONS = {'silu': nn.silu, 'swish': nn.silu, 'relu': nn.relu,
+               'gelu': lambda x: nn.gelu(x, approximate=False),
+               'gelu_new': lambda x: nn.gelu(x, approximate=True),
+               'gelu_pytorch_tanh': lambda x: nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Shape and numerics of the decoder. dtype is the compute dtype, param_dtype the base's."""
+  """Shape and numerics of the decoder. dtype is the compute dtype, param_dtype the base's.
+
+  arch picks the block: 'llama' (RMSNorm, rotary, SwiGLU), 'gpt2' or 'opt' (learned positions,
+  LayerNorm, biases, a two-layer MLP with `activation`). The rope_* fields are Llama's rotary
+  scaling ('linear': positions / factor; 'llama3': Llama 3.1's per-frequency interpolation);
+  max_positions .. embed_dim concern the learned-position decoders only.
+  """
+  arch: str = 'llama'
   vocab_size: int = 32000
   hidden_size: int = 768
   num_layers: int = 12
@@ -50,8 +69,20 @@ class DecoderConfig:
   remat: bool = False
   dtype: str = 'float32'
   param_dtype: str = 'float32'
+  rope_type: str = 'default'
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_positions: int = 8192  # llama3 only
+  max_positions: int = 1024  # size of the learned position table (gpt2, opt)
+  layer_norm_eps: float = 1e-5  # gpt2, opt
+  activation: str = 'silu'  # SwiGLU's gate for llama; the MLP's activation for gpt2/opt
+  pre_norm: bool = True  # False: OPT-350m's post-norm blocks (do_layer_norm_before=false)
+  embed_dim: int | None = None  # OPT's word_embed_proj_dim where it differs from hidden_size
 
   def __post_init__(self):
+    if self.arch not in ARCHS:
+      raise ValueError(f'model.arch={self.arch!r}; expected one of {ARCHS}.')
     for name in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'intermediate_size'):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
@@ -62,13 +93,50 @@ class DecoderConfig:
     if self.num_heads % self.kv_heads:
       raise ValueError(f'model.num_heads={self.num_heads} must be a multiple of '
                        f'model.num_kv_heads={self.kv_heads}.')
-    if self.dims % 2:
-      raise ValueError(f'head_dim={self.dims} must be even for rotary embeddings.')
+    if self.arch == 'llama':
+      self._check_llama()
+    else:
+      self._check_learned()
     for name in ('dtype', 'param_dtype'):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f'model.{name}={getattr(self, name)!r}; expected one of {list(DTYPES)}.')
     if not 0.0 <= self.residual_dropout < 1.0:
       raise ValueError(f'model.residual_dropout must be in [0, 1), got {self.residual_dropout}.')
+
+  def _check_llama(self):
+    if self.dims % 2:
+      raise ValueError(f'head_dim={self.dims} must be even for rotary embeddings.')
+    if self.activation not in ('silu', 'swish'):
+      raise ValueError(f"model.activation={self.activation!r}; arch 'llama' is SwiGLU ('silu').")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f'model.rope_type={self.rope_type!r}; expected one of {ROPE_TYPES}.')
+    if self.rope_factor <= 0:
+      raise ValueError(f'model.rope_factor must be positive, got {self.rope_factor}.')
+    if self.rope_type == 'llama3' and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError(f'model.rope_high_freq_factor={self.rope_high_freq_factor} must exceed '
+                       f'model.rope_low_freq_factor={self.rope_low_freq_factor}.')
+    if not self.pre_norm or self.embed_dim is not None:
+      raise ValueError("model.pre_norm=False and model.embed_dim are for arch 'opt' only.")
+
+  def _check_learned(self):
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f'model.activation={self.activation!r}; expected one of '
+                       f'{list(ACTIVATIONS)}.')
+    if self.num_kv_heads not in (None, self.num_heads) or self.fused_gate_up:
+      raise ValueError(f'model.arch={self.arch!r} has no grouped-query attention or gate '
+                       'projection (num_kv_heads, fused_gate_up are for llama).')
+    if self.rope_type != 'default':
+      raise ValueError(f'model.arch={self.arch!r} has learned positions, not rope_type.')
+    if not isinstance(self.max_positions, int) or self.max_positions < 1:
+      raise ValueError(f'model.max_positions must be a positive integer, got '
+                       f'{self.max_positions!r}.')
+    if self.arch == 'gpt2' and (not self.pre_norm or self.embed_dim is not None):
+      raise ValueError("model.pre_norm=False and model.embed_dim are for arch 'opt' only.")
+
+  @property
+  def embed_width(self) -> int:
+    """Width of the token embedding table (OPT may project it in and out of hidden_size)."""
+    return self.embed_dim or self.hidden_size
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
@@ -83,13 +151,27 @@ class DecoderConfig:
     return self.head_dim or self.hidden_size // self.num_heads
 
   def projections(self) -> tuple[adaptors.Projection, ...]:
-    """The adaptable projections of one block, for target selection."""
+    """The adaptable projections of one block, for target selection (A/F presets, globs).
+
+    Names follow each architecture's own (GPT-2's fused c_attn is split into q/k/v_proj).
+    """
     P = adaptors.Projection
+    out, up, down = PROJECTION_NAMES[self.arch]
     attn = (P('attn/q_proj', 'A'), P('attn/k_proj', 'A', 'out'), P('attn/v_proj', 'A', 'out'),
-            P('attn/o_proj', 'A'))
-    mlp = (P('mlp/gate_up_proj', 'F'),) if self.fused_gate_up else (
-        P('mlp/gate_proj', 'F'), P('mlp/up_proj', 'F'))
-    return attn + mlp + (P('mlp/down_proj', 'F', 'in'),)
+            P(f'attn/{out}', 'A'))
+    if self.arch != 'llama':
+      mlp = (P(f'mlp/{up}', 'F'),)
+    elif self.fused_gate_up:
+      mlp = (P('mlp/gate_up_proj', 'F'),)
+    else:
+      mlp = (P('mlp/gate_proj', 'F'), P('mlp/up_proj', 'F'))
+    return attn + mlp + (P(f'mlp/{down}', 'F', 'in'),)
+
+
+# Per architecture: the attention output projection, the MLP's up and down projections.
+PROJECTION_NAMES = {'llama': ('o_proj', 'up_proj', 'down_proj'),
+                    'gpt2': ('c_proj', 'c_fc', 'c_proj'),
+                    'opt': ('out_proj', 'fc1', 'fc2')}
 
 
 @flax.struct.dataclass
@@ -134,10 +216,27 @@ class RMSNorm(nn.Module):
     return w.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_tables(positions_BL, dims: int, theta: float):
+def rope_frequencies(cfg: DecoderConfig) -> np.ndarray:
+  """Inverse frequencies [dims / 2], scaled as transformers' rope_type 'linear' or 'llama3'."""
+  dims = cfg.dims
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dims, 2, dtype=np.float32) / dims))
+  if cfg.rope_type == 'linear':
+    inv_freq = inv_freq / cfg.rope_factor
+  elif cfg.rope_type == 'llama3':  # long wavelengths / factor, short kept, a smooth ramp between
+    factor, old_len = cfg.rope_factor, cfg.rope_original_max_positions
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions_BL, cfg: DecoderConfig):
   """cos, sin [B, L, dims] in transformers' rotate-half layout."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, dims, 2, dtype=jnp.float32) / dims))
-  freqs = positions_BL.astype(jnp.float32)[..., None] * inv_freq
+  freqs = positions_BL.astype(jnp.float32)[..., None] * jnp.asarray(rope_frequencies(cfg))
   emb = jnp.concatenate([freqs, freqs], -1)
   return jnp.cos(emb), jnp.sin(emb)
 
@@ -165,7 +264,11 @@ class _Sub(nn.Module):
 
 
 class Attention(_Sub):
-  """Grouped-query causal self-attention with rotary embeddings."""
+  """Grouped-query causal self-attention, with rotary embeddings when given cos and sin.
+
+  Llama: q/k/v biases per cfg.qkv_bias, none on o_proj. The learned-position decoders (GPT-2,
+  OPT) have biases everywhere and name the output projection differently.
+  """
 
   @nn.compact
   def __call__(self, x_BLD, routing, mask, cos, sin, kv=None, index=None):
@@ -178,10 +281,13 @@ class Attention(_Sub):
     cfg = self.cfg
     B, L, _ = x_BLD.shape
     H, G, K = cfg.num_heads, cfg.kv_heads, cfg.dims
-    q = self.dense('q_proj', H * K, cfg.qkv_bias)(x_BLD, routing).reshape(B, L, H, K)
-    k = self.dense('k_proj', G * K, cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
-    v = self.dense('v_proj', G * K, cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out_name = PROJECTION_NAMES[cfg.arch][0]
+    bias = cfg.arch != 'llama'
+    q = self.dense('q_proj', H * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, H, K)
+    k = self.dense('k_proj', G * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
+    v = self.dense('v_proj', G * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
+    if cos is not None:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv is None:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
       if self.is_mutable_collection(INTERMEDIATES):  # for attention heatmaps only
@@ -194,7 +300,7 @@ class Attention(_Sub):
       out = jax.nn.dot_product_attention(q, key_BMGK.astype(q.dtype), value_BMGK.astype(q.dtype),
                                          mask=mask)
       kv = (key_BMGK, value_BMGK)
-    return self.dense('o_proj', cfg.hidden_size)(out.reshape(B, L, H * K), routing), kv
+    return self.dense(out_name, cfg.hidden_size, bias)(out.reshape(B, L, H * K), routing), kv
 
 
 def attention_probs(q_BLHK, k_BLGK, mask=None):
@@ -225,15 +331,37 @@ class Mlp(_Sub):
     return self.dense('down_proj', cfg.hidden_size)(nn.silu(gate) * up, routing)
 
 
+class DenseMlp(_Sub):
+  """GPT-2/OPT feed-forward: down(act(up(x))), with biases; names from PROJECTION_NAMES."""
+
+  @nn.compact
+  def __call__(self, x_BLD, routing):
+    cfg = self.cfg
+    _, up, down = PROJECTION_NAMES[cfg.arch]
+    h = ACTIVATIONS[cfg.activation](self.dense(up, cfg.intermediate_size, True)(x_BLD, routing))
+    return self.dense(down, cfg.hidden_size, True)(h, routing)
+
+
+def make_norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
+  """Llama's RMSNorm, or the LayerNorm (scale, bias) of GPT-2 and OPT."""
+  if cfg.arch == 'llama':
+    return RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name=name)
+  return nn.LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype],
+                      param_dtype=DTYPES[cfg.param_dtype], name=name)
+
+
 class Block(nn.Module):
-  """One pre-norm decoder layer, shaped for nn.scan: (x, shared, kv) -> (x, kv).
+  """One decoder layer, shaped for nn.scan: (x, shared, kv) -> (x, kv).
 
   kv is this layer's slice of a `KVCache` (keys, values), or None without a cache.
+  Pre-norm (x + f(norm(x))) unless cfg.pre_norm is False (OPT-350m: norm(x + f(x))).
+  Subclasses name the two norms (`norm_names`) as their checkpoints do.
   """
   cfg: DecoderConfig
   peft: PeftConfig | None
   targets: tuple[tuple[str, adaptors.LayerAdaptor], ...]
   deterministic: bool = True
+  norm_names = ('input_layernorm', 'post_attention_layernorm')
 
   @nn.compact
   def __call__(self, x_BLD, shared, kv=None):
@@ -241,38 +369,47 @@ class Block(nn.Module):
     cfg = self.cfg
     sub = dict(cfg=cfg, peft=self.peft, targets=self.targets, deterministic=self.deterministic)
     drop = nn.Dropout(cfg.residual_dropout, deterministic=self.deterministic)
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype], name=name)
-    h, kv = Attention(**sub, name='attn')(norm('input_layernorm')(x_BLD), routing, mask, cos, sin,
-                                          kv, index)
-    x_BLD = x_BLD + drop(h)
-    h = Mlp(**sub, name='mlp')(norm('post_attention_layernorm')(x_BLD), routing)
-    return x_BLD + drop(h), kv
+    norm1, norm2 = (make_norm(cfg, n) for n in self.norm_names)
+    pre = (lambda norm, x: norm(x)) if cfg.pre_norm else (lambda norm, x: x)
+    post = (lambda norm, x: x) if cfg.pre_norm else (lambda norm, x: norm(x))
+    h, kv = Attention(**sub, name='attn')(pre(norm1, x_BLD), routing, mask, cos, sin, kv, index)
+    x_BLD = post(norm1, x_BLD + drop(h))
+    mlp = Mlp if cfg.arch == 'llama' else DenseMlp
+    h = mlp(**sub, name='mlp')(pre(norm2, x_BLD), routing)
+    return post(norm2, x_BLD + drop(h)), kv
 
 
 class Decoder(nn.Module):
   """Token ids or input embeddings plus context ids in, logits out.
 
   Variables: 'params' (the frozen base; embed_tokens, layers, norm, lm_head) and 'adaptors'
-  (the per-context tables, each with a leading layer axis).
+  (the per-context tables, each with a leading layer axis). Subclasses (gpt2.py, opt.py) add
+  learned positions through `setup` and `add_positions`, and set `arch` and `block`.
   """
   cfg: DecoderConfig
   peft: PeftConfig | None = None
   deterministic: bool = True
+  arch = 'llama'
+  block = Block
 
   def setup(self):
     cfg = self.cfg
+    if cfg.arch != self.arch:
+      raise ValueError(f'{type(self).__module__}.{type(self).__name__} builds arch '
+                       f'{self.arch!r}, but the config has arch={cfg.arch!r}; build decoders '
+                       'with cpeft_jax.models.decoders.make_decoder(cfg, peft).')
     targets = adaptors.resolve_targets(self.peft, cfg.projections())
-    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size,
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.embed_width,
                                  embedding_init=nn.initializers.normal(0.02),
                                  param_dtype=DTYPES[cfg.param_dtype])
-    block = Block
+    block = self.block
     if cfg.remat:
       block = nn.remat(block, prevent_cse=False)
     self.layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
         length=cfg.num_layers)(cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
-    self.norm = RMSNorm(cfg.rms_norm_eps, DTYPES[cfg.param_dtype])
+    self.norm = make_norm(cfg) if cfg.pre_norm else None
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype],
                               param_dtype=DTYPES[cfg.param_dtype],
@@ -285,6 +422,15 @@ class Decoder(nn.Module):
   def embed(self, tokens_BL):
     """Input embeddings of token ids, in the compute dtype (to splice image embeddings into)."""
     return self.embed_tokens(tokens_BL).astype(DTYPES[self.cfg.dtype])
+
+  def add_positions(self, x_BLD, positions_BL):
+    """Position information added to the input embeddings (none: Llama rotates q and k)."""
+    del positions_BL
+    return x_BLD
+
+  def rope(self, positions_BL):
+    """cos, sin tables for the attention, or (None, None) without rotary embeddings."""
+    return rope_tables(positions_BL, self.cfg) if self.cfg.arch == 'llama' else (None, None)
 
   def __call__(self, tokens_BL=None, *, embeddings_BLD=None, context_ids_BL=None,
                attention_mask_BL=None, positions_BL=None, return_hidden=False, cache=None):
@@ -305,6 +451,7 @@ class Decoder(nn.Module):
       raise ValueError(f'context_ids_BL has shape {tuple(context_ids_BL.shape)}; expected the '
                        f'token shape {(B, L)}.')
     adaptors.check_context_ids(context_ids_BL, self.num_contexts, 'context_ids_BL')
+    self._check_positions(L if cache is None else cache.max_len, positions_BL)
     routing = (adaptors.route(context_ids_BL, self.peft)
                if self.peft is not None and self.peft.methods else None)
     if cache is not None:
@@ -314,9 +461,23 @@ class Decoder(nn.Module):
     mask_B11L = None
     if attention_mask_BL is not None:
       mask_B11L = jnp.asarray(attention_mask_BL, bool)[:, None, None, :]
-    cos, sin = rope_tables(positions_BL, cfg.dims, cfg.rope_theta)
+    cos, sin = self.rope(positions_BL)
+    x_BLD = self.add_positions(x_BLD, positions_BL)
     x_BLD, _ = self.layers(x_BLD, (routing, mask_B11L, cos, sin, None), None)
     return self._head(x_BLD, return_hidden)
+
+  def _check_positions(self, length, positions_BL):
+    """A learned position table has max_positions rows: refuse what would read past it."""
+    if self.cfg.arch == 'llama':
+      return
+    limit = self.cfg.max_positions
+    top = length - 1
+    if positions_BL is not None and not isinstance(positions_BL, jax.core.Tracer):
+      top = int(np.max(np.asarray(positions_BL), initial=0))
+    if top >= limit:
+      raise ValueError(f'Position {top} is beyond the {limit} learned positions of this '
+                       f'{self.cfg.arch} decoder (model.max_positions={limit}); shorten the '
+                       'sequence (or the cache).')
 
   def _cached(self, x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache):
     cfg = self.cfg
@@ -338,14 +499,19 @@ class Decoder(nn.Module):
     # A query in slot s sees the filled, non-padding slots up to s (later slots are unfilled).
     causal_LM = jnp.arange(M, dtype=jnp.int32)[None, :] <= slots_L[:, None]
     mask_B1LM = (valid_BM[:, None, :] & causal_LM[None])[:, None]
-    cos, sin = rope_tables(positions_BL, cfg.dims, cfg.rope_theta)
+    cos, sin = self.rope(positions_BL)
+    x_BLD = self.add_positions(x_BLD, positions_BL)
     x_BLD, (key, value) = self.layers(x_BLD, (routing, mask_B1LM, cos, sin, index),
                                       (cache.key_NBMGK, cache.value_NBMGK))
     cache = KVCache(key, value, valid_BM, index + L)
     return self._head(x_BLD, return_hidden), cache
 
+  def final_hidden(self, x_BLD):
+    """The last layer's output as the LM head reads it (final norm; OPT may project out)."""
+    return x_BLD if self.norm is None else self.norm(x_BLD)
+
   def _head(self, x_BLD, return_hidden):
-    x_BLD = self.norm(x_BLD)
+    x_BLD = self.final_hidden(x_BLD)
     if return_hidden:
       return x_BLD
     if self.cfg.tie_embeddings:

@@ -16,7 +16,8 @@ import numpy as np
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.models.connector import Connector, ConnectorConfig
-from cpeft_jax.models.llama import DTYPES, Decoder, DecoderConfig
+from cpeft_jax.models.decoders import make_decoder
+from cpeft_jax.models.llama import DTYPES, DecoderConfig
 
 def splice(text_BLD, image_BND, kinds_BL, boundary_2D=None):
   """Puts image embeddings (in order) at IMAGE positions and boundary vectors at BOUNDARY ones.
@@ -50,7 +51,7 @@ class VisionLanguageModel(nn.Module):
     self.connector = Connector(self.connector_cfg, self.decoder_cfg.hidden_size,
                                dtype=DTYPES[self.decoder_cfg.dtype],
                                deterministic=self.deterministic)
-    self.decoder = Decoder(self.decoder_cfg, self.peft, deterministic=self.deterministic)
+    self.decoder = make_decoder(self.decoder_cfg, self.peft, self.deterministic)
 
   def image_embeddings(self, pixels_BHWC):
     feats_BNV = self.encoder(pixels_BHWC)
