@@ -1,0 +1,281 @@
+"""Adaptor plug-ins: one context's adaptor group saved on its own, and models assembled from them.
+
+A plug-in is a directory holding that context's rows of every table (as a one-context model's
+tables: lora_a [N, 1, d_in, r], ...), the one-context `PeftConfig` they belong to, and the
+fingerprints of the frozen base(s) they were trained on (a hash of the architecture plus a few
+statistics of every base tensor). Loading checks the fingerprints, so a plug-in cannot silently
+run on the wrong base. Plug-ins trained in separate runs are assembled into one model: their
+contexts become rows of the same tables, and a batch can mix examples (or tokens) of each.
+`freeze_contexts` trains some rows while others stay fixed (e.g. a new plug-in beside old ones).
+
+    plugin = plugins.extract(tables, peft, context=1, bases={'decoder': fp}, name='qa')
+    plugins.save('runs/qa_plugin', plugin)
+    peft, tables = plugins.assemble([plugins.load('runs/cap', fps), plugins.load('runs/qa', fps)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cpeft_jax.adaptors import LoraConfig, PeftConfig
+
+FORMAT = 'cpeft-plugin/1'
+PLUGIN_CONFIG, PLUGIN_TABLES = 'plugin.json', 'tables.safetensors'
+# Table leaf name -> axis of the context rows, counted from the end (as params.py).
+ROW_AXIS = {'lora_a': -3, 'lora_b': -3, 'ia3': -2, 'bitfit': -2}
+_SAMPLES = 8  # values sampled per base tensor for the fingerprint
+# Config fields that do not change what the base computes (precision, memory, regularisation).
+_NOT_ARCHITECTURE = ('dtype', 'param_dtype', 'remat', 'residual_dropout')
+
+
+@dataclasses.dataclass(frozen=True)
+class Plugin:
+  """One context's adaptor group: one-context tables, their config, and the bases they fit."""
+  peft: PeftConfig
+  tables: Any
+  bases: Mapping[str, Mapping[str, Any]]
+  name: str = ''
+  meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def fingerprint(params, config=None) -> dict[str, Any]:
+  """What identifies a frozen base: its architecture and a few statistics of every tensor.
+
+  'config' hashes the config dataclass (precision and memory fields left out); 'tensors' holds,
+  per leaf path, its shape, mean, rms and a few strided values. Statistics (not byte hashes)
+  so that the same base loaded in bfloat16 or float32 still matches.
+  """
+  arch = None
+  if config is not None:
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_ARCHITECTURE}
+    arch = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  stats = jax.device_get(_stats(flat))  # one compiled call for the whole tree
+  tensors = {path: {'shape': list(np.shape(flat[path])), 'stats': [float(v) for v in stats[path]]}
+             for path in sorted(flat)}
+  return {'config': arch, 'tensors': tensors}
+
+
+@jax.jit
+def _stats(flat):
+  """Per leaf: mean, rms and a few strided values, in float32."""
+  def one(leaf):
+    x = jnp.ravel(leaf).astype(jnp.float32)
+    idx = np.linspace(0, x.size - 1, min(_SAMPLES, x.size)).astype(np.int64)
+    return jnp.concatenate([jnp.stack([x.mean(), jnp.sqrt((x * x).mean())]), x[idx]])
+  return {path: one(leaf) for path, leaf in flat.items()}
+
+
+def check_base(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> None:
+  """Raises if fingerprint `got` (the base at hand) is not `want` (the one `what` was built on)."""
+  if want.get('config') and got.get('config') and want['config'] != got['config']:
+    raise ValueError(f'{what} was trained on a base with another architecture (config hash '
+                     f'{want["config"]}, this base has {got["config"]}).')
+  w, g = want['tensors'], got['tensors']
+  if set(w) != set(g):
+    raise ValueError(f'{what} was trained on a base with other tensors: missing here '
+                     f'{sorted(set(w) - set(g))[:5]}, not in its base {sorted(set(g) - set(w))[:5]}.')
+  differ = []
+  for path in sorted(w):
+    if w[path]['shape'] != g[path]['shape']:
+      differ.append(f'{path} (shape {g[path]["shape"]}, expected {w[path]["shape"]})')
+      continue
+    ws, gs = np.asarray(w[path]['stats']), np.asarray(g[path]['stats'])
+    if not (np.abs(ws - gs) <= 3e-2 * max(ws[1], 1e-12)).all():  # bf16 rounding passes
+      differ.append(path)
+  if differ:
+    raise ValueError(f'{what} was trained on another base: the weights of {len(differ)} '
+                     f'tensor(s) differ, e.g. {differ[:5]}. Load the base it was saved with.')
+
+
+def _check_bases(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]] | None, where: str):
+  if bases is None:
+    return
+  unknown = sorted(set(bases) - set(plugin.bases))
+  if unknown:
+    raise ValueError(f'{where} records bases {sorted(plugin.bases)}, not {unknown}.')
+  for name, got in bases.items():
+    check_base(plugin.bases[name], got, f'{where} (base {name!r})')
+
+
+# ----------------------------------------------------------------------------- save and load
+
+
+def _single(peft: PeftConfig) -> PeftConfig:
+  return dataclasses.replace(peft, num_contexts=1, adapted_contexts=None)
+
+
+def _take_row(tables, row: int):
+  def take(path, leaf):
+    axis = ROW_AXIS[path[-1].key]
+    return jax.lax.slice_in_dim(jnp.asarray(leaf), row, row + 1, axis=leaf.ndim + axis)
+  return jax.tree_util.tree_map_with_path(take, tables)
+
+
+def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[str, Any]],
+            name: str = '', meta: Mapping[str, Any] | None = None) -> Plugin:
+  """Context `context`'s adaptor group of a model as a plug-in (a one-context model's tables)."""
+  if context not in peft.rows:
+    raise ValueError(f'Context {context} has no adaptor row: the model adapts contexts '
+                     f'{peft.rows} of num_contexts={peft.num_contexts}.')
+  if not bases:
+    raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
+                     "bases={'decoder': plugins.fingerprint(params, cfg)}.")
+  return Plugin(_single(peft), _take_row(tables, peft.rows.index(context)), dict(bases), name,
+                dict(meta or {}))
+
+
+def _peft_to_json(peft: PeftConfig) -> dict:
+  d = dataclasses.asdict(peft)
+  d['method_targets'] = dict(peft.method_targets)
+  return d
+
+
+def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
+  """Writes plugin.json (config, bases, metadata) and tables.safetensors."""
+  import safetensors.numpy
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(plugin.tables), sep='/')
+  safetensors.numpy.save_file({k: np.asarray(jax.device_get(v)) for k, v in flat.items()},
+                              str(directory / PLUGIN_TABLES))
+  (directory / PLUGIN_CONFIG).write_text(json.dumps(
+      {'format': FORMAT, 'name': plugin.name, 'peft': _peft_to_json(plugin.peft),
+       'bases': plugin.bases, 'meta': plugin.meta}, indent=1) + '\n')
+  return directory
+
+
+def load(directory: str | os.PathLike,
+         bases: Mapping[str, Mapping[str, Any]] | None = None) -> Plugin:
+  """A saved plug-in; `bases` ({name: fingerprint} of the bases at hand) are checked against it."""
+  from safetensors.numpy import load_file
+  directory = pathlib.Path(directory)
+  path = directory / PLUGIN_CONFIG
+  if not path.is_file() or not (directory / PLUGIN_TABLES).is_file():
+    raise FileNotFoundError(f'{directory} is not a plug-in: expected {PLUGIN_CONFIG} and '
+                            f'{PLUGIN_TABLES}.')
+  config = json.loads(path.read_text())
+  if config.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {config.get("format")!r}, expected {FORMAT!r}.')
+  peft = PeftConfig.from_dict(config['peft'])
+  flat = {k: jnp.asarray(v) for k, v in load_file(str(directory / PLUGIN_TABLES)).items()}
+  plugin = Plugin(peft, flax.traverse_util.unflatten_dict(flat, sep='/'), config['bases'],
+                  config.get('name', ''), config.get('meta', {}))
+  _check_bases(plugin, bases, f'Plug-in {directory}')
+  return plugin
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+def assemble(plugins: Sequence[Plugin] | Mapping[int, Plugin], num_contexts: int | None = None,
+             strategy: str = 'auto') -> tuple[PeftConfig, Any]:
+  """One model's (PeftConfig, tables) whose context rows are the plug-ins' groups.
+
+  A sequence puts plug-in i in context i; a mapping names each plug-in's context, and contexts
+  without a plug-in see the frozen base. Plug-ins must share methods, targets and bases; LoRA
+  ranks may differ (smaller ones are zero-padded) and so may alpha/rsLoRA (each plug-in's scale
+  is folded into its B), so every context computes exactly what its plug-in did alone.
+  """
+  by_context = dict(plugins) if isinstance(plugins, Mapping) else dict(enumerate(plugins))
+  if not by_context:
+    raise ValueError('assemble needs at least one plug-in.')
+  contexts = sorted(by_context)
+  C = num_contexts or contexts[-1] + 1
+  if contexts[0] < 0 or contexts[-1] >= C:
+    raise ValueError(f'Plug-in contexts {contexts} must lie in [0, num_contexts={C}).')
+  items = [(c, by_context[c]) for c in contexts]
+  first_c, first = items[0]
+  label = lambda c, p: f'plug-in {p.name or "?"!r} (context {c})'
+  for c, p in items[1:]:
+    for name in set(first.bases) & set(p.bases):
+      check_base(first.bases[name], p.bases[name], f'{label(c, p)} vs {label(first_c, first)}')
+    a, b = first.peft, p.peft
+    if (sorted(a.methods), a.targets, a.method_targets) != (
+        sorted(b.methods), b.targets, b.method_targets):
+      raise ValueError(f'{label(c, p)} adapts {b.methods} on {b.targets!r} '
+                       f'{dict(b.method_targets)}, {label(first_c, first)} {a.methods} on '
+                       f'{a.targets!r} {dict(a.method_targets)}; assembled plug-ins must match.')
+  rank = max(p.peft.lora.rank for _, p in items)
+  lora = dataclasses.replace(first.peft.lora, rank=rank)
+  peft = dataclasses.replace(first.peft, num_contexts=C, lora=lora, strategy=strategy,
+                             adapted_contexts=None if contexts == list(range(C)) else contexts)
+
+  def conform(p: Plugin):
+    fold = p.peft.lora.scale / lora.scale
+    r = p.peft.lora.rank
+
+    def fix(path, leaf):
+      leaf = jnp.asarray(leaf)
+      if path[-1].key == 'lora_a':
+        return jnp.pad(leaf, [(0, 0)] * (leaf.ndim - 1) + [(0, rank - r)])
+      if path[-1].key == 'lora_b':
+        return jnp.pad(leaf * fold, [(0, 0)] * (leaf.ndim - 2) + [(0, rank - r), (0, 0)])
+      return leaf
+    return jax.tree_util.tree_map_with_path(fix, p.tables)
+
+  conformed = [conform(p) for _, p in items]
+  shapes = [jax.tree.map(jnp.shape, t) for t in conformed]
+  for (c, p), s in zip(items[1:], shapes[1:]):
+    if s != shapes[0]:
+      raise ValueError(f'The tables of {label(c, p)} and {label(first_c, first)} differ in '
+                       'shape; were they trained on the same base?')
+  tables = jax.tree_util.tree_map_with_path(
+      lambda path, *rows: jnp.concatenate(rows, axis=rows[0].ndim + ROW_AXIS[path[-1].key]),
+      *conformed)
+  return peft, tables
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+def _rows(peft: PeftConfig, contexts: Sequence[int]) -> np.ndarray:
+  bad = [c for c in contexts if c not in peft.rows]
+  if bad:
+    raise ValueError(f'Contexts {bad} have no adaptor rows; the model adapts {peft.rows}.')
+  keep = np.zeros(peft.num_rows, bool)
+  keep[[peft.rows.index(c) for c in contexts]] = True
+  return keep
+
+
+def mask_rows(tree, peft: PeftConfig, contexts: Sequence[int]):
+  """`tree` (gradients or updates of adaptor tables) with every row but `contexts`' zeroed.
+
+  Leaves that are not adaptor tables (e.g. a connector) pass through unchanged.
+  """
+  keep_R = _rows(peft, contexts)
+
+  def mask(path, leaf):
+    name = getattr(path[-1], 'key', None) if path else None
+    if name not in ROW_AXIS or leaf is None:
+      return leaf
+    axis = np.ndim(leaf) + ROW_AXIS[name]
+    shape = [1] * np.ndim(leaf)
+    shape[axis] = peft.num_rows
+    return leaf * jnp.asarray(keep_R.reshape(shape), leaf.dtype)
+  return jax.tree_util.tree_map_with_path(mask, tree)
+
+
+def freeze_contexts(peft: PeftConfig, trainable: Sequence[int]) -> optax.GradientTransformation:
+  """An optax transformation that zeroes the updates of every context row not in `trainable`.
+
+  Chain it last (optax.chain(optimizer, freeze_contexts(...))) so that frozen rows stay exactly
+  as they are under any optimizer, weight decay included.
+  """
+  _rows(peft, trainable)  # checked here, at construction
+  return optax.stateless(lambda updates, params=None: mask_rows(updates, peft, trainable))
