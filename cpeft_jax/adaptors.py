@@ -6,11 +6,21 @@ parameters per context, stored as tables with a leading context ("row") axis:
   LoRA    lora_a [R, d_in, r], lora_b [R, r, d_out]   (B is zero at init)
   IA3     ia3    [R, d_out] (keys/values) or [R, d_in] (feed-forward input), ones at init
   BitFit  bitfit [R, d_out], zeros at init
+  DoRA    lora_a, lora_b as LoRA, plus dora_m [R, d_out], the magnitude (||W||_col at init)
 
 R is the number of *adapted* contexts: a context left out of `PeftConfig.adapted_contexts` has
 no row and its tokens see the frozen base only. A layer computes, per token t of context c,
 
   y_t = ((x_t * ia3_in[c]) @ W + b) * ia3_out[c] + bitfit[c] + scale * dropout(x_t) @ A_c @ B_c
+
+and for a DoRA context (PyTorch PEFT's DoRA, with g_c = m_c / ||W + s_c A_c B_c||_col held
+constant in the gradient) y_t = g_c * (x_t @ W + s_c x_t @ A_c @ B_c) + b + bitfit[c].
+
+Each context may have its own methods, rank, alpha, scaling rule, init and dropout
+(`PeftConfig.contexts`). The tables are then padded to the largest rank and a static per-row
+mask makes the padding inert: it contributes nothing, receives exactly zero gradient, and, being
+zero at init, stays zero under Adam. A row whose context lacks a method is masked to the
+method's identity (IA3 ones, BitFit zeros) in the same way.
 
 Nothing here ever materialises a per-token copy of a LoRA matrix: tokens are routed once per
 forward pass (`route`), then each layer runs one grouped computation (see `LORA_STRATEGIES`).
@@ -33,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ADAPTORS = 'adaptors'  # the variable collection holding every trainable table
-METHODS = ('lora', 'ia3', 'bitfit')
+METHODS = ('lora', 'ia3', 'bitfit', 'dora')
 LORA_INITS = ('kaiming_uniform', 'gaussian')
 # onehot: the paper's einsum with a one-hot selector; cost grows with the number of rows R.
 # grouped: tokens sorted by context into tiles, one batched matmul with A/B gathered per tile;
@@ -60,6 +70,61 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ContextSpec:
+  """One context's adaptor: its methods and LoRA hyper-parameters; None inherits peft's own.
+
+  methods: a tuple of names, or a string such as 'lora+bitfit' or 'none'. The LoRA fields
+  apply to 'lora' and 'dora'. After `PeftConfig` resolves it, every field is set.
+  """
+  methods: tuple[str, ...] | str | None = None
+  rank: int | None = None
+  alpha: float | None = None
+  rslora: bool | None = None
+  init: str | None = None
+  dropout: float | None = None
+
+  @property
+  def lora(self) -> LoraConfig:
+    return LoraConfig(rank=self.rank, alpha=self.alpha, rslora=self.rslora, init=self.init,
+                      dropout=self.dropout)
+
+  @property
+  def low_rank(self) -> bool:
+    """Whether this context uses the LoRA tables (as 'lora' or as 'dora')."""
+    return 'lora' in self.methods or 'dora' in self.methods
+
+
+_LORA_FIELDS = ('rank', 'alpha', 'rslora', 'init', 'dropout')
+
+
+def _parse_methods(methods, where: str) -> tuple[str, ...]:
+  if isinstance(methods, str):
+    methods = () if methods.strip() in ('', 'none') else tuple(
+        m.strip() for m in methods.split('+'))
+  methods = tuple(methods)
+  for m in methods:
+    if m not in METHODS:
+      raise ValueError(f'Unknown PEFT method {m!r} in {where}; expected some of {METHODS} '
+                       "(or 'none').")
+  if len(set(methods)) != len(methods):
+    raise ValueError(f'{where}={methods} lists a method twice.')
+  if 'lora' in methods and 'dora' in methods:
+    raise ValueError(f"{where}={methods}: 'lora' and 'dora' share the LoRA tables; give one.")
+  return methods
+
+
+def _check_lora(lo, where: str):
+  if not isinstance(lo.rank, int) or isinstance(lo.rank, bool) or lo.rank < 1:
+    raise ValueError(f'{where}.rank must be an integer >= 1, got {lo.rank!r}.')
+  if not lo.alpha > 0:
+    raise ValueError(f'{where}.alpha must be > 0, got {lo.alpha!r}.')
+  if lo.init not in LORA_INITS:
+    raise ValueError(f'{where}.init={lo.init!r}; expected one of {LORA_INITS}.')
+  if not 0.0 <= lo.dropout < 1.0:
+    raise ValueError(f'{where}.dropout must be in [0, 1), got {lo.dropout!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
 class PeftConfig:
   """Which methods adapt which projections, and for how many contexts.
 
@@ -67,6 +132,13 @@ class PeftConfig:
   projection names of a block (e.g. 'q_proj,v_proj' or 'attn/*'). IA3 reads presets as the
   paper does (A: keys and values, F: the feed-forward intermediate); `method_targets` overrides
   the targets of single methods, e.g. {'bitfit': 'all'}.
+
+  `contexts` gives each context its own `ContextSpec` (methods, rank, alpha, rslora, init,
+  dropout; unset fields inherit `methods` and `lora`): either a sequence with one entry per
+  context, e.g. [{'methods': 'lora', 'rank': 64}, {'methods': 'lora+bitfit', 'rank': 8},
+  {'methods': 'none'}], or a mapping {'c1': {'rank': 16}} of overrides for some contexts (on the
+  command line: --config.peft.contexts.c1.rank=16). `methods` then becomes the union of the
+  contexts' methods and `adapted_contexts` the contexts with any method.
   """
   methods: tuple[str, ...] = ()
   targets: str = 'AF'
@@ -76,23 +148,74 @@ class PeftConfig:
   lora: LoraConfig = LoraConfig()
   strategy: str = 'auto'
   tile: int = 64  # tokens per tile of the grouped strategy
+  contexts: tuple[ContextSpec, ...] | None = None  # per-context specs; None: all alike
 
   def __post_init__(self):
-    object.__setattr__(self, 'methods', tuple(self.methods))
+    object.__setattr__(self, 'methods', _parse_methods(self.methods, 'peft.methods'))
     if isinstance(self.method_targets, Mapping):
       object.__setattr__(self, 'method_targets', tuple(sorted(self.method_targets.items())))
     if self.adapted_contexts is not None:
       object.__setattr__(self, 'adapted_contexts', tuple(int(c) for c in self.adapted_contexts))
     if isinstance(self.lora, Mapping):
       object.__setattr__(self, 'lora', config_from_dict(LoraConfig, self.lora, 'peft.lora'))
+    if self.contexts is not None:
+      self._resolve_contexts()
     self.validate()
 
+  def _resolve_contexts(self):
+    """Fills every context's spec from the defaults; derives methods and adapted_contexts."""
+    raw, C = self.contexts, self.num_contexts
+    if not isinstance(C, int) or C < 1:
+      raise ValueError(f'peft.num_contexts must be an integer >= 1, got {C!r}.')
+    if hasattr(raw, 'to_dict'):
+      raw = raw.to_dict()
+    if isinstance(raw, Mapping):
+      entries = [{} for _ in range(C)]
+      for key, spec in raw.items():
+        k = str(key)
+        c = int(k[1:]) if k[:1] == 'c' and k[1:].isdigit() else int(k) if k.isdigit() else None
+        if c is None or not 0 <= c < C:
+          raise ValueError(f'peft.contexts key {key!r} must name a context as c0..c{C - 1} '
+                           f'(num_contexts={C}).')
+        entries[c] = spec
+    elif isinstance(raw, (list, tuple)):
+      if len(raw) != C:
+        raise ValueError(f'peft.contexts lists {len(raw)} contexts but peft.num_contexts={C}; '
+                         'give one entry per context.')
+      entries = list(raw)
+    else:
+      raise ValueError(f'peft.contexts must be a list of per-context specs or a mapping '
+                       f"{{'c<i>': spec}}, got {type(raw).__name__}.")
+    specs = []
+    for c, e in enumerate(entries):
+      where = f'peft.contexts[{c}]'
+      if not isinstance(e, ContextSpec):
+        if hasattr(e, 'to_dict'):
+          e = e.to_dict()
+        if not isinstance(e, Mapping):
+          raise ValueError(f'{where} must be a dict of {[f.name for f in dataclasses.fields(ContextSpec)]}, '
+                           f'got {e!r}.')
+        e = config_from_dict(ContextSpec, e, where)
+      methods = _parse_methods(self.methods if e.methods is None else e.methods,
+                               f'{where}.methods')
+      fill = {f: getattr(self.lora, f) if getattr(e, f) is None else getattr(e, f)
+              for f in _LORA_FIELDS}
+      spec = ContextSpec(methods=methods, **fill)
+      if spec.low_rank:
+        _check_lora(spec.lora, where)
+      specs.append(spec)
+    adapted = tuple(c for c, sp in enumerate(specs) if sp.methods)
+    if not adapted:
+      raise ValueError('peft.contexts gives no context any method; at least one must be adapted.')
+    if self.adapted_contexts is not None and tuple(self.adapted_contexts) != adapted:
+      raise ValueError(f'peft.adapted_contexts={self.adapted_contexts} disagrees with peft.contexts, '
+                       f"which adapts {adapted}; give unadapted contexts methods='none' instead.")
+    union = tuple(m for m in METHODS if any(m in sp.methods for sp in specs))
+    object.__setattr__(self, 'contexts', tuple(specs))
+    object.__setattr__(self, 'methods', union)
+    object.__setattr__(self, 'adapted_contexts', adapted)
+
   def validate(self):
-    for m in self.methods:
-      if m not in METHODS:
-        raise ValueError(f'Unknown PEFT method {m!r} in peft.methods; expected some of {METHODS}.')
-    if len(set(self.methods)) != len(self.methods):
-      raise ValueError(f'peft.methods={self.methods} lists a method twice.')
     for m, _ in self.method_targets:
       if m not in self.methods:
         raise ValueError(f'peft.method_targets names {m!r}, which is not in peft.methods='
@@ -106,15 +229,7 @@ class PeftConfig:
         raise ValueError(
             f'peft.adapted_contexts={self.adapted_contexts} must be distinct context ids in '
             f'[0, {self.num_contexts}) (num_contexts), at least one.')
-    lo = self.lora
-    if not isinstance(lo.rank, int) or lo.rank < 1:
-      raise ValueError(f'peft.lora.rank must be an integer >= 1, got {lo.rank!r}.')
-    if not lo.alpha > 0:
-      raise ValueError(f'peft.lora.alpha must be > 0, got {lo.alpha!r}.')
-    if lo.init not in LORA_INITS:
-      raise ValueError(f'peft.lora.init={lo.init!r}; expected one of {LORA_INITS}.')
-    if not 0.0 <= lo.dropout < 1.0:
-      raise ValueError(f'peft.lora.dropout must be in [0, 1), got {lo.dropout!r}.')
+    _check_lora(self.lora, 'peft.lora')
     if self.strategy not in LORA_STRATEGIES:
       raise ValueError(f'peft.strategy={self.strategy!r}; expected one of {LORA_STRATEGIES}.')
     if not isinstance(self.tile, int) or self.tile < 1:
@@ -138,6 +253,27 @@ class PeftConfig:
 
   def targets_of(self, method: str) -> str:
     return dict(self.method_targets).get(method, self.targets)
+
+  @property
+  def specs(self) -> tuple[ContextSpec, ...]:
+    """Every context's resolved spec (unadapted contexts have no methods)."""
+    if self.contexts is not None:
+      return self.contexts
+    lo = {f: getattr(self.lora, f) for f in _LORA_FIELDS}
+    rows = set(self.rows)
+    return tuple(ContextSpec(methods=self.methods if c in rows else (), **lo)
+                 for c in range(self.num_contexts))
+
+  @property
+  def row_specs(self) -> tuple[ContextSpec, ...]:
+    """The specs of the adapted contexts, in table-row order."""
+    specs = self.specs
+    return tuple(specs[c] for c in self.rows)
+
+  @property
+  def uniform(self) -> bool:
+    """Whether every adapted context has the same spec (no masks, one scalar scale)."""
+    return len(set(self.row_specs)) == 1
 
 
 def config_from_dict(cls, d, where: str):
@@ -176,10 +312,22 @@ class LayerAdaptor:
   lora: bool = False
   bitfit: bool = False
   ia3: str | None = None
+  dora: bool = False
 
   @property
   def any(self) -> bool:
-    return self.lora or self.bitfit or self.ia3 is not None
+    return self.lora or self.bitfit or self.ia3 is not None or self.dora
+
+  def rows_with(self, method: str, peft: PeftConfig) -> np.ndarray:
+    """Static bool [R]: which table rows this projection adapts with `method`."""
+    here = {'lora': self.lora, 'dora': self.dora, 'bitfit': self.bitfit,
+            'ia3': self.ia3 is not None}[method]
+    return np.array([here and method in s.methods for s in peft.row_specs], bool)
+
+  def ranks(self, peft: PeftConfig) -> np.ndarray:
+    """Static int [R]: each row's real LoRA rank in this projection (0: no LoRA tables used)."""
+    used_R = self.rows_with('lora', peft) | self.rows_with('dora', peft)
+    return np.array([s.rank if u else 0 for s, u in zip(peft.row_specs, used_R)], np.int64)
 
 
 def _match(spec: str, projections: Sequence[Projection], method: str) -> set[str]:
@@ -428,6 +576,60 @@ def _lora_a_init(lora: LoraConfig):
   return init
 
 
+def _lora_a_init_rows(specs: Sequence[ContextSpec], rank_R: np.ndarray):
+  """A's init for per-context specs: each row its own init and rank, the padding zero."""
+  gauss_R = np.array([s.init == 'gaussian' for s in specs])
+
+  def init(key, shape, dtype=jnp.float32):
+    d_in, r = shape[-2], shape[-1]
+    k_u, k_n = jax.random.split(key)
+    bound = 1.0 / math.sqrt(d_in)
+    u = jax.random.uniform(k_u, shape, dtype, -bound, bound)
+    n = jax.random.normal(k_n, shape, dtype) / np.maximum(rank_R, 1)[:, None, None]
+    a = jnp.where(gauss_R[:, None, None], n, u)
+    return a * _rank_mask(rank_R, r)[:, None, :].astype(dtype)
+  return init
+
+
+def _rank_mask(rank_R: np.ndarray, r: int) -> np.ndarray:
+  """Static [R, r]: 1 on each row's real rank, 0 on its padding."""
+  return (np.arange(r)[None, :] < rank_R[:, None]).astype(np.float32)
+
+
+def _mask_rows(table_RD, on_R: np.ndarray, fill: float):
+  """Rows whose context lacks the method are held at `fill` (and get zero gradient)."""
+  if on_R.all():
+    return table_RD
+  return jnp.where(on_R[:, None], table_RD, jnp.asarray(fill, table_RD.dtype))
+
+
+def column_norms(kernel_DE, a_RDr=None, b_RrE=None):
+  """||W + A_c B_c|| over the input axis, per row: [R, E] (or [E] without A, B), float32.
+
+  Expands ||w_j||^2 + 2 <W^T A_c, B_c>_j + B_c^T (A_c^T A_c) B_c so that no [R, D, E] copy of
+  the merged weight is ever formed; B carries the LoRA scale.
+  """
+  w = kernel_DE.astype(jnp.float32)
+  sq_E = jnp.sum(w * w, axis=0)
+  if a_RDr is None:
+    return jnp.sqrt(sq_E)
+  a, b = a_RDr.astype(jnp.float32), b_RrE.astype(jnp.float32)
+  wa_RrE = jnp.einsum('de,cdr->cre', w, a)
+  gram_Rrr = jnp.einsum('cdr,cds->crs', a, a)
+  sq_RE = (sq_E + 2 * jnp.sum(wa_RrE * b, axis=1)
+           + jnp.einsum('cre,crs,cse->ce', b, gram_Rrr, b))
+  return jnp.sqrt(jnp.maximum(sq_RE, 0.0))
+
+
+def _dora_factor(kernel_DE, a_RDr, b_RrE, m_RE, dora_R: np.ndarray):
+  """g_c = m_c / ||W + s_c A_c B_c||_col per row, 1 for rows without DoRA: [R, E] float32.
+
+  The norm is a constant in the gradient, as in PyTorch PEFT (DoRA paper, section 4.3).
+  """
+  norm_RE = jax.lax.stop_gradient(column_norms(kernel_DE, a_RDr, b_RrE))
+  return jnp.where(dora_R[:, None], m_RE.astype(jnp.float32) / norm_RE, 1.0)
+
+
 class ContextDense(nn.Module):
   """A dense layer with a frozen kernel/bias and per-context adaptor tables.
 
@@ -457,6 +659,7 @@ class ContextDense(nn.Module):
       return y if bias is None else y + bias.astype(dtype)
 
     peft, adapt, R = self.peft, self.adapt, self.peft.num_rows
+    uniform = peft.uniform
     routing = context if isinstance(context, Routing) else route(context, peft)
     lead = x.shape[:-1]
     x_TD = x.reshape(-1, d_in)
@@ -467,22 +670,98 @@ class ContextDense(nn.Module):
 
     xb_TD = x_TD
     if adapt.ia3 == 'in':
-      s_RD = table('ia3', nn.initializers.ones, (R, d_in))
+      s_RD = _mask_rows(table('ia3', nn.initializers.ones, (R, d_in)),
+                        adapt.rows_with('ia3', peft), 1.0)
       xb_TD = x_TD * _select(s_RD, routing, dtype, 1.0)
     y_TE = xb_TD @ kernel.astype(dtype)
+    delta_TE = None
+    if adapt.lora or adapt.dora:
+      delta_TE, g_TE, xl_TD = self._low_rank(x_TD, kernel, routing, table, uniform)
+      if g_TE is not None:  # DoRA: g * (x W + s x A B), the bias left out as in PEFT
+        if xl_TD is x_TD:
+          y_TE = y_TE * g_TE
+        else:  # PEFT recomputes the base on the dropped-out input: x W + (g - 1) x_d W
+          y_TE = y_TE + (g_TE - 1) * (xl_TD @ kernel.astype(dtype))
+        delta_TE = delta_TE * g_TE
     if bias is not None:
       y_TE = y_TE + bias.astype(dtype)
     if adapt.ia3 == 'out':
-      s_RE = table('ia3', nn.initializers.ones, (R, self.features))
+      s_RE = _mask_rows(table('ia3', nn.initializers.ones, (R, self.features)),
+                        adapt.rows_with('ia3', peft), 1.0)
       y_TE = y_TE * _select(s_RE, routing, dtype, 1.0)
     if adapt.bitfit:
-      b_RE = table('bitfit', nn.initializers.zeros, (R, self.features))
+      b_RE = _mask_rows(table('bitfit', nn.initializers.zeros, (R, self.features)),
+                        adapt.rows_with('bitfit', peft), 0.0)
       y_TE = y_TE + _select(b_RE, routing, dtype, 0.0)
-    if adapt.lora:
-      lo = peft.lora
-      a = table('lora_a', _lora_a_init(lo), (R, d_in, lo.rank))
-      b = table('lora_b', nn.initializers.zeros, (R, lo.rank, self.features))
-      xl_TD = nn.Dropout(lo.dropout, deterministic=self.deterministic)(x_TD) if lo.dropout else x_TD
-      delta = lora_delta(xl_TD, a.astype(dtype), b.astype(dtype), routing)
-      y_TE = y_TE + delta * jnp.asarray(lo.scale, dtype)
+    if delta_TE is not None:
+      y_TE = y_TE + delta_TE
     return y_TE.reshape(*lead, self.features)
+
+  def _low_rank(self, x_TD, kernel, routing, table, uniform):
+    """The LoRA/DoRA branch: (scaled x_d A B, DoRA's per-token g or None, x_d)."""
+    peft, adapt, R = self.peft, self.adapt, self.peft.num_rows
+    dtype = x_TD.dtype
+    specs = peft.row_specs
+    rank_R = adapt.ranks(peft)
+    r = int(rank_R.max())
+    if uniform:
+      lo = specs[0].lora
+      a = table('lora_a', _lora_a_init(lo), (R, x_TD.shape[-1], r))
+      b = table('lora_b', nn.initializers.zeros, (R, r, self.features))
+      a, b = a.astype(dtype), b.astype(dtype)
+      xl_TD = (nn.Dropout(lo.dropout, deterministic=self.deterministic)(x_TD)
+               if lo.dropout else x_TD)
+      delta_TE = lora_delta(xl_TD, a, b, routing) * jnp.asarray(lo.scale, dtype)
+      b_scaled = b * jnp.asarray(lo.scale, dtype)
+    else:
+      # Padded to the largest rank; the static mask zeroes each row's padding (and the rows
+      # of contexts without LoRA here), and B's mask carries each row's own scale.
+      mask_Rr = _rank_mask(rank_R, r)
+      scale_R = np.array([s.lora.scale for s in specs], np.float32)
+      a = table('lora_a', _lora_a_init_rows(specs, rank_R), (R, x_TD.shape[-1], r))
+      b = table('lora_b', nn.initializers.zeros, (R, r, self.features))
+      a = a.astype(dtype) * jnp.asarray(mask_Rr[:, None, :], dtype)
+      b_scaled = b.astype(dtype) * jnp.asarray((mask_Rr * scale_R[:, None])[:, :, None], dtype)
+      xl_TD = self._dropout(x_TD, routing, rank_R)
+      delta_TE = lora_delta(xl_TD, a, b_scaled, routing)
+    if not adapt.dora:
+      return delta_TE, None, xl_TD
+    dora_R = adapt.rows_with('dora', peft)
+    m_RE = self.variable(ADAPTORS, 'dora_m', lambda: jnp.where(
+        dora_R[:, None], column_norms(kernel)[None, :], 0.0).astype(self.adaptor_dtype)).value
+    g_RE = _dora_factor(kernel, a, b_scaled, m_RE, dora_R)
+    return delta_TE, _select(g_RE, routing, dtype, 1.0), xl_TD
+
+  def _dropout(self, x_TD, routing, rank_R):
+    """LoRA dropout with each context's own rate; one rate: the plain dropout layer."""
+    rates = [s.dropout for s, k in zip(self.peft.row_specs, rank_R) if k]
+    if self.deterministic or not rates or max(rates) == 0:
+      return x_TD
+    if len(set(rates)) == 1:
+      return nn.Dropout(rates[0], deterministic=False)(x_TD)
+    rate_G = np.array([s.dropout if k else 0.0 for s, k in zip(self.peft.row_specs, rank_R)]
+                      + [0.0], np.float32)
+    keep_T1 = 1.0 - jnp.asarray(rate_G)[routing.row_T][:, None]
+    keep = jax.random.bernoulli(self.make_rng('dropout'), keep_T1, x_TD.shape)
+    return jnp.where(keep, x_TD / keep_T1.astype(x_TD.dtype), 0).astype(x_TD.dtype)
+
+
+def init_dora_magnitudes(params, tables):
+  """Sets every 'dora_m' row with a nonzero magnitude to ||W||_col of its sibling kernel.
+
+  DoRA's magnitude starts at the column norms of the *pre-trained* W (B = 0 at init). Tables
+  initialised beside a random base (e.g. before a checkpoint is loaded) take their magnitudes
+  from the loaded base with this; rows of contexts without DoRA (all zeros) stay zero.
+  """
+  if isinstance(tables, Mapping):
+    out = {k: init_dora_magnitudes(params[k] if k in params else None, v) if isinstance(
+        v, Mapping) else v for k, v in tables.items()}
+    if 'dora_m' in tables:
+      if params is None or 'kernel' not in params:
+        raise ValueError("A 'dora_m' table has no sibling 'kernel' in the base parameters.")
+      m = tables['dora_m']
+      norm = jnp.sqrt(jnp.sum(jnp.square(params['kernel'].astype(jnp.float32)), axis=-2))
+      on = jnp.any(m != 0, axis=-1, keepdims=True)
+      out['dora_m'] = jnp.where(on, jnp.expand_dims(norm, -2), 0).astype(m.dtype)
+    return out
+  return tables

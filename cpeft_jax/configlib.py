@@ -39,6 +39,37 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def context_specs(text: str) -> tuple[dict[str, Any], ...]:
+  """Parses per-context specs 'lora:rank=64:alpha=32;lora+bitfit:rank=8;none' for peft.contexts.
+
+  Contexts are separated by ';', a context's methods come first and its fields follow after
+  ':', so the string fits inside a `get_config` argument (which splits on ','). Field types
+  follow `adaptors.ContextSpec`; errors name the context and the field.
+  """
+  types = {'rank': int, 'alpha': float, 'rslora': bool, 'init': str, 'dropout': float}
+  out = []
+  for c, item in enumerate(s.strip() for s in text.split(';')):
+    methods, *fields = item.split(':')
+    spec: dict[str, Any] = {'methods': methods.strip()}
+    for field in fields:
+      key, eq, value = (p.strip() for p in field.partition('='))
+      if key not in types or not eq:
+        raise ValueError(f'Context spec for context {c} ({item!r}): field {key!r} must be one '
+                         f'of {sorted(types)} as key=value.')
+      try:
+        if types[key] is bool:
+          if value.lower() not in ('true', 'false', '1', '0'):
+            raise ValueError
+          spec[key] = value.lower() in ('true', '1')
+        else:
+          spec[key] = types[key](value)
+      except ValueError:
+        raise ValueError(f'Context spec for context {c} ({item!r}): {key}={value!r} is not '
+                         f'a {types[key].__name__}.') from None
+    out.append(spec)
+  return tuple(out)
+
+
 def peft_config(config: ml_collections.ConfigDict) -> PeftConfig:
   return PeftConfig.from_dict(config.peft)
 
