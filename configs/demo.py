@@ -39,6 +39,8 @@ def get_config(arg=None):
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
                  rope_theta=10000.0, residual_dropout=0.1, dtype='float32')
   c.connector = dict(kind='linear', dropout=0.1, pre_norm=False, boundary_tokens=False)
+  # The frozen base in 8 or 4 bits (cpeft_jax/quantize.py): --config.quantize.format=int4.
+  c.quantize = dict(format='', granularity='block', block_size=64, targets='decoder')
   methods = () if a.method == 'none' else tuple(a.method.split('+'))
   c.peft = dict(methods=methods, targets='AF',
                 num_contexts=2 if a.contexts == 'modality' else 1,

@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cpeft_jax import adaptors, checkpoints, configlib, vision_checkpoints
+from cpeft_jax import adaptors, checkpoints, configlib, quantize, vision_checkpoints
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
@@ -95,6 +95,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   """
   tok = _tokenizer(config, workdir, train_split)
   peft = configlib.peft_config(config)
+  qcfg = quantize.QuantConfig.from_dict(config.get('quantize'))  # '' or absent: full precision
+  quantize.check_peft(qcfg, peft)
   loaded = {}  # 'params' subtrees that come from checkpoints
   mean, std = Experiment.image_mean, Experiment.image_std
   if config.vision.kind == 'patch':
@@ -146,8 +148,10 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
   variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
   if text_model:
-    loaded['decoder'], _ = checkpoints.load_params(text_model, dec_cfg)
+    loaded['decoder'], _ = checkpoints.load_params(text_model, dec_cfg,
+                                                   leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
+  variables['params'] = quantize.quantize_params(variables['params'], qcfg)
   return Experiment(config, tok, model, variables, N, S, _mesh(config), tuple(mean), tuple(std))
 
 

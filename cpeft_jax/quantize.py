@@ -1,0 +1,271 @@
+"""A quantized frozen base (QLoRA-style): frozen projections stored as qwix QArrays.
+
+`QuantConfig` names a format (int8, int4 or NF4), per-channel or per-block scales and which
+frozen leaves to quantize; `quantize_params` turns a 'params' tree into one whose selected
+leaves are quantized, and `leaf_quantizer` does the same one leaf at a time while a checkpoint
+loads (`checkpoints.load_params(..., leaf_fn=...)`), so no full-precision copy of the whole
+model is ever held. Quantization, dequantization and the matmul are qwix's.
+
+The model code does not change: a quantized leaf sits where the array was and behaves like it.
+  QuantizedKernel   a ContextDense kernel. `x @ kernel.astype(dtype)` runs qwix.dot_general
+                    under jax.checkpoint, so the backward pass keeps the 4/8-bit values and
+                    recomputes the dequantized kernel instead of storing it per layer.
+  QuantizedArray    any other array (nn.Dense, nn.Embed): reading it (jnp.asarray, astype)
+                    dequantizes it; used for the LM head, the embeddings and the vision encoder.
+Both are pytrees whose first leaf is the quantized value with the original shape, so Flax's
+shape check and nn.scan's slicing over the leading layer axis see them as the array they stand
+for. The adaptor tables ('adaptors'), norms, biases and the connector are never quantized.
+
+Kernels [..., d_in, d_out] get a scale per output channel (and per layer); 'block'
+granularity also splits d_in into blocks of `block_size` with a scale each (QLoRA uses 64).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import qwix
+
+FORMATS = {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}
+GRANULARITIES = ('channel', 'block')
+# decoder: the decoder blocks' projections; lm_head: the untied output projection; embed: the
+# input embedding table; vision: the vision encoder's dense kernels (convolutions stay).
+TARGETS = ('decoder', 'lm_head', 'embed', 'vision')
+SCALE_DTYPES = ('float32', 'bfloat16')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+  """How the frozen base is stored. format '' (the default) leaves it in full precision."""
+  format: str = ''
+  granularity: str = 'block'
+  block_size: int = 64
+  targets: str = 'decoder'  # comma-separated names of TARGETS
+  scale_dtype: str = 'float32'
+
+  def __post_init__(self):
+    if self.format not in ('', *FORMATS):
+      raise ValueError(f"quantize.format={self.format!r}; expected one of {list(FORMATS)} or '' "
+                       '(no quantization).')
+    if self.granularity not in GRANULARITIES:
+      raise ValueError(f'quantize.granularity={self.granularity!r}; expected one of '
+                       f'{GRANULARITIES}.')
+    if (not isinstance(self.block_size, int) or isinstance(self.block_size, bool)
+        or self.block_size < 1):
+      raise ValueError(f'quantize.block_size must be a positive integer, got '
+                       f'{self.block_size!r}.')
+    unknown = [t for t in self.target_set if t not in TARGETS]
+    if unknown or not self.target_set:
+      raise ValueError(f'quantize.targets={self.targets!r}; expected comma-separated names '
+                       f'of {TARGETS}.')
+    if self.scale_dtype not in SCALE_DTYPES:
+      raise ValueError(f'quantize.scale_dtype={self.scale_dtype!r}; expected one of '
+                       f'{SCALE_DTYPES}.')
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.format)
+
+  @property
+  def target_set(self) -> frozenset[str]:
+    return frozenset(t.strip() for t in self.targets.split(',') if t.strip())
+
+  @classmethod
+  def from_dict(cls, d) -> QuantConfig:
+    """From a config's `quantize` field: a dict/ConfigDict, a format string, or None/''."""
+    if isinstance(d, cls):
+      return d
+    if d is None or isinstance(d, str):
+      return cls(format=d or '')
+    d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f'Unknown key(s) {unknown} in quantize; expected some of {sorted(names)}.')
+    return cls(**d)
+
+
+def check_peft(qcfg: QuantConfig, peft) -> None:
+  """Refuses adaptor methods that need the full-precision base (DoRA's column norms)."""
+  if qcfg.enabled and peft is not None and 'dora' in peft.methods:
+    raise ValueError(f'quantize.format={qcfg.format!r} with DoRA: DoRA reads ||W|| of the '
+                     'full-precision kernels, which a quantized base does not keep; use LoRA, '
+                     "IA3 or BitFit, or quantize.format=''.")
+
+
+# ----------------------------------------------------------------------------- quantized leaves
+
+
+@flax.struct.dataclass
+class QuantizedArray:
+  """A frozen array stored as a qwix QArray; reading it (jnp.asarray, astype) dequantizes it."""
+  qarray: qwix.QArray
+
+  shape = property(lambda self: self.qarray.qvalue.shape)
+  ndim = property(lambda self: self.qarray.qvalue.ndim)
+  dtype = property(lambda self: self.qarray.scale.dtype)
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    x = qwix.dequantize(self.qarray)
+    return x if dtype is None else x.astype(dtype)
+
+  def __jax_array__(self):
+    return self.dequantize()
+
+  def astype(self, dtype):
+    return self.dequantize(dtype)
+
+  @property
+  def T(self):  # noqa: N802  (tied embeddings read embedding.T)
+    return self.dequantize().T
+
+
+@flax.struct.dataclass
+class QuantizedKernel:
+  """A frozen [..., d_in, d_out] kernel as a qwix QArray, for `x @ kernel.astype(dtype)`.
+
+  No __jax_array__: `x @ kernel` then falls to __rmatmul__, which multiplies through qwix.
+  """
+  qarray: qwix.QArray
+  compute_dtype: Any = flax.struct.field(pytree_node=False, default=None)
+
+  shape = property(lambda self: self.qarray.qvalue.shape)
+  ndim = property(lambda self: self.qarray.qvalue.ndim)
+  dtype = property(lambda self: jnp.dtype(self.compute_dtype or self.qarray.scale.dtype))
+
+  def dequantize(self, dtype=None) -> jax.Array:
+    return qwix.dequantize(self.qarray).astype(dtype or self.dtype)
+
+  def astype(self, dtype):
+    return self.replace(compute_dtype=jnp.dtype(dtype))
+
+  def __rmatmul__(self, x):
+    return _qmatmul(x, self.qarray, self.dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _qmatmul(x, qarray, dtype):
+  """x [..., d_in] @ kernel [d_in, d_out] in `dtype`; the backward recomputes the dequantization."""
+  dims = (((x.ndim - 1,), (0,)), ((), ()))
+  return qwix.dot_general(x.astype(dtype), qarray.astype(dtype), dims)
+
+
+QUANTIZED = (QuantizedArray, QuantizedKernel)
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, QUANTIZED)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def leaf_kind(path: str, ndim: int, qcfg: QuantConfig) -> str | None:
+  """'kernel' (a ContextDense kernel), 'array', 'embedding' or None (kept) for a 'params' path.
+
+  Paths are '/'-joined inside the VLM's 'params' (decoder/..., encoder/..., connector/...).
+  """
+  if not qcfg.enabled:
+    return None
+  t = qcfg.target_set
+  if 'decoder' in t and re.fullmatch(r'decoder/layers/.+/kernel', path) and ndim == 3:
+    return 'kernel'
+  if 'lm_head' in t and path == 'decoder/lm_head/kernel':
+    return 'array'
+  if 'embed' in t and path == 'decoder/embed_tokens/embedding':
+    return 'embedding'
+  if 'vision' in t and re.fullmatch(r'encoder/.+/kernel', path) and ndim in (2, 3):
+    return 'array'
+  return None
+
+
+def _axes(shape, kind: str, qcfg: QuantConfig, path: str):
+  """(channelwise_axes, tiled_axes): one scale per output channel (per layer), and per block
+  of the contracted axis with 'block' granularity. An embedding's rows play the channels."""
+  ndim = len(shape)
+  inner = ndim - 1 if kind == 'embedding' else ndim - 2  # the axis a scale's block runs along
+  channels = tuple(a for a in range(ndim) if a != inner)
+  if qcfg.granularity == 'channel':
+    return channels, {}
+  if shape[inner] % qcfg.block_size:
+    raise ValueError(f'{path} has shape {tuple(shape)}: its axis {inner} ({shape[inner]}) is not '
+                     f'a multiple of quantize.block_size={qcfg.block_size}; choose a block size '
+                     "that divides it or quantize.granularity='channel'.")
+  return channels, {inner: qcfg.block_size}
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize(x, qtype, channels, tiled, scale_dtype):
+  q = qwix.quantize(x, qtype, channelwise_axes=channels, tiled_axes=dict(tiled))
+  return dataclasses.replace(q, scale=q.scale.astype(scale_dtype))
+
+
+def quantize_leaf(x, path: str, qcfg: QuantConfig):
+  """The quantized form of one leaf, or the leaf itself where `qcfg` keeps it."""
+  kind = leaf_kind(path, np.ndim(x), qcfg)
+  if kind is None or is_quantized(x):
+    return x
+  channels, tiled = _axes(np.shape(x), kind, qcfg, path)
+  # qwix takes the scale's dtype from the array: quantize in float32 at least, then store.
+  x = jnp.asarray(x)
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  q = _quantize(x, FORMATS[qcfg.format], channels, tuple(sorted(tiled.items())),
+                jnp.dtype(qcfg.scale_dtype))
+  return QuantizedKernel(q) if kind == 'kernel' else QuantizedArray(q)
+
+
+def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig) -> dict:
+  """A 'params' tree with the leaves `qcfg` selects quantized (already quantized ones kept)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  out = {}
+  for path in list(flat):
+    out[path] = quantize_leaf(flat.pop(path), path, qcfg)
+  return flax.traverse_util.unflatten_dict(out, sep='/')
+
+
+def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str, Any], Any]:
+  """`leaf_fn(path, array)` for checkpoints.load_params: quantizes each leaf as it is read.
+
+  `prefix` places the checkpoint's paths inside the VLM's 'params' ('decoder/' for a decoder).
+  """
+  return lambda path, x: quantize_leaf(jnp.asarray(x), prefix + path, qcfg)
+
+
+def dequantize_params(params: Mapping[str, Any], dtype=None) -> dict:
+  """The full-precision tree that a quantized one stands for (a reference for tests)."""
+  return jax.tree.map(lambda x: x.dequantize(dtype or x.qarray.scale.dtype)
+                      if is_quantized(x) else x, params, is_leaf=is_quantized)
+
+
+def quantized_paths(params) -> list[str]:
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  return sorted(p for p, x in flat.items() if is_quantized(x))
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def _bits(dtype) -> int:
+  for info in (ml_dtypes.iinfo, ml_dtypes.finfo):
+    try:
+      return info(dtype).bits
+    except (ValueError, TypeError):
+      pass
+  return np.dtype(dtype).itemsize * 8
+
+
+def param_bytes(tree) -> int:
+  """Bytes of a tree's leaves (arrays or jax.ShapeDtypeStructs) from their shapes and dtypes.
+
+  4-bit values count as half a byte each, as packed storage (and accelerators) hold them.
+  """
+  return sum(int(np.prod(x.shape)) * _bits(x.dtype) // 8 for x in jax.tree.leaves(tree))

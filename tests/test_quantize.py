@@ -1,0 +1,183 @@
+"""The quantized frozen base: qwix formats' round-trip bounds, logits against the
+full-precision model, adaptors training on a frozen int4 base, generation, and per-tensor
+checkpoint loading against quantizing the whole tree."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cpeft_jax import checkpoints
+from cpeft_jax import quantize as qz
+from cpeft_jax.adaptors import LoraConfig, PeftConfig
+from cpeft_jax.data import layout
+from cpeft_jax.evaluation import generate as gen
+from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
+from cpeft_jax.train import state as state_lib
+from cpeft_jax.train import step as step_lib
+from qwix._src.core import numerics  # NF4's code book, to derive its error bound
+from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder)
+
+DEC = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128, rope_theta=500.0)
+PEFT = PeftConfig(methods=('lora', 'bitfit'), num_contexts=2, lora=LoraConfig(rank=4, alpha=4.0))
+FORMATS = [(f, g) for f in ('int8', 'int4', 'nf4') for g in ('channel', 'block')]
+
+
+def _qcfg(fmt, gran='block', targets='decoder'):
+  return qz.QuantConfig(format=fmt, granularity=gran, block_size=16, targets=targets)
+
+
+def _bound_per_scale(fmt):
+  """Largest |x - dequant(quant(x))| / scale that round-to-nearest allows for each format."""
+  if fmt == 'nf4':  # half the widest gap between adjacent NF4 code values (scale = absmax)
+    return float(np.max(np.diff(np.asarray(numerics.get_nf4_buckets())))) / 2
+  return 0.5  # integers: half a step
+
+
+@pytest.mark.parametrize('fmt,gran', FORMATS)
+def test_round_trip_within_format_bound(fmt, gran):
+  w = np.array(jax.random.normal(jax.random.key(0), (2, 64, 48)))  # [layers, d_in, d_out]
+  w[0, 3, 5] = 9.0  # an outlier: per-block scales keep it from spoiling the other blocks
+  q = qz.quantize_leaf(w, 'decoder/layers/mlp/up_proj/kernel', _qcfg(fmt, gran))
+  assert isinstance(q, qz.QuantizedKernel)
+  scale = np.asarray(q.qarray.scale)
+  assert scale.shape == ((2, 1, 48) if gran == 'channel' else (2, 4, 48))
+  assert q.qarray.qvalue.shape == w.shape
+  assert str(q.qarray.qvalue.dtype) == {'int8': 'int8', 'int4': 'int4', 'nf4': 'uint4'}[fmt]
+  scale_full = np.repeat(scale, 64 // scale.shape[1], axis=1)
+  err = np.abs(np.asarray(q.dequantize(jnp.float32)) - w)
+  bound = _bound_per_scale(fmt) * scale_full
+  assert np.all(err <= bound * (1 + 1e-5) + 1e-7), float(np.max(err / bound))
+  assert np.max(err / bound) > 0.5  # the bound is tight: the test could fail
+  # A block without the outlier has a finer scale than the outlier's own column under
+  # per-channel scales.
+  if gran == 'block':
+    assert scale[0, 1, 5] < scale[0, 0, 5] / 2
+
+
+@pytest.fixture(scope='module')
+def decoder():
+  """A tiny decoder with random LoRA/BitFit tables (so the adaptors matter)."""
+  model = Decoder(DEC, PEFT)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(3, 40, (2, 10)), jnp.int32)
+  ctx = jnp.asarray(np.arange(20).reshape(2, 10) % 2, jnp.int32)
+  v = jax.jit(lambda k: model.init(k, tokens, context_ids_BL=ctx))(jax.random.key(0))
+  rng = np.random.default_rng(1)
+  v['adaptors'] = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape),
+                                                      x.dtype), v['adaptors'])
+  fwd = jax.jit(lambda p: model.apply({'params': p, 'adaptors': v['adaptors']}, tokens,
+                                      context_ids_BL=ctx))
+  return model, v, tokens, fwd
+
+
+# Tolerance of the quantized model's logits against the full-precision ones, as max |diff| /
+# max |logit| on this random 2-layer base with 16-wide blocks (measured: int8 0.018, int4 0.37,
+# nf4 0.37): 8 bits keep logits within 3%, 4 bits within 50%.
+LOGIT_RTOL = {'int8': 0.03, 'int4': 0.5, 'nf4': 0.5}
+
+
+@pytest.mark.parametrize('fmt', ['int8', 'int4', 'nf4'])
+def test_quantized_logits(decoder, fmt):
+  model, v, tokens, fwd = decoder
+  qcfg = _qcfg(fmt, targets='decoder,lm_head,embed')
+  qp = qz.quantize_params({'decoder': v['params']}, qcfg)['decoder']
+  paths = qz.quantized_paths(qp)
+  assert 'lm_head/kernel' in paths and 'embed_tokens/embedding' in paths
+  assert 'layers/attn/q_proj/kernel' in paths and 'norm/scale' not in paths
+  full, quant = np.asarray(fwd(v['params'])), np.asarray(fwd(qp))
+  # The quantized model computes exactly with the dequantized weights ...
+  np.testing.assert_allclose(quant, np.asarray(fwd(qz.dequantize_params(qp))), atol=2e-5)
+  # ... which stay close to the full-precision model's.
+  rel = np.max(np.abs(quant - full)) / np.max(np.abs(full))
+  assert 0 < rel <= LOGIT_RTOL[fmt], rel
+  if fmt == 'int8':  # generation (KV cache, greedy) runs on the quantized base
+    run = lambda p: np.asarray(gen.generate_text(
+        model, {'params': p, 'adaptors': v['adaptors']}, tokens[:, :4], max_new_tokens=4,
+        eos_id=2, text_context=1))
+    np.testing.assert_array_equal(run(qp), run(qz.dequantize_params(qp)))
+
+
+def test_adaptors_train_on_int4_base():
+  """The train step updates the adaptor tables and connector; the int4 leaves never change."""
+  N = 4
+  b = layout.layout_captions([[5, 6, 7], [8, 9], [10, 11, 12]], num_image_tokens=N, seq_len=10,
+                             bos_id=1, eos_id=2, pad_id=0, context_map='modality')
+  b['pixels'] = np.asarray(jax.random.uniform(jax.random.key(3), (3, 16, 16, 3)))
+  model = VisionLanguageModel(PatchEncoder(), DEC, PEFT)
+  v = jax.jit(model.init)(jax.random.key(0), b['pixels'], b['tokens'], b['kinds'],
+                          b['context_ids'])
+  v = dict(v, params=qz.quantize_params(v['params'], _qcfg('int4', targets='decoder,vision')))
+  trainable, frozen = state_lib.split(v, 'peft')
+  qpaths = qz.quantized_paths(frozen['params'])
+  assert 'encoder/Dense_0/kernel' in qpaths and 'decoder/layers/mlp/down_proj/kernel' in qpaths
+  before = jax.tree.map(np.array, frozen)
+  state = state_lib.TrainState.create(trainable, optax.adam(1e-2))
+  step = jax.jit(lambda s, f, batch: step_lib.train_step(s, f, batch, jax.random.key(0),
+                                                         apply_fn=apply_fn(model)))
+  batch = {k: jnp.asarray(x) for k, x in b.items()}
+  losses = []
+  for _ in range(6):
+    state, m = step(state, frozen, batch)
+    losses.append(float(m['loss']))
+  assert losses[-1] < losses[0] - 0.1, losses
+  lora_b = state.trainable['adaptors']['decoder']['layers']['attn']['q_proj']['lora_b']
+  assert float(jnp.abs(lora_b).max()) > 0  # B starts at zero: the LoRA tables moved
+  assert lora_b.dtype == jnp.float32
+  same = jax.tree.map(lambda x, y: x.dtype == y.dtype and np.array_equal(x, y), before,
+                      jax.tree.map(np.array, frozen))
+  assert all(jax.tree.leaves(same))
+
+
+def test_per_tensor_loading_matches_quantizing_the_tree(decoder, tmp_path):
+  _, v, _, _ = decoder
+  checkpoints.save_decoder(tmp_path, DEC, v['params'])
+  qcfg = _qcfg('nf4', targets='decoder,lm_head')
+  seen = []
+
+  def leaf_fn(path, x):
+    seen.append((path, type(x)))
+    return qz.leaf_quantizer(qcfg)(path, x)
+  per_leaf, _ = checkpoints.load_params(tmp_path, DEC, leaf_fn=leaf_fn)
+  whole = qz.quantize_params({'decoder': checkpoints.load_params(tmp_path, DEC)[0]},
+                             qcfg)['decoder']
+  assert len(seen) == len(jax.tree.leaves(v['params']))  # one call per leaf, as it is read
+  assert jax.tree.structure(per_leaf) == jax.tree.structure(whole)
+  assert qz.quantized_paths(per_leaf) == qz.quantized_paths(whole) != []
+  for x, y in zip(jax.tree.leaves(per_leaf), jax.tree.leaves(whole)):
+    assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_param_bytes_count_packed_4_bit():
+  w = jax.ShapeDtypeStruct((2, 64, 48), jnp.float32)
+  q = jax.eval_shape(lambda x: qz.quantize_leaf(x, 'decoder/layers/mlp/up_proj/kernel',
+                                                _qcfg('int4')), w)
+  assert qz.param_bytes(q) == 2 * 64 * 48 // 2 + 2 * 4 * 48 * 4  # 4-bit values, fp32 scales
+  assert qz.param_bytes(w) == 2 * 64 * 48 * 4
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(format='int3'), 'quantize.format'),
+    (dict(format='int4', granularity='tensor'), 'quantize.granularity'),
+    (dict(format='int4', targets='decoder,connector'), 'quantize.targets'),
+    (dict(format='int4', block_size=0), 'quantize.block_size'),
+    (dict(format='int4', bits=4), r"Unknown key\(s\) \['bits'\] in quantize"),
+])
+def test_bad_config_is_named(bad, match):
+  with pytest.raises(ValueError, match=match):
+    qz.QuantConfig.from_dict(bad)
+
+
+def test_errors_at_the_boundary():
+  with pytest.raises(ValueError, match=r'axis 1 \(48\) is not a multiple of quantize.block_'):
+    qz.quantize_leaf(np.zeros((2, 48, 8), np.float32), 'decoder/layers/mlp/up_proj/kernel',
+                     qz.QuantConfig(format='int8', block_size=32))
+  dora = types.SimpleNamespace(methods=('dora',))  # a PeftConfig's methods, as union
+  with pytest.raises(ValueError, match='DoRA'):
+    qz.check_peft(qz.QuantConfig(format='int4'), dora)
+  qz.check_peft(qz.QuantConfig(format=''), dora)  # no quantization: nothing to refuse
+  qz.check_peft(qz.QuantConfig(format='int4'), PEFT)
