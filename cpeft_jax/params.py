@@ -1,5 +1,9 @@
 """Parameter accounting: trainable adaptor parameters per method and per context.
 
+With per-context specs (`PeftConfig.contexts`) only the real parameters count: each context's
+own rank and methods; the padding that keeps the tables one grouped computation (ranks padded to
+the largest, rows of contexts without a method) is reported apart, in entries and bytes.
+
     python -m cpeft_jax.params --config=configs/paper_llm150m.py:method=lora,rank=64
     python -m cpeft_jax.params --config=configs/paper_llm150m.py --grid   # the paper's Table 3
 
@@ -19,17 +23,23 @@ from cpeft_jax import adaptors
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models.llama import Decoder, DecoderConfig
 
-# Table leaf name -> (method, axis of the context rows counted from the end).
+# Table leaf name -> (method, axis of the context rows counted from the end). The LoRA tables
+# count towards 'dora' for the rows of DoRA contexts.
 _LEAVES = {'lora_a': ('lora', -3), 'lora_b': ('lora', -3), 'ia3': ('ia3', -2),
-           'bitfit': ('bitfit', -2)}
+           'bitfit': ('bitfit', -2), 'dora_m': ('dora', -2)}
 
 
 @dataclasses.dataclass
 class Report:
-  """Trainable adaptor parameters by method and context, and the frozen base's size."""
+  """Trainable adaptor parameters by method and context, and the frozen base's size.
+
+  padding / padding_bytes: stored table entries that are not parameters (inert padding).
+  """
   per_method_context: dict[str, dict[int, int]]
   base: int
   peft: PeftConfig
+  padding: int = 0
+  padding_bytes: int = 0
 
   @property
   def adaptor_total(self) -> int:
@@ -47,6 +57,10 @@ class Report:
                    + f' | {sum(per.values()):,} |')
     lines.append('| all adaptors | ' + ' | '.join(f'{self.context_total(c):,}' for c in range(C))
                  + f' | {self.adaptor_total:,} |')
+    if self.padding:
+      lines.append(f'\npadding: {self.padding:,} stored entries ({self.padding_bytes / 2**20:.2f} '
+                   'MiB) hold no parameters (ranks padded to the largest, rows of contexts '
+                   'without a method); they stay zero/one and receive no gradient')
     lines.append(f'\nfrozen base parameters: {self.base:,} (trainable under full fine-tuning)')
     return '\n'.join(lines)
 
@@ -58,11 +72,28 @@ def variable_shapes(cfg: DecoderConfig, peft: PeftConfig | None, seq_len: int = 
   return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
 
 
-def count_adaptors(tables, peft: PeftConfig) -> dict[str, dict[int, int]]:
-  """Adaptor parameters per method and per context, from a tree of 'adaptors' tables."""
+def _infer_adapt(siblings, peft: PeftConfig) -> adaptors.LayerAdaptor:
+  """A projection's methods from the tables it holds (when its targets are not at hand)."""
+  return adaptors.LayerAdaptor(lora='lora_a' in siblings and 'lora' in peft.methods,
+                               dora='dora_m' in siblings, bitfit='bitfit' in siblings,
+                               ia3='out' if 'ia3' in siblings else None)
+
+
+def count_tables(tables, peft: PeftConfig, targets=None):
+  """(parameters per method and context, padding entries, padding bytes) of 'adaptors' tables.
+
+  `targets` maps projection names ('attn/q_proj') to their `LayerAdaptor`; without it the
+  methods are read off the tables present (exact unless LoRA and DoRA target differently).
+  """
   out = {m: {c: 0 for c in peft.rows} for m in peft.methods}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tables)[0]:
-    name = path[-1].key
+  padding = padding_bytes = 0
+  flat = jax.tree_util.tree_flatten_with_path(tables)[0]
+  siblings = {}
+  for path, _ in flat:
+    siblings.setdefault(tuple(k.key for k in path[:-1]), set()).add(path[-1].key)
+  for path, leaf in flat:
+    keys = tuple(k.key for k in path)
+    name = keys[-1]
     if name not in _LEAVES:
       raise ValueError(f'Unexpected adaptor table {jax.tree_util.keystr(path)}.')
     method, axis = _LEAVES[name]
@@ -70,15 +101,36 @@ def count_adaptors(tables, peft: PeftConfig) -> dict[str, dict[int, int]]:
     if rows != peft.num_rows:
       raise ValueError(f'Adaptor table {jax.tree_util.keystr(path)} has {rows} context rows; '
                        f'the config has {peft.num_rows}.')
-    for c in peft.rows:
-      out[method][c] += math.prod(leaf.shape) // rows
-  return out
+    adapt = (targets or {}).get('/'.join(keys[-3:-1])) or _infer_adapt(siblings[keys[:-1]], peft)
+    lead = math.prod(leaf.shape[:leaf.ndim + axis])
+    if name in ('lora_a', 'lora_b'):
+      width = leaf.shape[-2] if name == 'lora_a' else leaf.shape[-1]
+      dora_R = adapt.rows_with('dora', peft)
+      real_R = [lead * width * int(k) for k in adapt.ranks(peft)]
+      per_row = [('dora' if d else 'lora', n) for d, n in zip(dora_R, real_R)]
+    else:
+      on_R = adapt.rows_with(method, peft)
+      per_row = [(method, lead * leaf.shape[-1] * int(on)) for on in on_R]
+    for c, (m, n) in zip(peft.rows, per_row):
+      if n:
+        out[m][c] += n
+    pad = math.prod(leaf.shape) - sum(n for _, n in per_row)
+    padding += pad
+    padding_bytes += pad * np.dtype(leaf.dtype).itemsize
+  return out, padding, padding_bytes
+
+
+def count_adaptors(tables, peft: PeftConfig, targets=None) -> dict[str, dict[int, int]]:
+  """Adaptor parameters per method and per context, from a tree of 'adaptors' tables."""
+  return count_tables(tables, peft, targets)[0]
 
 
 def report(cfg: DecoderConfig, peft: PeftConfig) -> Report:
   shapes = variable_shapes(cfg, peft)
   base = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
-  return Report(count_adaptors(shapes.get(adaptors.ADAPTORS, {}), peft), base, peft)
+  targets = adaptors.resolve_targets(peft, cfg.projections())
+  counts, padding, padding_bytes = count_tables(shapes.get(adaptors.ADAPTORS, {}), peft, targets)
+  return Report(counts, base, peft, padding, padding_bytes)
 
 
 GRID = (('IA3', ('ia3',), None), ('BitFit', ('bitfit',), None), ('LoRA r=1', ('lora',), 1),
@@ -92,7 +144,8 @@ def grid(cfg: DecoderConfig, peft: PeftConfig, num_specific: int = 2) -> str:
   for label, methods, rank in GRID:
     lora = dataclasses.replace(peft.lora, rank=rank or peft.lora.rank)
     counts = [report(cfg, dataclasses.replace(peft, methods=methods, num_contexts=C, lora=lora,
-                                              adapted_contexts=None, method_targets=()))
+                                              adapted_contexts=None, method_targets=(),
+                                              contexts=None))
               .adaptor_total for C in (1, num_specific)]
     lines.append(f'| {label} | {counts[0]:,} | {counts[1]:,} |')
   full = report(cfg, dataclasses.replace(peft, methods=())).base
@@ -110,6 +163,10 @@ def main(argv):
   else:
     print(f'methods={peft.methods} targets={peft.targets!r} contexts={peft.num_contexts} '
           f'adapted={peft.rows} rank={peft.lora.rank}')
+    if not peft.uniform:
+      for c, spec in enumerate(peft.specs):
+        print(f'  context {c}: methods={"+".join(spec.methods) or "none"}'
+              + (f' rank={spec.rank} scale={spec.lora.scale:g}' if spec.low_rank else ''))
     print(report(cfg, peft).format())
 
 

@@ -56,3 +56,23 @@ def test_parse_arg_errors():
     configlib.parse_arg('rank=four', rank=8)
   with pytest.raises(ValueError, match="contexts='both'"):
     paper_llm150m.get_config('contexts=both')
+
+
+def test_per_context_specs_count_real_parameters_and_state_padding():
+  config = paper_llm150m.get_config('method=lora,rank=8,targets=A')
+  peft = dataclasses.replace(configlib.peft_config(config), num_contexts=3, contexts=(
+      dict(methods='lora', rank=64), dict(methods='lora+bitfit', rank=8), dict(methods='none')))
+  rep = params.report(configlib.decoder_config(config), peft)
+  n = 12 * 4  # layers x attention projections, all 768 -> 768
+  assert rep.per_method_context == {'lora': {0: n * 768 * 64 * 2, 1: n * 768 * 8 * 2},
+                                    'bitfit': {0: 0, 1: n * 768}}
+  assert rep.context_total(2) == 0
+  pad = n * 768 * (64 - 8) * 2 + n * 768  # context 1's rank padding, context 0's bitfit row
+  assert (rep.padding, rep.padding_bytes) == (pad, 4 * pad)
+  assert f'padding: {pad:,} stored entries' in rep.format()
+  dora = dataclasses.replace(peft, contexts=(dict(methods='dora', rank=4), dict(methods='lora'),
+                                             dict(methods='none')))
+  rep = params.report(configlib.decoder_config(config), dora)
+  assert rep.per_method_context == {'lora': {0: 0, 1: n * 768 * 8 * 2},
+                                    'dora': {0: n * (768 * 4 * 2 + 768), 1: 0}}
+  assert rep.padding == n * 768 * 4 * 2 + n * 768  # context 0's rank padding, 1's magnitude row
