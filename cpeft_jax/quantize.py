@@ -94,12 +94,19 @@ class QuantConfig:
     return cls(**d)
 
 
-def check_peft(qcfg: QuantConfig, peft) -> None:
-  """Refuses adaptor methods that need the full-precision base (DoRA's column norms)."""
-  if qcfg.enabled and peft is not None and 'dora' in peft.methods:
+def check_peft(qcfg: QuantConfig, peft, train_mode: str = 'peft') -> None:
+  """Refuses what needs the full-precision base: DoRA (its column norms of W) and training the
+  base itself (train.mode='full')."""
+  if not qcfg.enabled:
+    return
+  if peft is not None and 'dora' in peft.methods:
     raise ValueError(f'quantize.format={qcfg.format!r} with DoRA: DoRA reads ||W|| of the '
                      'full-precision kernels, which a quantized base does not keep; use LoRA, '
                      "IA3 or BitFit, or quantize.format=''.")
+  if train_mode == 'full':
+    raise ValueError(f"quantize.format={qcfg.format!r} with train.mode='full': a quantized "
+                     "base is frozen; train with mode 'peft' or 'connector', or "
+                     "quantize.format=''.")
 
 
 # ----------------------------------------------------------------------------- quantized leaves

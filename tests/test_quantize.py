@@ -181,3 +181,5 @@ def test_errors_at_the_boundary():
     qz.check_peft(qz.QuantConfig(format='int4'), dora)
   qz.check_peft(qz.QuantConfig(format=''), dora)  # no quantization: nothing to refuse
   qz.check_peft(qz.QuantConfig(format='int4'), PEFT)
+  with pytest.raises(ValueError, match="train.mode='full'"):
+    qz.check_peft(qz.QuantConfig(format='int4'), PEFT, 'full')

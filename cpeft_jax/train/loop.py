@@ -96,7 +96,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   tok = _tokenizer(config, workdir, train_split)
   peft = configlib.peft_config(config)
   qcfg = quantize.QuantConfig.from_dict(config.get('quantize'))  # '' or absent: full precision
-  quantize.check_peft(qcfg, peft)
+  quantize.check_peft(qcfg, peft, config.train.mode)
   loaded = {}  # 'params' subtrees that come from checkpoints
   mean, std = Experiment.image_mean, Experiment.image_std
   if config.vision.kind == 'patch':
