@@ -95,9 +95,9 @@ def resolve(name: str | os.PathLike) -> pathlib.Path:
     if entry is None:
       raise
     raise FileNotFoundError(
-        f'{e} It is the catalog preset {name!r} ({entry.model_type}, {entry.params} '
-        f'parameters): on a machine with internet, run `hf download {name}` (or '
-        f'`huggingface-cli download {name}`) and copy the cache (HF_HOME) here.') from e
+        f'{e} ({name!r} is a catalog preset: {entry.model_type}, {entry.params} parameters; '
+        'where the hub is unreachable, download it on another machine and copy its Hugging '
+        'Face cache, HF_HOME, here.)') from e
   if entry is not None:
     _check(name, entry, checkpoints.read_config(directory))
   return directory

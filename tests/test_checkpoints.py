@@ -230,8 +230,63 @@ def test_unknown_model_type(llama, tmp_path):
   path = _rewrite(llama.dir, tmp_path / 'ckpt', lambda t: None)
   config = json.loads((path / 'config.json').read_text())
   (path / 'config.json').write_text(json.dumps(dict(config, model_type='gpt_neox')))
-  with pytest.raises(ValueError, match="model_type='gpt_neox'.*llama, mistral, qwen2"):
+  with pytest.raises(ValueError, match="model_type='gpt_neox'.*llama, mistral, qwen2, gpt2, opt"):
     checkpoints.load_decoder(path)
+
+
+def test_vocab_size_mismatch_names_the_embedding(llama, tmp_path):
+  path = _rewrite(llama.dir, tmp_path / 'ckpt', lambda t: None)
+  config = json.loads((path / 'config.json').read_text())
+  (path / 'config.json').write_text(json.dumps(dict(config, vocab_size=80)))
+  want = (r'model\.embed_tokens\.weight: the checkpoint has \(64, 32\), the model expects '
+          r'\(80, 32\)(.|\n)*lm_head\.weight: the checkpoint has \(64, 32\)')
+  with pytest.raises(ValueError, match=want):
+    checkpoints.load_decoder(path)
+
+
+def test_fused_gate_up_loads_from_separate_gate_and_up(llama):
+  fused = checkpoints.load_decoder(llama.dir, fused_gate_up=True)
+  assert fused.report == checkpoints.LoadReport((), ())
+  mlp = llama.loaded.params['layers']['mlp']
+  np.testing.assert_array_equal(fused.params['layers']['mlp']['gate_up_proj']['kernel'],
+                                np.concatenate([mlp['gate_proj']['kernel'],
+                                                mlp['up_proj']['kernel']], -1))
+  assert np.abs(_logits(fused)[MASK] - llama.want[MASK]).max() <= 1e-4
+
+
+@pytest.mark.parametrize('rope', [
+    dict(rope_type='linear', factor=4.0),
+    dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=64)])  # head_dim 8: one short, one medium, two long
+def test_rope_scaling_matches_transformers(rope, tmp_path):
+  import dataclasses
+  torch.manual_seed(0)
+  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, rope_scaling=rope)).eval()
+  hf.save_pretrained(tmp_path)
+  loaded = checkpoints.load_decoder(tmp_path)
+  assert (loaded.config.rope_type, loaded.config.rope_factor) == (rope['rope_type'],
+                                                                  rope['factor'])
+  want = _torch_logits(hf)
+  got = _logits(loaded)
+  assert np.abs(got[MASK] - want[MASK]).max() <= 1e-4
+  plain = types.SimpleNamespace(config=dataclasses.replace(loaded.config, rope_type='default'),
+                                params=loaded.params)
+  assert np.abs(_logits(plain)[MASK] - want[MASK]).max() > 1e-3  # the scaling matters here
+
+
+def test_catalog(tmp_path, monkeypatch, llama):
+  from cpeft_jax import catalog, vision_checkpoints
+  assert {t.model_type for t in catalog.TEXT.values()} <= set(hf_configs.MODEL_TYPES)
+  assert {v.model_type for v in catalog.VISION.values()} <= set(vision_checkpoints.ARCHITECTURES)
+  assert all(n in catalog.table() for n in (*catalog.TEXT, *catalog.VISION))
+  assert catalog.vision_settings('openai/clip-vit-base-patch32')['feature_layer'] == -2
+  assert catalog.vision_settings(str(tmp_path))['feature_layer'] == -1
+  assert catalog.resolve(llama.dir) == llama.dir
+  monkeypatch.setenv('HF_HOME', str(tmp_path))
+  monkeypatch.delenv('HF_HUB_CACHE', raising=False)
+  with pytest.raises(FileNotFoundError, match=r"hf download facebook/opt-125m(.|\n)*catalog "
+                     'preset: opt, 125M parameters'):
+    catalog.resolve('facebook/opt-125m')
 
 
 def test_hub_id_offline(llama, tmp_path, monkeypatch):
