@@ -10,6 +10,7 @@ tower, heads, classifier) are ignored; tensors of layers past `feature_layer` ar
 anything else unused is reported as unexpected, and tensors the encoder needs but the checkpoint
 lacks are reported missing and initialised fresh (`strict=True` turns either into an error).
 Locating, reading, filling and reporting are checkpoints.py's; this module adds the name maps.
+`save_vision` writes a CLIP tower back through the same name map (the demo's pre-trained one).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
 import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,11 +28,13 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cpeft_jax.checkpoints import (LINEAR, TORCH_LAYOUT, VECTOR, LoadReport, fill_leaves,
-                                   log_report, open_weights, plan_leaves, read_config, resolve)
+from cpeft_jax.checkpoints import (CONFIG, LINEAR, SAFETENSORS, TORCH_LAYOUT, VECTOR, LoadReport,
+                                   fill_leaves, log_report, open_weights, plan_leaves,
+                                   read_config, resolve)
 from cpeft_jax.models import clip, siglip, swinv2
-from cpeft_jax.models.vision import ViT
+from cpeft_jax.models.vision import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +251,73 @@ def _assemble(source, module: nn.Module, names: NameMap, strict: bool, seed: int
   report = LoadReport(tuple(missing), tuple(unexpected))
   log_report(report, where, strict, what='vision encoder')
   return fill_leaves(plan, shapes, source, _LAYOUT, init, seed, cfg.param_dtype, where), report
+
+
+# ----------------------------------------------------------------------------- saving
+
+# model_type -> (transformers config class, architecture name, tensor-name prefix) of the towers
+# save_vision writes; the layout of each tensor is the inverse of the loader's.
+_SAVERS = {'clip_vision_model': ('CLIPVisionConfig', 'CLIPVisionModel', 'vision_model.')}
+
+
+def save_vision(directory: str | os.PathLike, cfg: ViTConfig, params, *,
+                extra: Mapping[str, Any] | None = None, processor=None) -> str:
+  """Writes a Hugging Face CLIPVisionModel checkpoint (config.json + model.safetensors) of a
+  CLIP-style `ViT`'s 'params'; the inverse of `load_vision` through the same name map.
+
+  `extra` holds tensors the encoder does not compute, by HF name relative to the tower (e.g.
+  'post_layernorm.weight' of a pooled-token head); CLIP's post_layernorm is written as the
+  identity when absent, so transformers loads the file with no missing weights. `processor`
+  (a transformers image processor) is saved beside it as preprocessor_config.json. Written to a
+  temporary name and renamed, so an interrupted save leaves no half-written checkpoint.
+  """
+  import safetensors.numpy
+  import transformers
+  if not (cfg.class_token and not cfg.patch_bias and cfg.pre_norm and not cfg.final_norm):
+    raise ValueError('save_vision writes CLIP vision towers (class token, no patch bias, '
+                     f'pre_layrnorm, no final norm); got {cfg}.')
+  config_cls, arch_name, prefix = _SAVERS['clip_vision_model']
+  names = CLIP
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()}
+  if cfg.run_layers != cfg.num_layers:
+    raise ValueError(f'save_vision needs every layer; this ViT runs {cfg.run_layers} of '
+                     f'{cfg.num_layers} (feature_layer={cfg.feature_layer}).')
+  tensors = {}
+  for path, (hf_name, kind) in names.params.items():
+    if path not in flat:
+      raise ValueError(f'save_vision: the params lack {path!r} (checkpoint name {hf_name}).')
+    value = flat.pop(path)
+    # The loader permutes a torch tensor by _LAYOUT[kind]; the inverse permutation undoes it.
+    inverse = tuple(np.argsort(_LAYOUT[kind])) if kind in _LAYOUT else None
+    values = list(value) if '{layer}' in hf_name else [value]
+    for i, v in enumerate(values):
+      tensors[prefix + hf_name.format(layer=i)] = np.ascontiguousarray(
+          v if inverse is None else v.transpose(inverse))
+  if flat:
+    raise ValueError(f'save_vision has no checkpoint name for {sorted(flat)}.')
+  D = cfg.hidden_size
+  head = {'post_layernorm.weight': np.ones(D, np.float32),
+          'post_layernorm.bias': np.zeros(D, np.float32)}
+  head.update({k: np.asarray(jax.device_get(v), np.float32) for k, v in (extra or {}).items()})
+  tensors.update({prefix + k: np.ascontiguousarray(v) for k, v in head.items()})
+
+  directory = pathlib.Path(directory)
+  tmp = directory.with_name(directory.name + '.tmp')
+  if tmp.exists():
+    shutil.rmtree(tmp)
+  tmp.mkdir(parents=True)
+  safetensors.numpy.save_file(tensors, str(tmp / SAFETENSORS), metadata={'format': 'pt'})
+  hf = getattr(transformers, config_cls)(
+      hidden_size=D, intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+      num_attention_heads=cfg.num_heads, num_channels=cfg.num_channels,
+      image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_act=cfg.hidden_act,
+      layer_norm_eps=cfg.layer_norm_eps)
+  hf.architectures = [arch_name]
+  hf.to_json_file(str(tmp / CONFIG))
+  if processor is not None:
+    processor.save_pretrained(str(tmp))
+  if directory.exists():
+    shutil.rmtree(directory)
+  tmp.rename(directory)
+  return str(directory)

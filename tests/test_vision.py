@@ -213,3 +213,54 @@ def test_config_and_input_errors(ckpts):
                   num_layers=1, num_heads=4)
   with pytest.raises(ValueError, match=r'pixels \[B, 32, 32, 3\], got shape \(1, 3, 32, 32\)'):
     jax.eval_shape(ViT(cfg).init, jax.random.key(0), jnp.zeros((1, 3, 32, 32)))
+
+
+# ----------------------------------------------------------------------------- the writer
+
+
+def test_saved_tower_is_transformers_clip_and_loads_back(tmp_path):
+  """save_vision writes what transformers' CLIPVisionModel reads with no missing or unexpected
+  weights and computes to our hidden states (and pooled output from `extra`), and what
+  load_vision gives back bit for bit."""
+  cfg = clip_config(dict(model_type='clip_vision_model', hidden_act='quick_gelu', **VIT),
+                    drop_cls=False)
+  rng = np.random.default_rng(0)
+  pixels = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  params = ViT(cfg).init(jax.random.key(3), pixels)['params']
+  # Non-trivial norms and biases, so a swapped or untransposed tensor shows.
+  params = jax.tree.map(lambda x: x + 0.2 * rng.normal(size=x.shape).astype(np.float32), params)
+  extra = {'post_layernorm.weight': 1 + rng.normal(size=32).astype(np.float32),
+           'post_layernorm.bias': rng.normal(size=32).astype(np.float32)}
+  ours = np.asarray(ViT(cfg).apply({'params': params}, pixels))
+  directory = tmp_path / 'tower'
+  processor = transformers.CLIPImageProcessorPil(
+      size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}, image_mean=[0.5] * 3,
+      image_std=[0.5] * 3)
+  vision_checkpoints.save_vision(directory, cfg, params, extra=extra, processor=processor)
+
+  model, info = transformers.CLIPVisionModel.from_pretrained(directory, output_loading_info=True)
+  assert not info['missing_keys'] and not info['unexpected_keys'], info
+  with torch.no_grad():
+    res = model.eval()(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)))
+  np.testing.assert_allclose(res.last_hidden_state.numpy(), ours, rtol=0, atol=ATOL)
+  cls = ours[:, 0]
+  pooled = (cls - cls.mean(-1, keepdims=True)) / np.sqrt(cls.var(-1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(res.pooler_output.numpy(),
+                             pooled * extra['post_layernorm.weight'] + extra['post_layernorm.bias'],
+                             rtol=0, atol=ATOL)
+
+  module, loaded = vision_checkpoints.load_vision(directory, drop_cls=False, strict=True)
+  assert module.cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  from cpeft_jax.data import preprocess
+  proc = preprocess.ImageProcessing.from_pretrained(directory)
+  assert proc.image_mean == (0.5,) * 3 and proc.output_size == (32, 32)
+
+
+def test_save_vision_refuses_other_towers(tmp_path):
+  cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                  num_layers=1, num_heads=4)  # SigLIP-like: no class token, a final norm
+  params = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
+  with pytest.raises(ValueError, match='save_vision writes CLIP vision towers'):
+    vision_checkpoints.save_vision(tmp_path / 'x', cfg, params)
+  assert not (tmp_path / 'x').exists()
