@@ -51,6 +51,20 @@ def row_of(peft: PeftConfig, context: int) -> int:
   return peft.rows.index(context)
 
 
+def context_spec(peft: PeftConfig, context: int) -> tuple[tuple[str, ...], adaptors.LoraConfig]:
+  """The methods and LoRA hyper-parameters of one context.
+
+  With per-context specs (`PeftConfig.contexts`, where this version of adaptors.py has them)
+  each row has its own; the LoRA tables are then padded to the largest rank, and a context's
+  group is the first `rank` columns of A and rows of B.
+  """
+  row = row_of(peft, context)
+  specs = getattr(peft, 'row_specs', None)
+  if specs is None:
+    return peft.methods, peft.lora
+  return tuple(specs[row].methods), specs[row].lora
+
+
 def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
   """The block paths ('attn/q_proj', ...) that carry LoRA."""
   targets = adaptors.resolve_targets(peft, cfg.projections())
@@ -83,23 +97,23 @@ def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   rather than a silently partial export.
   """
   import safetensors.numpy
-  others = [m for m in peft.methods if m != 'lora']
-  if 'lora' not in peft.methods or others:
-    raise ValueError(f'export_peft writes a LoRA adapter; this model has methods '
-                     f'{peft.methods} ({others or "no lora"} cannot be expressed as PEFT LoRA).')
-  row = row_of(peft, context)
+  methods, lo = context_spec(peft, context)
+  others = [m for m in methods if m != 'lora']
+  if 'lora' not in methods or others:
+    raise ValueError(f'export_peft writes a LoRA adapter; context {context} has methods '
+                     f'{methods} ({others or "no lora"} cannot be expressed as PEFT LoRA).')
+  row, r = row_of(peft, context), lo.rank
   flat = _flat(tables)
   tensors, modules = {}, set()
   for path in lora_targets(cfg, peft):
-    a_NDr = np.asarray(flat[f'layers/{path}/lora_a'][:, row], np.float32)
-    b_NrE = np.asarray(flat[f'layers/{path}/lora_b'][:, row], np.float32)
+    a_NDr = np.asarray(flat[f'layers/{path}/lora_a'][:, row, :, :r], np.float32)
+    b_NrE = np.asarray(flat[f'layers/{path}/lora_b'][:, row, :r], np.float32)
     for module, cols in _hf_projections(path, cfg):
       modules.add(module.rsplit('.', 1)[-1])
       for i in range(cfg.num_layers):
         key = PEFT_PREFIX.format(layer=i) + module
         tensors[f'{key}.lora_A.weight'] = np.ascontiguousarray(a_NDr[i].T)  # [r, d_in]
         tensors[f'{key}.lora_B.weight'] = np.ascontiguousarray(b_NrE[i][:, cols].T)  # [d_out, r]
-  lo = peft.lora
   config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': lo.rank, 'lora_alpha': lo.alpha,
       'use_rslora': lo.rslora, 'lora_dropout': lo.dropout, 'target_modules': sorted(modules),
@@ -160,8 +174,9 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   from safetensors.numpy import load_file
   directory = pathlib.Path(directory)
   config = read_peft_config(directory)
-  if 'lora' not in peft.methods:
-    raise ValueError(f'The model has no LoRA tables to import into (methods={peft.methods}).')
+  methods, lo = context_spec(peft, context)
+  if 'lora' not in methods:
+    raise ValueError(f'Context {context} has no LoRA to import into (methods={methods}).')
   row = row_of(peft, context)
   targets = lora_targets(cfg, peft)
   want_modules = sorted({m.rsplit('.', 1)[-1] for p in targets for m, _ in
@@ -171,12 +186,12 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   if got_modules != want_modules:
     raise ValueError(f'{directory}: the adapter targets {got_modules}, the model\'s LoRA '
                      f'targets are {want_modules} (set peft.targets to match).')
-  if config['r'] != peft.lora.rank:
-    raise ValueError(f'{directory}: the adapter has rank r={config["r"]}, the model '
-                     f'peft.lora.rank={peft.lora.rank}.')
+  if config['r'] != lo.rank:
+    raise ValueError(f'{directory}: the adapter has rank r={config["r"]}, context {context} of '
+                     f'the model has LoRA rank {lo.rank}.')
   r = config['r']
   scale = config['lora_alpha'] / (math.sqrt(r) if config.get('use_rslora') else r)
-  fold = scale / peft.lora.scale
+  fold = scale / lo.scale
   weights_path = directory / ADAPTER_WEIGHTS
   if not weights_path.is_file():
     raise FileNotFoundError(f'No {ADAPTER_WEIGHTS} in PEFT adapter directory {directory}.')
@@ -197,7 +212,7 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   for path in targets:
     a_NRDr = np.array(flat[f'layers/{path}/lora_a'], np.float32)
     b_NRrE = np.array(flat[f'layers/{path}/lora_b'], np.float32)
-    N, _, D, _ = a_NRDr.shape
+    N, _, D, _ = a_NRDr.shape  # the tables' rank may exceed r: padding, left as it is
     parts = _hf_projections(path, cfg)
     for i in range(N):
       a_Dr = None
@@ -209,8 +224,8 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
           problems.append(f'{key}.lora_A.weight differs from that of the other half of the '
                           'fused gate+up projection, which shares one A')
         a_Dr = a_rD.T
-        b_NRrE[i, row][:, cols] = take(f'{key}.lora_B.weight', (E, r)).T * fold
-      a_NRDr[i, row] = a_Dr
+        b_NRrE[i, row, :r, cols] = take(f'{key}.lora_B.weight', (E, r)).T * fold
+      a_NRDr[i, row, :, :r] = a_Dr
     out[f'layers/{path}/lora_a'] = a_NRDr.astype(flat[f'layers/{path}/lora_a'].dtype)
     out[f'layers/{path}/lora_b'] = b_NRrE.astype(flat[f'layers/{path}/lora_b'].dtype)
   unexpected = sorted(set(weights) - used)
@@ -235,6 +250,9 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
   `context` (LoRA reads the unscaled input and adds after IA3, as ContextDense does).
   BitFit needs a bias to fold into: on a bias-free projection it is an error.
   """
+  methods, lo = context_spec(peft, context)
+  if 'dora' in methods:
+    raise ValueError(f'Context {context} uses DoRA, which merged_params does not fold.')
   row = row_of(peft, context)
   flat_p = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
   flat_t = _flat(tables)
@@ -246,20 +264,22 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
     w_NDE = flat_p[f'{base}/kernel']
     table = lambda name: np.asarray(flat_t[f'{base}/{name}'][:, row], np.float32)
     bias_NE = flat_p.get(f'{base}/bias')
-    if adapt.ia3 == 'in':
+    ia3 = adapt.ia3 if 'ia3' in methods else None  # rows of other contexts' methods: inert
+    if ia3 == 'in':
       w_NDE = w_NDE * table('ia3')[:, :, None]
-    if adapt.ia3 == 'out':
+    if ia3 == 'out':
       s_NE = table('ia3')
       w_NDE = w_NDE * s_NE[:, None, :]
       bias_NE = None if bias_NE is None else bias_NE * s_NE
-    if adapt.bitfit:
+    if adapt.bitfit and 'bitfit' in methods:
       if bias_NE is None:
         raise ValueError(f'BitFit on {path} cannot be merged: the projection has no bias in a '
                          'plain checkpoint (only q/k/v biases exist, with qkv_bias).')
       bias_NE = bias_NE + table('bitfit')
-    if adapt.lora:
-      w_NDE = w_NDE + peft.lora.scale * np.einsum('ndr,nre->nde', table('lora_a'),
-                                                  table('lora_b'))
+    if adapt.lora and 'lora' in methods:
+      r = lo.rank
+      w_NDE = w_NDE + lo.scale * np.einsum('ndr,nre->nde', table('lora_a')[..., :r],
+                                           table('lora_b')[:, :r])
     flat_p[f'{base}/kernel'] = w_NDE
     if bias_NE is not None:
       flat_p[f'{base}/bias'] = bias_NE

@@ -34,7 +34,10 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 FORMAT = 'cpeft-plugin/1'
 PLUGIN_CONFIG, PLUGIN_TABLES = 'plugin.json', 'tables.safetensors'
 # Table leaf name -> axis of the context rows, counted from the end (as params.py).
-ROW_AXIS = {'lora_a': -3, 'lora_b': -3, 'ia3': -2, 'bitfit': -2}
+ROW_AXIS = {'lora_a': -3, 'lora_b': -3, 'ia3': -2, 'bitfit': -2, 'dora_m': -2}
+# The methods whose tables each leaf belongs to.
+LEAF_METHODS = {'lora_a': ('lora', 'dora'), 'lora_b': ('lora', 'dora'), 'ia3': ('ia3',),
+                'bitfit': ('bitfit',), 'dora_m': ('dora',)}
 _SAMPLES = 8  # values sampled per base tensor for the fingerprint
 # Config fields that do not change what the base computes (precision, memory, regularisation).
 _NOT_ARCHITECTURE = ('dtype', 'param_dtype', 'remat', 'residual_dropout')
@@ -116,8 +119,30 @@ def _check_bases(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]] | None, 
 # ----------------------------------------------------------------------------- save and load
 
 
-def _single(peft: PeftConfig) -> PeftConfig:
-  return dataclasses.replace(peft, num_contexts=1, adapted_contexts=None)
+def _single(peft: PeftConfig, context: int) -> PeftConfig:
+  """The one-context config of `context`'s group (its own methods and LoRA if per-context)."""
+  from cpeft_jax.export import context_spec
+  methods, lora = context_spec(peft, context)
+  extra = {'contexts': None} if hasattr(peft, 'contexts') else {}
+  return dataclasses.replace(
+      peft, num_contexts=1, adapted_contexts=None, methods=methods, lora=lora,
+      method_targets=tuple((m, t) for m, t in peft.method_targets if m in methods), **extra)
+
+
+def _group(tables, single: PeftConfig):
+  """The leaves of `single`'s methods, LoRA cut to its rank (per-context tables are padded)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tables), sep='/')
+  out = {}
+  for path, leaf in flat.items():
+    name = path.rsplit('/', 1)[-1]
+    if not set(LEAF_METHODS[name]) & set(single.methods):
+      continue
+    if name == 'lora_a':
+      leaf = leaf[..., :single.lora.rank]
+    elif name == 'lora_b':
+      leaf = leaf[..., :single.lora.rank, :]
+    out[path] = leaf
+  return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
 def _take_row(tables, row: int):
@@ -136,13 +161,16 @@ def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[
   if not bases:
     raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
                      "bases={'decoder': plugins.fingerprint(params, cfg)}.")
-  return Plugin(_single(peft), _take_row(tables, peft.rows.index(context)), dict(bases), name,
-                dict(meta or {}))
+  single = _single(peft, context)
+  return Plugin(single, _group(_take_row(tables, peft.rows.index(context)), single), dict(bases),
+                name, dict(meta or {}))
 
 
 def _peft_to_json(peft: PeftConfig) -> dict:
   d = dataclasses.asdict(peft)
   d['method_targets'] = dict(peft.method_targets)
+  if d.get('contexts', 0) is None:  # readable by versions without per-context specs
+    del d['contexts']
   return d
 
 

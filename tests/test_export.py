@@ -19,7 +19,7 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft_lib = pytest.importorskip('peft')
 
-from cpeft_jax import checkpoints, export  # noqa: E402
+from cpeft_jax import adaptors, checkpoints, export  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
 from cpeft_jax.models.llama import Decoder  # noqa: E402
 from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
@@ -86,13 +86,24 @@ def exported(base, tmp_path_factory):
   return types.SimpleNamespace(dir=directory, peft=peft, tables=tables)
 
 
-@pytest.mark.parametrize('targets, rslora, context', [('all', False, 1), ('q_proj,v_proj', True, 0)])
-def test_exported_adapter_matches_pytorch_peft(base, tmp_path, targets, rslora, context):
+# Per-context specs (where adaptors.py has them): context 1's own rank and scale, padded tables,
+# and IA3 on context 0 only, which the export of context 1 must leave out.
+PER_CONTEXT = [{'methods': 'lora+ia3'}, {'methods': 'lora', 'rank': 2, 'alpha': 3.0, 'rslora': True}]
+needs_specs = pytest.mark.skipif(not hasattr(adaptors, 'ContextSpec'),
+                                 reason='this adaptors.py has no per-context specs')
+
+
+@pytest.mark.parametrize('targets, rslora, context, specs', [
+    ('all', False, 1, None), ('q_proj,v_proj', True, 0, None),
+    pytest.param('all', False, 1, PER_CONTEXT, marks=needs_specs)])
+def test_exported_adapter_matches_pytorch_peft(base, tmp_path, targets, rslora, context, specs):
   peft = PeftConfig(methods=('lora',), targets=targets, num_contexts=2,
-                    lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora))
+                    lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora),
+                    **({'contexts': specs} if specs else {}))
   tables = random_tables(fresh_tables(base.cfg, peft), seed=2)
   export.export_peft(tmp_path, tables, base.cfg, peft, context)
   config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+  assert config['r'] == (2 if specs else 4)
   assert config['target_modules'] == (ALL_MODULES if targets == 'all' else ['q_proj', 'v_proj'])
   model = peft_lib.PeftModel.from_pretrained(base.hf(), tmp_path).eval()
   want = torch_logits(model)
@@ -154,7 +165,7 @@ def _edit_config(src, dst, **changes):
     (dict(peft_type='IA3'), r"peft_type='IA3'; only LORA"),
     (dict(target_modules=['q_proj', 'v_proj']), r"targets \['q_proj', 'v_proj'\], the model's "
                                                 r"LoRA targets are \['down_proj'"),
-    (dict(r=8), r'rank r=8, the model peft.lora.rank=4'),
+    (dict(r=8), r'rank r=8, context 0 of the model has LoRA rank 4'),
 ])
 def test_import_rejects_unsupported_or_mismatched_adapters(base, exported, tmp_path, changes,
                                                            match):

@@ -14,7 +14,8 @@ import pytest
 from cpeft_jax import checkpoints, plugins
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from test_checkpoints import MASK, TOKENS
-from test_export import _apply, base, fresh_tables, random_tables  # noqa: F401  (base: fixture)
+from test_export import (PER_CONTEXT, _apply, base, fresh_tables, needs_specs,  # noqa: F401
+                         random_tables)
 
 PEFT = PeftConfig(methods=('lora', 'ia3'), targets='AF', num_contexts=2,
                   lora=LoraConfig(rank=4, alpha=8.0))
@@ -43,6 +44,19 @@ def test_saved_plugin_loaded_elsewhere_gives_identical_outputs(base, tmp_path):
   got = run(base, peft, got_tables, zeros)
   np.testing.assert_array_equal(got, run(base, *plugins.assemble([plugin]), zeros))
   np.testing.assert_allclose(got, run(base, PEFT, tables, zeros + 1), atol=1e-5)
+
+
+@needs_specs
+def test_plugin_of_a_per_context_model_is_that_context_alone(base):
+  peft = dataclasses.replace(PEFT, methods=('lora',), contexts=PER_CONTEXT)
+  tables = random_tables(fresh_tables(base.cfg, peft), seed=8)  # noise in the padding too
+  for c in (0, 1):
+    plugin = plugins.extract(tables, peft, c, fp(base))
+    assert plugin.peft.methods == (('lora', 'ia3') if c == 0 else ('lora',))
+    assert plugin.peft.lora.rank == (4 if c == 0 else 2)
+    ones = np.full(TOKENS.shape, c)
+    np.testing.assert_allclose(run(base, plugin.peft, plugin.tables, ones * 0),
+                               run(base, peft, tables, ones), atol=1e-5)
 
 
 def test_assembled_plugins_reproduce_each_on_its_own_context(base):
