@@ -41,23 +41,31 @@ TOKENS = np.random.default_rng(0).integers(3, V, (2, L))
 MASK = np.arange(L)[None] < np.array([[L], [6]])  # the second row is right-padded
 
 
-def _torch_logits(hf, tokens=TOKENS, mask=MASK):
+def _torch_forward(hf, tokens=TOKENS, mask=MASK):
   with torch.no_grad():
-    return hf(input_ids=torch.tensor(tokens),
-              attention_mask=torch.tensor(mask.astype(np.int64))).logits.float().numpy()
+    return hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
+              output_attentions=True)
+
+
+def _torch_logits(hf, tokens=TOKENS, mask=MASK):
+  return _torch_forward(hf, tokens, mask).logits.float().numpy()
 
 
 @pytest.fixture(scope='module', params=list(ARCHS))
 def saved(request, tmp_path_factory):
   torch.manual_seed(0)
   hf = ARCHS[request.param]().eval()
+  hf.set_attn_implementation('eager')  # returns attention weights
   with torch.no_grad():  # non-trivial biases and LayerNorms, so that a mix-up shows
     for name, p in hf.named_parameters():
       if name.endswith('bias') or 'norm' in name or '.ln_' in name:
         p.add_(0.1 * torch.randn_like(p))
   directory = tmp_path_factory.mktemp(request.param)
   hf.save_pretrained(directory)
-  return types.SimpleNamespace(arch=request.param, dir=directory, hf=hf, want=_torch_logits(hf),
+  out = _torch_forward(hf)
+  return types.SimpleNamespace(arch=request.param, dir=directory, hf=hf,
+                               want=out.logits.numpy(),
+                               attentions=np.stack([a.numpy() for a in out.attentions]),
                                loaded=checkpoints.load_decoder(directory, PEFT))
 
 
@@ -77,8 +85,15 @@ def test_logits_match_transformers(saved):
   assert loaded.config.pre_norm == (saved.arch != 'opt_post')
   assert ('project_in' in loaded.params) == (saved.arch == 'opt_proj')
   ctx = np.arange(2 * L).reshape(2, L) % 2  # fresh adaptors leave the base function unchanged
-  diff = np.abs(_apply(loaded, ctx=ctx)[MASK] - saved.want[MASK]).max()
+  logits, state = make_decoder(loaded.config, PEFT).apply(
+      {'params': loaded.params, 'adaptors': loaded.adaptors}, jnp.asarray(TOKENS),
+      context_ids_BL=jnp.asarray(ctx), attention_mask_BL=MASK, mutable=llama.INTERMEDIATES)
+  diff = np.abs(np.asarray(logits)[MASK] - saved.want[MASK]).max()
   assert diff <= 1e-4, diff  # measured ~2e-6
+  # The attention weights sown for heatmaps are transformers' (rows of non-padding queries).
+  probs = np.asarray(state[llama.INTERMEDIATES]['layers']['attn']['attention_probs'][0])
+  np.testing.assert_allclose(probs[:, 0], saved.attentions[:, 0], atol=1e-5)
+  np.testing.assert_allclose(probs[:, 1, :, :6], saved.attentions[:, 1, :, :6], atol=1e-5)
   # bf16 weights and compute: relative RMS error against the fp32 PyTorch logits.
   bf16 = checkpoints.load_decoder(saved.dir, PEFT, dtype='bfloat16')
   got = _apply(bf16, dtype_cfg=bf16.config)
