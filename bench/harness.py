@@ -1,0 +1,104 @@
+"""What every bench shares: interleaved steady-state timing, peak RSS, the machine's description.
+
+Timing rule (these machines are noisy): each case runs in blocks (one untimed call, then
+`steps` timed calls), and the blocks of all cases alternate, round after round, in an order
+that reverses every round, so that drifts in machine load hit every case alike. Figures are
+medians over all timed calls; ratios are only ever taken between cases of the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+
+def context_ids(batch: int, seq: int, num_contexts: int) -> np.ndarray:
+  """C=1: all zero; C=2: the paper's layout (BOS text, up to 64 image tokens, caption text);
+  C>2: contiguous equal segments (e.g. roles or tasks)."""
+  if num_contexts == 1:
+    return np.zeros((batch, seq), np.int32)
+  if num_contexts == 2:
+    ids = np.zeros((batch, seq), np.int32)
+    ids[:, 1:1 + image_tokens(seq)] = 1
+    return ids
+  return np.broadcast_to(np.arange(seq) * num_contexts // seq, (batch, seq)).astype(np.int32)
+
+
+def image_tokens(seq: int) -> int:
+  """Image positions after BOS in the paper's layout: 64, or half a shorter sequence."""
+  return min(64, seq // 2)
+
+
+def interleave(cases: Mapping[str, Callable[[], object]], steps: int, rounds: int = 2,
+               on_block: Callable[[str, float], None] | None = None) -> dict[str, float]:
+  """Median seconds per call of each synchronous `case()` in steady state (see module doc).
+
+  The untimed call of each block pays for what switching programs costs (re-faulting the
+  allocator's pages, cold caches), which a training loop never pays.
+  """
+  times = {k: [] for k in cases}
+  order = list(cases)
+  for r in range(rounds):
+    for k in (order if r % 2 == 0 else order[::-1]):
+      cases[k]()
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        cases[k]()
+        times[k].append(time.perf_counter() - t0)
+      if on_block is not None:
+        on_block(k, statistics.median(times[k][-steps:]))
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def peak_rss_mib() -> float:
+  """The process's peak resident set size so far, in MiB.
+
+  Linux's VmHWM: ru_maxrss would not do, since Linux carries it over an exec from the forked
+  parent's copy, so a child of a large process would report the parent's size.
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mib() -> float:
+  """The process's resident set size now, in MiB."""
+  with open('/proc/self/statm') as f:
+    return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+
+
+def cpu_model() -> str:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def versions(names=('jax', 'flax', 'optax', 'torch', 'transformers', 'peft')) -> str:
+  from importlib import metadata
+  out = []
+  for n in names:
+    try:
+      out.append(f'{n} {metadata.version(n)}')
+    except metadata.PackageNotFoundError:
+      out.append(f'{n} (not installed)')
+  return ', '.join(out)
+
+
+def load_average() -> str:
+  return ' '.join(f'{x:.2f}' for x in os.getloadavg())

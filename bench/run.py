@@ -1,0 +1,260 @@
+"""The benchmark command: train step and generation speed and memory, ours against the peer.
+
+    python -m bench.run                   # the paper's LLM shape (<= ~15 min on 2 CPU cores)
+    python -m bench.run --quick           # a small shape (well under a minute)
+    python -m bench.run --out=            # print only, write no file
+
+Prints one markdown report and writes it to --out (BENCHMARKS.md): train step time, tokens/s
+and memory per case, generation tokens/s, the first-step loss parity with the peer, and the
+project's goals, each met or not with its ratio. Timing: see bench/harness.py (alternating
+blocks, medians, ratios within the run). Memory: each case again in a fresh process (peak RSS,
+which includes the compiler's and runtime's own use), plus XLA's own account of the compiled
+step's buffers. Not a test: nothing asserts a time.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+from bench import cases, harness
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('quick', False, 'The small shape instead of the paper\'s LLM shape.')
+flags.DEFINE_string('out', 'BENCHMARKS.md', 'Markdown file to write; empty: print only.')
+flags.DEFINE_integer('steps', None, 'Timed calls per block (default: 3, quick: 2).')
+flags.DEFINE_integer('rounds', 2, 'Rounds of alternating blocks.')
+flags.DEFINE_bool('peer', True, 'Also time transformers + peft (PyTorch).')
+flags.DEFINE_bool('rss', None, 'Measure each case\'s peak RSS in a fresh process '
+                  '(default: yes, except with --quick).')
+flags.DEFINE_integer('jobs', 2, 'Cases compiled (and memory processes run) at a time.')
+flags.DEFINE_list('cases', list(cases.OURS), 'Our train cases to run.')
+flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
+
+GOAL_ROWS = (
+    # (label, numerator, denominator, bound, kind) with kind 'time' (<= bound) or
+    # 'memory'/'speed' (>= bound).
+    ('Context-LoRA C=2 over context-agnostic LoRA', 'lora_c2', 'lora_c1', 1.10, 'time'),
+    ('Context-LoRA C=8 over C=1', 'lora_c8', 'lora_c1', 1.25, 'time'),
+    ('our LoRA step over transformers+peft, bf16', 'lora_c1', 'peft_bf16', 0.70, 'time'),
+    ('our LoRA step over transformers+peft, float32', 'lora_c1_fp32', 'peft_fp32', 0.70, 'time'),
+    ('full fine-tuning over Context-LoRA C=2, peak memory', 'full', 'lora_c2', 2.0, 'memory'),
+    ('our generation over transformers\' generate, tokens/s', 'generate_ours', 'generate_peer',
+     2.0, 'speed'),
+)
+
+
+def log(msg):
+  print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def shape() -> cases.Shape:
+  return cases.SHAPES['quick' if FLAGS.quick else 'paper']
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def memory_worker(name: str):
+  """Builds case `name` alone in this fresh process, runs two steps, prints its RSS as JSON."""
+  s = shape()
+  if name in cases.PEERS:
+    import peft  # noqa: F401  (imports before the baseline, like the JAX side's)
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  base_mib = harness.current_rss_mib()
+  if name in cases.PEERS:
+    built = cases.build_peer(cases.hf_model(s), s, variants=(name,))[name]
+  else:
+    built = cases.build_ours(cases.OURS[name], s, cases.init_base(s), share_base=False)
+  built.run()
+  built.run()
+  print('MEMORY ' + json.dumps({'case': name, 'base_mib': base_mib,
+                                'peak_mib': harness.peak_rss_mib()}), flush=True)
+
+
+def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
+  """Peak RSS per case, each in a fresh process (two at a time: no timing runs meanwhile)."""
+  def one(name):
+    cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}'] + (
+        ['--quick'] if FLAGS.quick else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in p.stdout.splitlines():
+      if line.startswith('MEMORY '):
+        return name, json.loads(line[len('MEMORY '):])
+    log(f'memory of {name} failed (exit {p.returncode}): {p.stderr[-2000:]}')
+    return name, None
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    return {n: m for n, m in pool.map(one, names) if m is not None}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def ratio_verdict(value: float, bound: float, kind: str) -> str:
+  ok = value <= bound if kind == 'time' else value >= bound
+  return 'met' if ok else 'not met'
+
+
+def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start) -> str:
+  tokens = s.batch * s.seq
+  lines = [
+      '# Benchmarks',
+      '',
+      f'- command: `python -m bench.run {shlex.join(sys.argv[1:])}`',
+      f'- date: {started:%Y-%m-%d %H:%M} UTC; wall time {time.time() - started.timestamp():.0f} s',
+      f'- machine: {harness.cpu_model()}, {os.cpu_count()} cores; load average (1/5/15 min) '
+      f'{load_start} at start, {harness.load_average()} at end (other work on the machine '
+      'inflates absolute times; ratios are taken within this run)',
+      f'- versions: Python {sys.version.split()[0]}, {harness.versions()}',
+      f'- shape ({s.name}): {s.describe()}',
+      f'- timing: median of {FLAGS.rounds} rounds x {FLAGS.steps} timed steps per case, in '
+      'blocks that alternate between cases (order reversed every round), each block after one '
+      'untimed step',
+      '- train step: next-token loss over the caption positions, Adam (0.9, 0.95), lr 1e-4; '
+      'frozen weights float32, compute bf16 unless marked float32; no dropout. "no adaptors": '
+      'only a D x D linear map on the image positions\' input embeddings trains (the paper\'s '
+      'projection-only baseline), so the backward pass still crosses every layer',
+      ('- memory: peak RSS not measured (pass --rss)' if not mem else
+       '- memory: "peak RSS" = the case alone in a fresh process (imports, weights, optimizer, '
+      'compilation, two steps); "XLA MiB" = arguments + outputs + temporaries of the compiled '
+      'step, from XLA\'s memory analysis'),
+  ]
+  if peer_skip:
+    lines.append(f'- peer: skipped ({peer_skip})')
+  ref = times.get('lora_c1')
+  lines += ['', '## Train step', '',
+            '| case | trainable params | ms / step | tokens / s | vs LoRA C=1 | XLA MiB | '
+            'peak RSS MiB (over imports) |', '|---|---|---|---|---|---|---|']
+  for name in list(FLAGS.cases) + list(cases.PEERS):
+    label = cases.OURS[name].label if name in cases.OURS else cases.PEERS[name]
+    if name not in built:
+      lines.append(f'| {label} | skipped ({peer_skip}) | - | - | - | - | - |')
+      continue
+    b, t = built[name], times[name]
+    rel = f'{t / ref:.2f}x' if ref else '-'
+    xla = f'{b.xla_mib:.0f}' if b.xla_mib is not None else '-'
+    m = mem.get(name)
+    rss = f"{m['peak_mib']:.0f} ({m['peak_mib'] - m['base_mib']:.0f})" if m else '-'
+    lines.append(f'| {label} | {b.trainable:,} | {t * 1e3:.1f} | {tokens / t:,.0f} | {rel} | '
+                 f'{xla} | {rss} |')
+  first = {n: b.first_loss for n, b in built.items()}
+  if first.get('lora_c1_fp32') is not None and first.get('peft_fp32') is not None:
+    lines += ['', f"First-step loss (LoRA B = 0, so the frozen model's loss), float32: ours "
+              f"{first['lora_c1_fp32']:.6f}, transformers+peft {first['peft_fp32']:.6f} "
+              f"(|diff| {abs(first['lora_c1_fp32'] - first['peft_fp32']):.1e})."]
+  figures = {n: times[n] for n in times}
+  if gen_times:
+    lines += ['', '## Generation (greedy, KV cache)', '',
+              '| stack | ms / call | new tokens / s |', '|---|---|---|']
+    for name, label in (('generate_ours', 'ours: generate_text (jitted while_loop)'),
+                        ('generate_peer', 'transformers generate(use_cache=True)')):
+      if name not in gen_times:
+        lines.append(f'| {label} | skipped ({peer_skip}) | - |')
+        continue
+      n = gen_info['tokens_ours' if name == 'generate_ours' else 'tokens_peer']
+      figures[name] = n / gen_times[name]
+      lines.append(f'| {label} | {gen_times[name] * 1e3:.1f} | {figures[name]:,.0f} |')
+    if 'generate_peer' in gen_times:
+      lines += ['', f"Same generated tokens in both stacks: {gen_info['same_tokens']} "
+                f"({gen_info['tokens_ours']} tokens ours, {gen_info['tokens_peer']} theirs)."]
+  lines += ['', '## Goals (ratios within this run)', '', '| goal | ratio | bound | verdict |',
+            '|---|---|---|---|']
+  for label, num, den, bound, kind in GOAL_ROWS:
+    if kind == 'memory':
+      src = mem if num in mem and den in mem else None
+      a = src[num]['peak_mib'] if src else getattr(built.get(num), 'xla_mib', None)
+      b = src[den]['peak_mib'] if src else getattr(built.get(den), 'xla_mib', None)
+      label += ' (peak RSS)' if src else ' (XLA MiB)'
+    else:
+      a, b = figures.get(num), figures.get(den)
+    if a is None or b is None:
+      lines.append(f'| {label} | - | {bound} | not measured |')
+      continue
+    sign = '<=' if kind == 'time' else '>='
+    lines.append(f'| {label} | {a / b:.2f}x | {sign} {bound} | '
+                 f'{ratio_verdict(a / b, bound, kind)} |')
+  return '\n'.join(lines) + '\n'
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv):
+  del argv
+  if FLAGS.memory_case:
+    return memory_worker(FLAGS.memory_case)
+  if FLAGS.steps is None:
+    FLAGS.steps = 2 if FLAGS.quick else 3
+  unknown = sorted(set(FLAGS.cases) - set(cases.OURS))
+  if unknown:
+    raise app.UsageError(f'--cases names {unknown}; expected some of {list(cases.OURS)}.')
+  started = datetime.datetime.now(datetime.timezone.utc)
+  load_start = harness.load_average()
+  s = shape()
+  log(f'shape {s.name}: {s.describe()}')
+  base = cases.init_base(s)
+
+  peer_skip, hf = '', None
+  if FLAGS.peer:
+    try:
+      import peft  # noqa: F401
+      import torch  # noqa: F401
+    except ImportError as e:
+      peer_skip = f'not installed: {e}'
+    else:
+      from cpeft_jax import checkpoints
+      with tempfile.TemporaryDirectory() as tmp:
+        checkpoints.save_decoder(os.path.join(tmp, 'llama'), s.decoder('float32'), base)
+        hf = cases.hf_model(s, os.path.join(tmp, 'llama'))
+  else:
+    peer_skip = '--nopeer'
+  if peer_skip:
+    log(f'transformers + peft peer skipped: {peer_skip}')
+
+  log('generation: building')
+  gen_built, gen_info = cases.build_generation(s, base, hf)
+  gen_times = harness.interleave({k: b.run for k, b in gen_built.items()}, FLAGS.steps,
+                                 FLAGS.rounds)
+  log(f'generation: {gen_times} {gen_info}')
+
+  def build(name):
+    t0 = time.perf_counter()
+    b = cases.build_ours(cases.OURS[name], s, base)
+    log(f'built {name} in {time.perf_counter() - t0:.1f} s')
+    return name, b
+  # Compiling is mostly single-threaded: two cases at a time halve the wait on 2 cores.
+  with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
+    built = dict(pool.map(build, FLAGS.cases))
+  if hf is not None:
+    built.update(cases.build_peer(hf, s))
+    log('built the peer')
+  times = harness.interleave({k: b.run for k, b in built.items()}, FLAGS.steps, FLAGS.rounds,
+                             on_block=lambda k, t: log(f'{k}: {t * 1e3:.1f} ms'))
+  mem = {}
+  rss = (not FLAGS.quick) if FLAGS.rss is None else FLAGS.rss
+  if rss:
+    del hf
+    log(f'memory: {len(built)} fresh processes')
+    mem = measure_memory(list(built), FLAGS.jobs)
+  else:
+    log('memory: peak RSS not measured (--quick; pass --rss to measure it)')
+  text = report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start)
+  print(text)
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      f.write(text)
+    log(f'wrote {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
