@@ -1,4 +1,5 @@
-"""evaluate.py: perplexity of a trained workdir equals training's validation; clear errors."""
+"""evaluate.py: perplexity of a trained workdir equals training's validation; generated captions
+cover every image once with COCO metrics and heatmaps; the comparison table; clear errors."""
 
 import json
 import math
@@ -9,12 +10,14 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import PIL.Image
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo  # noqa: E402
-from cpeft_jax.evaluation import perplexity  # noqa: E402
+from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
+from cpeft_jax.evaluation import captioning, compare, perplexity  # noqa: E402
 from cpeft_jax.train import checkpointing, loop  # noqa: E402
 from cpeft_jax.train import state as state_lib  # noqa: E402
 from test_train_loop import tiny  # noqa: E402
@@ -114,16 +117,91 @@ def _flat(d, prefix=''):
       yield f'{prefix}{k}', v
 
 
-def test_cli_writes_metrics(workdir):
+def test_generated_captions_cover_each_image_once(workdir):
+  config = tiny(1)
+  r = perplexity.restore(config, workdir)
+  split = perplexity.open_splits(config, workdir)['validation']
+  decoding = captioning.Decoding.from_config(config, max_new_tokens=5)
+  out = captioning.generate_split(r, split, decoding, progress=False)
+  # 8 images in batches of 5: the padded rows of the last batch are dropped.
+  assert [c.image_id for c in out] == split.image_ids.tolist()
+  assert [c.index for c in out] == list(range(8))
+  eos = tokenizer_lib.special_ids(r.exp.tokenizer).eos
+  for c in out:
+    assert len(c.tokens) <= 5 and eos not in c.tokens
+    assert c.text == r.exp.tokenizer.decode(c.tokens, skip_special_tokens=True).strip()
+  assert captioning.max_new_tokens(r, captioning.Decoding()) == 80 - 1 - 16 + 1  # budget + EOS
+  assert captioning.text_context(config) == 0  # 'modality': text is context 0
+
+
+@pytest.mark.parametrize('flags, match', [
+    (dict(num_beams=0), 'num_beams must be an int >= 1'),
+    (dict(max_new_tokens=-1), 'max_new_tokens must be an int >= 0'),
+    (dict(num_beams=2.0), 'num_beams must be an int >= 1'),
+])
+def test_bad_decoding_settings(flags, match):
+  with pytest.raises(ValueError, match=match):
+    captioning.Decoding.from_config(tiny(1), **flags)
+
+
+def test_cli_writes_metrics_captions_and_heatmaps(workdir):
   base = dict(_flat(demo.get_config(TINY_ARG).to_dict()))
   overrides = [f'--config.{k}={v}' for k, v in _flat(tiny(1).to_dict()) if base[k] != v]
   res = subprocess.run([sys.executable, 'evaluate.py', f'--config=configs/demo.py:{TINY_ARG}',
-                        *overrides, f'--workdir={workdir}', '--splits=validation,test'],
+                        *overrides, f'--workdir={workdir}', '--splits=validation,test',
+                        '--max_new_tokens=4', '--heatmaps=1', '--show=2'],
                        cwd=ROOT, capture_output=True, text=True)
   assert res.returncode == 0, res.stderr[-3000:]
-  with open(os.path.join(workdir, 'eval', 'metrics.json')) as f:
+  folder = os.path.join(workdir, 'eval')
+  with open(os.path.join(folder, 'metrics.json')) as f:
     out = json.load(f)
   assert sorted(out['splits']) == ['test', 'validation']
   np.testing.assert_allclose(out['splits']['validation']['perplexity'],
                              math.exp(_best_json(workdir)['val_loss']), rtol=1e-5)
-  assert 'validation (best)' in res.stderr  # the progress bar
+  assert out['decoding'] == {'num_beams': 1, 'max_new_tokens': 4, 'length_penalty': 1.0}
+  for name, images in (('validation', 8), ('test', 100)):
+    split = perplexity.open_splits(tiny(1), workdir, [name])[name]
+    with open(os.path.join(folder, f'{name}_captions.json')) as f:
+      results = json.load(f)  # COCO results format
+    assert [r['image_id'] for r in results] == split.image_ids.tolist()
+    assert all(set(r) == {'image_id', 'caption'} and isinstance(r['caption'], str)
+               for r in results)
+    with open(os.path.join(folder, f'{name}_metrics.json')) as f:
+      m = json.load(f)
+    assert m == {**out['splits'][name], 'checkpoint': out['checkpoint'],
+                 'decoding': out['decoding'], 'split': name}
+    assert m['images'] == images and all(0 <= m[k] for k in ('Bleu_1', 'METEOR', 'CIDEr'))
+    with PIL.Image.open(os.path.join(folder, 'heatmaps', f'{name}_{results[0]["image_id"]}_'
+                                     'layer1.png')) as png:
+      assert png.format == 'PNG'
+    assert f"image {results[0]['image_id']}: {results[0]['caption']!r}" in res.stdout
+  assert 'validation (best)' in res.stderr and 'test captions' in res.stderr  # progress bars
+
+
+def _fake_workdir(path, contexts, splits):
+  os.makedirs(os.path.join(path, 'eval'))
+  config = demo.get_config(f'contexts={contexts},rank=8')
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort())
+  with open(os.path.join(path, 'eval', 'metrics.json'), 'w') as f:
+    json.dump({'splits': splits}, f)
+  return str(path)
+
+
+def test_compare_table(tmp_path):
+  full = {'perplexity': 3.14159, 'Bleu_4': 0.2, 'METEOR': 0.25, 'ROUGE_L': 0.5, 'CIDEr': 1.2346}
+  a = _fake_workdir(tmp_path / 'a', 'agnostic', {'validation': {'perplexity': 4.5}})
+  b = _fake_workdir(tmp_path / 'b', 'modality', {'validation': full, 'test': full})
+  output = tmp_path / 'table.md'
+  res = subprocess.run([sys.executable, 'evaluate.py', f'--compare={a},{b}',
+                        f'--compare_output={output}'], cwd=ROOT, capture_output=True, text=True)
+  assert res.returncode == 0, res.stderr[-3000:]
+  lines = output.read_text().splitlines()
+  assert lines[0] == 'Split: validation' and output.read_text() in res.stdout
+  assert lines[2] == '| workdir | contexts | method | PPL | BLEU-4 | METEOR | ROUGE-L | CIDEr |'
+  assert lines[4] == f'| {a} | agnostic (1) | lora r=8 | 4.500 | - | - | - | - |'
+  assert lines[5] == f'| {b} | modality (2) | lora r=8 | 3.142 | 0.200 | 0.250 | 0.500 | 1.235 |'
+  with pytest.raises(ValueError, match=r"has no evaluated split 'test'; .* has \['validation'\]"):
+    compare.table([b, a], 'test')
+  with pytest.raises(FileNotFoundError, match='run evaluate.py --workdir=.*/c first'):
+    compare.table([a, str(tmp_path / 'c')])

@@ -97,7 +97,7 @@ class Scorer:
     gts = tokenizer.tokenize({k: [{'caption': r} for r in refs]
                               for k, refs in references.items()})
     res = tokenizer.tokenize({k: [{'caption': candidates[k]}] for k in references})
-    bleu, _ = Bleu(4).compute_score(gts, res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out = dict(zip(METRICS[:4], bleu))
     out['METEOR'], _ = self.meteor.compute_score(gts, res)
     out['ROUGE_L'], _ = Rouge().compute_score(gts, res)

@@ -72,13 +72,23 @@ def find_checkpoint(workdir: str, checkpoint: str = 'best') -> Checkpoint:
                           f'in {best}: pass --checkpoint=best.')
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
-             splits: list[str] | None = None, config_name: str = 'the given config',
-             progress: bool = True) -> dict[str, Any]:
-  """{'checkpoint': {kind, path, step}, 'splits': {name: {loss, perplexity, images}}}.
+@dataclasses.dataclass
+class Restored:
+  """A workdir's model rebuilt as training built it, with the checkpoint's trainable tree."""
+  exp: loop.Experiment
+  ckpt: Checkpoint
+  trainable: Any
+  frozen: Any
 
-  `splits` defaults to the config's data.eval_split; `config_name` names the config in errors.
-  """
+  @property
+  def variables(self):
+    return state_lib.merge(self.trainable, self.frozen)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
+            config_name: str = 'the given config') -> Restored:
+  """Rebuilds the model and restores the weights --checkpoint names; `config_name` names the
+  config in errors."""
   ckpt = find_checkpoint(workdir, checkpoint)
   _check_base_saved(config, workdir)
   # The tokenizer and the base decoder are read from the workdir, so build needs no train split.
@@ -89,18 +99,46 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str
                           trainable)
   trainable = restore_trainable(ckpt, abstract, config_name=config_name,
                                 note=_config_note(config, workdir, config_name))
-  frozen = jax.device_put(frozen, replicated)
-  # Splits open once the config is known to fit: a demo config that differs would build its
-  # own dataset in the workdir.
-  data = {name: loop.open_split(config, workdir, name)
+  return Restored(exp, ckpt, trainable, jax.device_put(frozen, replicated))
+
+
+def open_splits(config: ml_collections.ConfigDict, workdir: str,
+                splits: list[str] | None = None) -> dict:
+  """{name: Split} of `splits` (default: data.eval_split); an unknown name lists the split
+  names that exist. Open them once the config is known to fit: a demo config that differs
+  would build its own dataset in the workdir."""
+  return {name: loop.open_split(config, workdir, name)
           for name in dict.fromkeys(splits or [config.data.eval_split])}
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=vlm.apply_fn(exp.model)))
-  results = {}
-  for name, split in data.items():
-    batches = _Progress(exp.batches(split, train=False), f'{name} ({ckpt.kind})', progress)
-    loss, ppl = loop.evaluate_loss(exp, trainable, frozen, batches, eval_fn)
-    results[name] = {'loss': loss, 'perplexity': ppl, 'images': len(split)}
-  return {'checkpoint': dataclasses.asdict(ckpt), 'splits': results}
+
+
+def split_perplexity(r: Restored, split, *, name: str | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+  """{loss, perplexity, images} of one split (named `name` in the progress bar), by training's
+  validation computation."""
+  eval_fn = _eval_fn(r.exp.model)
+  batches = _Progress(r.exp.batches(split, train=False), f'{name or split.name} ({r.ckpt.kind})',
+                      progress)
+  loss, ppl = loop.evaluate_loss(r.exp, r.trainable, r.frozen, batches, eval_fn)
+  return {'loss': loss, 'perplexity': ppl, 'images': len(split)}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
+             splits: list[str] | None = None, config_name: str = 'the given config',
+             progress: bool = True) -> dict[str, Any]:
+  """{'checkpoint': {kind, path, step}, 'splits': {name: {loss, perplexity, images}}}.
+
+  `splits` defaults to the config's data.eval_split; `config_name` names the config in errors.
+  """
+  r = restore(config, workdir, checkpoint=checkpoint, config_name=config_name)
+  data = open_splits(config, workdir, splits)
+  return {'checkpoint': dataclasses.asdict(r.ckpt),
+          'splits': {name: split_perplexity(r, split, name=name, progress=progress)
+                     for name, split in data.items()}}
+
+
+@functools.lru_cache(maxsize=4)
+def _eval_fn(model):
+  return jax.jit(functools.partial(step_lib.eval_step, apply_fn=vlm.apply_fn(model)))
 
 
 def write_metrics(workdir: str, result: dict[str, Any]) -> str:

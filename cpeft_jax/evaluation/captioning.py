@@ -1,0 +1,176 @@
+"""Generated captions of whole splits, their COCO metrics, heatmaps and the files under DIR/eval.
+
+Every image of a split is captioned once (greedy, or beam search with num_beams > 1) by the
+jitted KV-cache search of `generate`, from its evaluation batches (the last one padded; padded
+rows are dropped). Candidates are scored against all of the image's reference captions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import PIL.Image
+import tqdm
+
+from cpeft_jax import contexts
+from cpeft_jax.data import layout
+from cpeft_jax.data import tokenizer as tokenizer_lib
+from cpeft_jax.evaluation import captions as captions_lib
+from cpeft_jax.evaluation import generate as generate_lib
+from cpeft_jax.evaluation import heatmaps
+from cpeft_jax.evaluation.perplexity import Restored
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+  """How captions are generated; from flags, else config.eval, else the defaults below."""
+  num_beams: int = 1
+  max_new_tokens: int = 0  # 0: as many as a training row holds (caption budget + EOS)
+  length_penalty: float = 1.0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, **flags) -> Decoding:
+    """Flags that are not None win over config.eval's fields; checked here, not under jit."""
+    e = config.get('eval', {})
+    values = {f.name: e.get(f.name, f.default) for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    for name in ('num_beams', 'max_new_tokens'):
+      v = values[name]
+      if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == 'num_beams' else 0):
+        raise ValueError(f'{name} must be an int >= {1 if name == "num_beams" else 0} '
+                         f'(0: the caption budget), got {v!r}.')
+    return cls(**values)
+
+
+@dataclasses.dataclass
+class Caption:
+  image_id: int
+  index: int  # the image's position in its split
+  tokens: list[int]  # generated ids, EOS and padding removed
+  text: str
+
+
+def max_new_tokens(r: Restored, decoding: Decoding) -> int:
+  """decoding.max_new_tokens, or the caption budget of a training row plus its EOS."""
+  c = r.exp.config
+  budget = layout.caption_budget(r.exp.num_image_tokens, c.data.seq_len,
+                                 c.connector.boundary_tokens) + 1
+  return decoding.max_new_tokens or budget
+
+
+def text_context(config) -> int:
+  """The adaptor context of caption tokens under the config's context map."""
+  return contexts.validate(config.data.context_map)['text']
+
+
+def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',
+                   progress: bool = True) -> list[Caption]:
+  """One generated caption per image of `split`, in split order (`desc`: the progress bar's)."""
+  exp = r.exp
+  ids = tokenizer_lib.special_ids(exp.tokenizer)
+  variables = r.variables
+  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec('data'))
+  keys = ('pixels', 'tokens', 'kinds', 'context_ids')
+  data = exp.batches(split, train=False)
+  index = {int(i): n for n, i in enumerate(split.image_ids)}
+  out = []
+  for batch in tqdm.tqdm(data.epoch(0), total=len(data), unit='batch', file=sys.stderr,
+                         desc=desc or f'{split.name} captions', disable=not progress):
+    gen_BT = np.asarray(generate_lib.generate(
+        exp.model, variables, {k: jax.device_put(batch[k], sharding) for k in keys},
+        max_new_tokens=max_new_tokens(r, decoding), eos_id=ids.eos,
+        text_context=text_context(exp.config), pad_id=ids.pad, num_beams=decoding.num_beams,
+        length_penalty=decoding.length_penalty))
+    for image_id, valid, row in zip(batch['image_ids'], batch['valid'], gen_BT):
+      if not valid:
+        continue
+      ended = np.flatnonzero(row == ids.eos)
+      tokens = row[:ended[0] if len(ended) else len(row)].tolist()
+      text = exp.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+      out.append(Caption(int(image_id), index[int(image_id)], tokens, text))
+  return out
+
+
+def references(split) -> dict[int, list[str]]:
+  """{image_id: reference captions} of a split; image ids must be unique."""
+  refs = {}
+  for image_id, caps in zip(split.image_ids, split.captions):
+    if int(image_id) in refs:
+      raise ValueError(f'Split {split.name!r} has image id {int(image_id)} more than once; '
+                       'references are keyed by image id.')
+    refs[int(image_id)] = list(caps)
+  return refs
+
+
+def score(scorer: captions_lib.Scorer, split, generated: list[Caption]) -> dict[str, float]:
+  """COCO metrics of the generated captions against every reference of their images."""
+  refs = references(split)
+  return scorer.score({c.image_id: refs[c.image_id] for c in generated},
+                      {c.image_id: c.text for c in generated})
+
+
+def write_results(workdir: str, split_name: str, generated: list[Caption],
+                  metrics: dict[str, Any]) -> tuple[str, str]:
+  """DIR/eval/<split>_captions.json (COCO results format) and <split>_metrics.json."""
+  folder = os.path.join(workdir, 'eval')
+  paths = (os.path.join(folder, f'{split_name}_captions.json'),
+           os.path.join(folder, f'{split_name}_metrics.json'))
+  if jax.process_index() == 0:
+    os.makedirs(folder, exist_ok=True)
+    with open(paths[0], 'w') as f:
+      json.dump([{'image_id': c.image_id, 'caption': c.text} for c in generated], f, indent=1)
+    with open(paths[1], 'w') as f:
+      json.dump(metrics, f, indent=2)
+  return paths
+
+
+def check_layer(r: Restored, layer: int) -> None:
+  """Refuses a heatmap layer the decoder does not have (before any caption is generated)."""
+  n = r.exp.model.decoder_cfg.num_layers
+  if not -n <= layer < n:
+    raise ValueError(f'Heatmap layer {layer} does not exist: the decoder has {n} layers '
+                     f'(valid: {-n}..{n - 1}).')
+
+
+def write_heatmaps(r: Restored, split, name: str, generated: list[Caption], workdir: str, *,
+                   count: int, layer: int = -1) -> list[str]:
+  """Heatmap sheets (image, whole caption, each token) of the first `count` captions of split
+  `name`, as DIR/eval/heatmaps/<name>_<image_id>_layer<layer>.png (layer counted from 0)."""
+  check_layer(r, layer)
+  exp, chosen = r.exp, generated[:count]
+  layer %= exp.model.decoder_cfg.num_layers
+  if not chosen:
+    return []
+  c = exp.config
+  images = [_image(split, g.index, exp.image_size) for g in chosen]
+  x = np.stack([(im.astype(np.float32) / 255.0 - np.asarray(exp.image_mean, np.float32))
+                / np.asarray(exp.image_std, np.float32) for im in images])
+  grids = heatmaps.caption_grids(
+      exp.model, r.variables, x, [g.tokens for g in chosen], layer=layer,
+      num_image_tokens=exp.num_image_tokens, seq_len=c.data.seq_len,
+      ids=tokenizer_lib.special_ids(exp.tokenizer), boundary=c.connector.boundary_tokens,
+      context_map=c.data.context_map)
+  paths = []
+  for g, image, (whole, per_token) in zip(chosen, images, grids):
+    words = exp.tokenizer.convert_ids_to_tokens(g.tokens)
+    path = os.path.join(workdir, 'eval', 'heatmaps',
+                        f'{name}_{g.image_id}_layer{layer}.png')
+    if jax.process_index() == 0:
+      heatmaps.write(path, image, [('caption', whole), *zip(words, per_token)])
+    paths.append(path)
+  return paths
+
+
+def _image(split, index: int, size: int) -> np.ndarray:
+  """The image as the evaluation batches see it before normalisation (uint8, size x size)."""
+  img = split.image(index)
+  if img.shape[:2] != (size, size):
+    img = np.asarray(PIL.Image.fromarray(img).resize((size, size), PIL.Image.BICUBIC))
+  return img
