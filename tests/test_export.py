@@ -219,3 +219,21 @@ def test_what_cannot_be_expressed_is_an_error(base, tmp_path):
     export.export_peft(tmp_path, tables, base.cfg, peft)
   with pytest.raises(ValueError, match=r'BitFit on attn/\w+ cannot be merged'):
     export.merged_params(base.params, tables, base.cfg, peft)
+
+
+def test_command_line_conversions_round_trip(base, exported, tmp_path):
+  from safetensors.numpy import load_file
+  export.convert(str(base.dir), peft_in=str(exported.dir), plugin_out=str(tmp_path / 'plug'),
+                 name='imported')
+  export.convert(str(base.dir), plugin=str(tmp_path / 'plug'), peft_out=str(tmp_path / 'again'),
+                 merged_out=str(tmp_path / 'merged'))
+  want, got = (load_file(str(d / export.ADAPTER_WEIGHTS)) for d in (exported.dir, tmp_path / 'again'))
+  assert sorted(got) == sorted(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
+  merged = checkpoints.load_decoder(tmp_path / 'merged')
+  np.testing.assert_allclose(logits(base.cfg, merged.params),
+                             logits(base.cfg, base.params, exported.tables, exported.peft, 1),
+                             atol=1e-4)
+  with pytest.raises(ValueError, match='exactly one source'):
+    export.convert(str(base.dir), peft_out=str(tmp_path / 'x'))
