@@ -3,14 +3,39 @@
     python train.py --config=configs/demo.py --workdir=/tmp/demo [--config.peft.lora.rank=8]
 
 Rerunning the same command resumes from the workdir's latest checkpoint.
+
+Multi-host (TPU pods, GPU clusters): run the same command on every host with --distributed
+(implied when JAX_COORDINATOR_ADDRESS is set); jax.distributed.initialize() then finds the
+cluster itself on TPU, SLURM and Open MPI, or takes JAX_COORDINATOR_ADDRESS with
+--num_processes and --process_id. Each host reads its own share of the data; the mesh
+(config.mesh) spans every device of every host.
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file (get_config(arg)).')
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Directory for checkpoints and metrics.')
+flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() before any JAX work. '
+                  'Default: when JAX_COORDINATOR_ADDRESS is set.')
+flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (else detected).')
+flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index (else detected).')
 FLAGS = flags.FLAGS
+
+
+def _start_distributed():
+  """jax.distributed.initialize() when asked; it must precede any JAX computation."""
+  wanted = FLAGS.distributed
+  if wanted is None:
+    wanted = bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
+  if not wanted:
+    return
+  import jax
+  jax.distributed.initialize(num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  logging.warning('process %d of %d, %d local of %d devices', jax.process_index(),
+                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -18,6 +43,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
+  _start_distributed()
   from cpeft_jax.train import loop
   result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('done: %s', result)

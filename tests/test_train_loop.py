@@ -1,4 +1,5 @@
-"""train.py's loop end to end on a tiny demo: learning, checkpoints, exact resumption."""
+"""train.py's loop end to end on a tiny demo: learning, checkpoints, exact resumption, metrics
+files, the adaptor-only export and the atomic best-weights swap."""
 
 import json
 import os
@@ -63,6 +64,50 @@ def test_learns_and_resumes_exactly(tmp_path):
   assert out_b['steps'] == 45
   a, b = _best(tmp_path / 'a'), _best(tmp_path / 'b')
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+  # Metrics: JSONL with per-context figures, and TensorBoard event files holding the same.
+  logged = [l for l in lines if 'learning_rate' in l]
+  assert logged and {'perplexity', 'tokens_per_s', 'step_s', 'grad_norm', 'loss/ctx0',
+                     'tokens/ctx1', 'grad_norm/ctx1'} <= set(logged[0])
+  tb = _event_scalars(tmp_path / 'a' / 'tensorboard')
+  assert tb['loss/ctx0'] == [(l['step'], pytest.approx(l['loss/ctx0'])) for l in logged]
+  assert [s for s, _ in tb['val_loss']] == [e['step'] for e in evals]
+
+  # Best weights are a symlink onto a complete version; the older versions are gone.
+  best = tmp_path / 'a' / 'best'
+  assert best.is_symlink() and len(list((tmp_path / 'a' / 'best_versions').iterdir())) == 1
+
+  # The adaptor-only export (written after training) rebuilds the same model: same logits.
+  from cpeft_jax.models import vlm
+  from cpeft_jax.train import export
+  from cpeft_jax.train import state as state_lib
+  info = json.load(open(tmp_path / 'a' / 'export' / 'export.json'))
+  assert info['source'] == 'best' and info['bytes'] < 100_000
+  exp_e, v_e = export.load(str(tmp_path / 'a' / 'export'))
+  exp_a = loop.build(straight, str(tmp_path / 'a'), None)
+  v_a = state_lib.merge(a, state_lib.split(exp_a.variables, 'peft')[1])
+  val = loop.open_split(straight, str(tmp_path / 'a'), 'validation')
+  batch = loop._device_batch(exp_a, next(exp_a.batches(val, train=False).epoch(0)))
+  logits_e = jax.jit(vlm.apply_fn(exp_e.model))(v_e, batch)
+  logits_a = jax.jit(vlm.apply_fn(exp_a.model))(v_a, batch)
+  np.testing.assert_array_equal(logits_e, logits_a)
+
+
+def _event_scalars(directory):
+  """{tag: [(step, value)]} read from TensorBoard event files (TFRecord framing)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  out = {}
+  for path in sorted(directory.iterdir()):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack('<Q', data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      i += 12 + n + 4
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out
 
 
 def test_cli_rejects_bad_config(tmp_path):

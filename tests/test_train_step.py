@@ -63,15 +63,19 @@ def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
   st = state_lib.TrainState.create(trainable, tx)
   opt_leaves = jax.tree.leaves(st.opt_state)
   assert sum(x.size for x in opt_leaves if x.ndim) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
-  step = jax.jit(step_lib.train_step, static_argnames=('apply_fn', 'micro_steps'))
-  s1, m1 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=1)
-  s2, m2 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=2)
+  step = jax.jit(step_lib.train_step, static_argnames=('apply_fn', 'micro_steps', 'num_contexts'))
+  s1, m1 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=1,
+                num_contexts=3)
+  s2, m2 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=2,
+                num_contexts=3)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+  _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                s1.trainable, s2.trainable)
   losses = [float(m1['loss'])]
   for i in range(15):
-    s1, m = step(s1, frozen, batch, jax.random.key(i), apply_fn=apply, micro_steps=1)
+    s1, m = step(s1, frozen, batch, jax.random.key(i), apply_fn=apply, micro_steps=1,
+                 num_contexts=3)
     losses.append(float(m['loss']))
   assert losses[-1] < 0.9 * losses[0]
   assert int(s1.step) == 16
@@ -83,3 +87,29 @@ def test_schedules():
   assert float(sched(0)) == 0.0 and float(sched(2)) == 1.0 and float(sched(10)) < 1e-6
   with pytest.raises(ValueError, match='needs optim.total_steps'):
     state_lib.OptimConfig(schedule='linear')
+
+
+
+def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
+  """The step's per-context losses, token counts and row gradient norms vs references."""
+  # Reference: every masked position's loss added to its token's context, one at a time.
+  logits = np.asarray(apply(v, batch), np.float64)
+  ctx, mask, tgt = (np.asarray(batch[k]) for k in ('context_ids', 'loss_mask', 'targets'))
+  sums, counts = np.zeros(3), np.zeros(3)
+  for b, t in zip(*np.nonzero(mask)):
+    z = logits[b, t]
+    sums[ctx[b, t]] += np.log(np.exp(z - z.max()).sum()) + z.max() - z[tgt[b, t]]
+    counts[ctx[b, t]] += 1
+  assert counts[1] > 0 and counts[0] > 0 and counts[2] == 0  # the last image token is context 1
+  np.testing.assert_array_equal(m['tokens_ctx'], counts)
+  np.testing.assert_allclose(m['loss_ctx'][:2], sums[:2] / counts[:2], rtol=1e-5)
+  # Per-context losses weighted by their token counts recombine to the step's loss.
+  np.testing.assert_allclose((m['loss_ctx'] * m['tokens_ctx']).sum() / m['tokens_ctx'].sum(),
+                             m['loss'], rtol=1e-6)
+  # Per-row gradient norms: row r of every adaptor table ([layers, R, ...]) of the plain gradient.
+  g = jax.jit(jax.grad(lambda t: step_lib.loss_sums(apply, state_lib.merge(t, frozen), batch,
+                                                    train=False)[0] / counts.sum()))(trainable)
+  tables = jax.tree.leaves(g['adaptors'])
+  want = [np.sqrt(sum(float(np.sum(np.square(x[:, r]))) for x in tables)) for r in range(2)]
+  np.testing.assert_allclose(m['grad_norm_row'], want, rtol=1e-4)
+  assert min(want) > 0

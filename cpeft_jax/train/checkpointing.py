@@ -3,12 +3,16 @@
 A checkpoint holds the trainable tree, the optimizer state and the step (the frozen base is
 rebuilt from its source, never saved), plus JSON metadata: the data position (epoch, batch),
 the best validation loss so far and the config. Orbax writes to a temporary directory and
-renames it when complete, so an interrupted save never leaves a half-written checkpoint.
+renames it when complete, so an interrupted save never leaves a half-written checkpoint; the
+best-validation weights kept beside them are swapped in the same way (`save_best`).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
@@ -49,3 +53,41 @@ def restore(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = No
   tree = out['state']
   return state.replace(step=tree['step'], trainable=tree['trainable'],
                        opt_state=tree['opt_state']), dict(out['meta'])
+
+
+BEST = 'best'  # workdir/best: the best-validation trainable tree, workdir/best.json its info
+_BEST_VERSIONS = 'best_versions'
+
+
+def save_best(workdir: str, trainable, info: dict[str, Any]) -> str:
+  """Saves the best-validation weights so that an interruption keeps the previous ones.
+
+  Each save is a new orbax directory `best_versions/<step>.<time>` (written under a temporary
+  name and renamed by orbax when complete); `best` is a symlink swapped onto it with an atomic
+  rename, then older versions are deleted. `best.json` is replaced atomically after the swap.
+  """
+  workdir = os.path.abspath(workdir)
+  versions = os.path.join(workdir, _BEST_VERSIONS)
+  os.makedirs(versions, exist_ok=True)
+  name = f"{int(info['step'])}.{time.time_ns()}"  # never the linked version's name
+  target = os.path.join(versions, name)
+  with ocp.StandardCheckpointer() as ckpt:  # every process joins an orbax save
+    ckpt.save(target, trainable)
+  link = os.path.join(workdir, BEST)
+  if jax.process_index():
+    return link
+  if os.path.isdir(link) and not os.path.islink(link):  # a real directory from an older run
+    os.replace(link, os.path.join(versions, 'legacy'))
+  tmp_link = link + '.tmp-link'
+  if os.path.lexists(tmp_link):
+    os.remove(tmp_link)
+  os.symlink(os.path.join(_BEST_VERSIONS, name), tmp_link)
+  os.replace(tmp_link, link)
+  tmp_json = os.path.join(workdir, BEST + '.json.tmp')
+  with open(tmp_json, 'w') as f:
+    json.dump(info, f, indent=2)
+  os.replace(tmp_json, os.path.join(workdir, BEST + '.json'))
+  for old in os.listdir(versions):
+    if old != name:
+      shutil.rmtree(os.path.join(versions, old), ignore_errors=True)
+  return link

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
+import tqdm
 
 from cpeft_jax import adaptors, checkpoints, configlib, quantize, vision_checkpoints
 from cpeft_jax.data import pipeline, preprocess, sources
@@ -30,7 +30,7 @@ from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
-from cpeft_jax.train import checkpointing, metrics
+from cpeft_jax.train import checkpointing, metrics, sharding
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
@@ -49,9 +49,11 @@ class Experiment:
   image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
   def batches(self, split: sources.Split, *, train: bool) -> pipeline.CaptionBatches:
+    """This host's share of the batches: batch_size / process_count rows of each."""
     c = self.config
+    size = c.train.batch_size if train else c.eval.batch_size
     return pipeline.CaptionBatches(
-        split, self.tokenizer, batch_size=c.train.batch_size if train else c.eval.batch_size,
+        split, self.tokenizer, batch_size=size // jax.process_count(),
         num_image_tokens=self.num_image_tokens, seq_len=c.data.seq_len,
         context_map=c.data.context_map, image_size=self.image_size, mean=self.image_mean,
         std=self.image_std, train=train, seed=c.seed,
@@ -75,12 +77,15 @@ def _tokenizer(config, workdir, train_split):
 
 
 def _mesh(config) -> jax.sharding.Mesh:
-  n = jax.device_count()
+  """The config's (data, fsdp, tensor) mesh; each batch must split over data x fsdp."""
+  mesh = sharding.make_mesh(config.get('mesh'))
   for name in ('train', 'eval'):
-    if config[name].batch_size % n:
+    sharding.check_batch(mesh.shape, name, config[name].batch_size)
+    if config[name].batch_size % jax.process_count():
       raise ValueError(f'{name}.batch_size={config[name].batch_size} must be divisible by the '
-                       f'{n} devices of the data mesh axis.')
-  return jax.make_mesh((n,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+                       f'{jax.process_count()} processes (hosts).')
+  sharding.parse_rules(config.get('partition_rules'))  # fail on bad rules before any work
+  return mesh
 
 
 def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Experiment:
@@ -211,8 +216,9 @@ MODEL_KEYS = ('pixels', 'tokens', 'targets', 'kinds', 'context_ids', 'attention_
 
 
 def _device_batch(exp: Experiment, batch):
-  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec('data'))
-  return {k: jax.device_put(batch[k], sharding) for k in MODEL_KEYS}
+  """Global arrays split over ('data', 'fsdp') from each host's rows of the batch."""
+  s = sharding.batch_sharding(exp.mesh)
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in MODEL_KEYS}
 
 
 def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:
@@ -251,11 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim = state_lib.OptimConfig.from_dict(
       dict(config.optim, total_steps=config.optim.total_steps or
            steps_per_epoch * config.train.epochs))
-  # The base, the trainable tree and its optimizer state are replicated over the data axis.
-  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
-  frozen = jax.device_put(frozen, replicated)
-  state = jax.device_put(state_lib.TrainState.create(trainable, state_lib.optimizer(optim)),
-                         replicated)
+  placed = place(exp, trainable, frozen, state_lib.optimizer(optim))
+  state, frozen = placed.state, placed.frozen
   mgr = checkpointing.manager(os.path.join(workdir, 'checkpoints'))
   meta = {'epoch': 0, 'batch': 0, 'best_val_loss': None}
   if mgr.latest_step() is not None:
@@ -264,37 +267,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  meta['batch'])
 
   apply = vlm.apply_fn(exp.model)
-  step_fn = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply,
-                                      micro_steps=config.train.micro_steps), donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=apply))
-  writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+  rows = exp.model.peft.rows if exp.model.peft.methods else ()
+  num_contexts = exp.model.peft.num_contexts
+  step_fn = jax.jit(
+      functools.partial(step_lib.train_step, apply_fn=apply, micro_steps=config.train.micro_steps,
+                        num_contexts=num_contexts),
+      in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh, placed.replicated),
+      out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=apply),
+                    in_shardings=(placed.state_sh.trainable, placed.frozen_sh, placed.batch_sh),
+                    out_shardings=placed.replicated)
+  lr_at = state_lib.schedule(optim)
+  lead = jax.process_index() == 0
+  writer = metrics.Writer(workdir, enabled=lead)
   stop = {'signal': None}
   old = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
   rng = jax.random.key(config.seed + 1)
   last = {}
+  seq_tokens = config.train.batch_size * config.data.seq_len  # positions a step computes
   try:
     for epoch in range(meta['epoch'], config.train.epochs):
-      pending, t0 = None, time.time()
+      pending, t0, n0 = None, time.time(), meta['batch']
+      bar = tqdm.tqdm(total=steps_per_epoch, initial=meta['batch'], disable=not lead,
+                      desc=f'epoch {epoch + 1}/{config.train.epochs}', unit='step',
+                      dynamic_ncols=True, leave=False, mininterval=1.0)
       for k, batch in enumerate(train_data.epoch(epoch, start=meta['batch']), meta['batch']):
         state, m = step_fn(state, frozen, _device_batch(exp, batch),
                            jax.random.fold_in(rng, epoch * steps_per_epoch + k))
         if pending is not None:  # pull step n-1's metrics after dispatching step n
-          last = _check(jax.device_get(pending[1]), pending[0])
+          last = _check(jax.device_get(pending[1]), pending[0], rows)
+          bar.update(1)
+          bar.set_postfix(loss=f'{last["loss"]:.3f}', refresh=False)
           if pending[0] % config.train.log_every == 0:
-            writer.write(pending[0], {**last, 'steps_per_s': config.train.log_every /
-                                      max(time.time() - t0, 1e-9)})
-            t0 = time.time()
+            dt = max(time.time() - t0, 1e-9) / max(k - n0, 1)
+            writer.write(pending[0], {**last, **_rates(last, dt, seq_tokens),
+                                      'learning_rate': float(lr_at(pending[0] - 1))})
+            t0, n0 = time.time(), k
         pending = (int(epoch * steps_per_epoch + k + 1), m)
         meta.update(epoch=epoch, batch=k + 1)
         if stop['signal'] is not None or (config.train.checkpoint_every and
                                           pending[0] % config.train.checkpoint_every == 0):
-          last = _check(jax.device_get(pending[1]), pending[0])  # never save a NaN state
+          last = _check(jax.device_get(pending[1]), pending[0], rows)  # never save a NaN state
           checkpointing.save(mgr, state, meta)
           if stop['signal'] is not None:
             raise SystemExit(f'Stopped by signal {stop["signal"]} at step {pending[0]}; '
                              'checkpoint saved, rerun the same command to resume.')
       if pending is not None:
-        last = _check(jax.device_get(pending[1]), pending[0])
+        last = _check(jax.device_get(pending[1]), pending[0], rows)
+        bar.update(1)
+      bar.close()
       val_loss, val_ppl = evaluate_loss(exp, state.trainable, frozen, eval_data, eval_fn)
       step = int(jax.device_get(state.step))
       writer.write(step, {'epoch': epoch + 1, 'train_loss': last.get('loss', float('nan')),
@@ -302,37 +323,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       meta.update(epoch=epoch + 1, batch=0)
       if meta['best_val_loss'] is None or val_loss < meta['best_val_loss']:
         meta['best_val_loss'] = val_loss
-        _save_best(workdir, state.trainable, {'step': step, 'epoch': epoch + 1,
-                                              'val_loss': val_loss, 'val_ppl': val_ppl})
+        checkpointing.save_best(workdir, state.trainable, {
+            'step': step, 'epoch': epoch + 1, 'val_loss': val_loss, 'val_ppl': val_ppl})
       checkpointing.save(mgr, state, meta)
   except KeyboardInterrupt:
     checkpointing.save(mgr, state, meta)
     raise
   finally:
     signal.signal(signal.SIGTERM, old)
+    writer.close()
   truncated, dropped = train_data.truncated
   if truncated:
     logging.warning('%d training captions were truncated (%d tokens dropped) to fit seq_len=%d.',
                     truncated, dropped, config.data.seq_len)
+  if lead and config.train.get('export', True):
+    from cpeft_jax.train import export
+    export.export(workdir)
   best = meta['best_val_loss']
   return {'val_loss': best, 'val_ppl': math.exp(best) if best is not None else float('nan'),
           'steps': int(jax.device_get(state.step))}
 
 
-def _check(m, step):
-  m = {k: float(v) for k, v in m.items()}
-  if not math.isfinite(m['loss']):
-    raise FloatingPointError(f'Loss is {m["loss"]} at step {step}; the last checkpoint in the '
+@dataclasses.dataclass
+class Placed:
+  """The train state and frozen base on the mesh, with the shardings the jitted steps use."""
+  state: state_lib.TrainState
+  frozen: Any
+  state_sh: Any
+  frozen_sh: Any
+  batch_sh: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+
+def place(exp: Experiment, trainable, frozen, tx) -> Placed:
+  """Shards the frozen base and builds the optimizer state directly in its shardings.
+
+  Shapes come from jax.eval_shape, so each leaf's sharding is known before its memory is
+  used; the optimizer state is created by a jit whose outputs are already sharded.
+  """
+  rules = sharding.parse_rules(exp.config.get('partition_rules'))
+  create = lambda t: state_lib.TrainState.create(t, tx)
+  state_sh = sharding.tree_shardings(jax.eval_shape(create, trainable), exp.mesh, rules)
+  frozen_sh = sharding.tree_shardings(frozen, exp.mesh, rules)
+  logging.info('sharded leaves on mesh %s: %s', dict(exp.mesh.shape),
+               sharding.describe({'frozen': frozen_sh, 'state': state_sh}))
+  trainable = jax.device_put(trainable, state_sh.trainable)
+  state = jax.jit(create, out_shardings=state_sh)(trainable)
+  return Placed(state, jax.device_put(frozen, frozen_sh), state_sh, frozen_sh,
+                sharding.batch_sharding(exp.mesh), sharding.replicated(exp.mesh))
+
+
+def _rates(m, step_s, seq_tokens):
+  return {'perplexity': math.exp(min(m['loss'], 50.0)), 'step_s': step_s,
+          'tokens_per_s': seq_tokens / step_s}
+
+
+def _check(m, step, rows=()):
+  """Host floats of a step's metrics (per-context arrays flattened); raises on a NaN loss."""
+  out = {}
+  for k, v in m.items():
+    v = np.asarray(v)
+    if k == 'grad_norm_row':
+      out.update({f'grad_norm/ctx{c}': float(x) for c, x in zip(rows, v)})
+    elif k.endswith('_ctx'):
+      out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in enumerate(v)})
+    else:
+      out[k] = float(v)
+  if not math.isfinite(out['loss']):
+    raise FloatingPointError(f'Loss is {out["loss"]} at step {step}; the last checkpoint in the '
                              'workdir holds the state before it.')
-  return m
-
-
-def _save_best(workdir, trainable, info):
-  path = os.path.abspath(os.path.join(workdir, 'best'))
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path, trainable, force=True)
-  with open(os.path.join(workdir, 'best.json'), 'w') as f:
-    json.dump(info, f, indent=2)
+  return out
 
 
 def adaptor_counts(exp: Experiment, trainable) -> dict[str, dict[int, int]]:

@@ -3,16 +3,22 @@
 The loss is next-token cross-entropy over the positions `loss_mask` marks (caption tokens and
 EOS), averaged over those tokens. A batch is split into `micro_steps` micro-batches whose
 gradients are summed in a scan, so the update equals the one of the whole batch.
+
+With `num_contexts`, the step also returns per-context diagnostics: the loss and token count
+of each context id (a loss position belongs to the context of the token it is computed at,
+whose adaptors produced it) and the gradient norm of each context row of the adaptor tables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
+import flax
 import jax
 import jax.numpy as jnp
 import optax
 
+from cpeft_jax import adaptors
 from cpeft_jax.train import state as state_lib
 
 # apply_fn(variables, batch, *, train, rng) -> logits [B, L, V] (float32).
@@ -23,39 +29,77 @@ def token_losses(logits_BLV, targets_BL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
 
 
+def _masked_losses(apply_fn, variables, batch, *, train, rng):
+  logits_BLV = apply_fn(variables, batch, train=train, rng=rng)
+  mask_BL = batch['loss_mask'].astype(jnp.float32)
+  return token_losses(logits_BLV, batch['targets']) * mask_BL, mask_BL
+
+
 def loss_sums(apply_fn: ApplyFn, variables, batch: Mapping[str, jax.Array], *, train: bool,
               rng=None):
   """(sum of masked token losses, number of masked tokens)."""
-  logits = apply_fn(variables, batch, train=train, rng=rng)
-  mask = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(token_losses(logits, batch['targets']) * mask), jnp.sum(mask)
+  loss_BL, mask_BL = _masked_losses(apply_fn, variables, batch, train=train, rng=rng)
+  return jnp.sum(loss_BL), jnp.sum(mask_BL)
+
+
+def context_sums(loss_BL, mask_BL, context_ids_BL, num_contexts: int):
+  """(loss sum [C], token count [C]) of the masked positions of each context id."""
+  ids = context_ids_BL.reshape(-1)
+  seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_contexts)
+  return seg(loss_BL), seg(mask_BL)
+
+
+def row_grad_norms(grads) -> jax.Array | None:
+  """Gradient norm of each context row [R] over every adaptor table (None without tables).
+
+  Tables inside the scanned layers are [layers, R, ...], others [R, ...].
+  """
+  tables = grads.get(adaptors.ADAPTORS) if isinstance(grads, Mapping) else None
+  if not tables:
+    return None
+  sq = None
+  for path, g in flax.traverse_util.flatten_dict(tables, sep='/').items():
+    axis = 1 if '/layers/' in f'/{path}' else 0
+    g = jnp.moveaxis(g.astype(jnp.float32), axis, 0)
+    s = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
+    sq = s if sq is None else sq + s
+  return jnp.sqrt(sq)
 
 
 def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: ApplyFn,
-               micro_steps: int = 1):
+               micro_steps: int = 1, num_contexts: int = 0):
   """One optimizer update over `batch`; gradients only for the trainable tree."""
   B = batch['targets'].shape[0]
   if B % micro_steps:
     raise ValueError(f'batch size {B} is not divisible by micro_steps={micro_steps}.')
   micro = jax.tree.map(lambda x: x.reshape(micro_steps, B // micro_steps, *x.shape[1:]), batch)
   rngs = jax.random.split(rng, micro_steps)
+  C = max(num_contexts, 1)
 
-  def grad_of(trainable, mb, r):
-    f = lambda t: loss_sums(apply_fn, state_lib.merge(t, frozen), mb, train=True, rng=r)
-    (s, n), g = jax.value_and_grad(f, has_aux=True)(trainable)
-    return s, n, g
+  def sums(trainable, mb, r):
+    loss_BL, mask_BL = _masked_losses(apply_fn, state_lib.merge(trainable, frozen), mb,
+                                      train=True, rng=r)
+    s_C, n_C = context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
+        jnp.zeros((C,)), jnp.zeros((C,)))
+    return jnp.sum(loss_BL), (jnp.sum(mask_BL), s_C, n_C)
 
   def body(carry, xs):
-    s_acc, n_acc, g_acc = carry
-    s, n, g = grad_of(state.trainable, *xs)
-    return (s_acc + s, n_acc + n, jax.tree.map(jnp.add, g_acc, g)), None
+    g_acc, *acc = carry
+    (s, aux), g = jax.value_and_grad(sums, has_aux=True)(state.trainable, *xs)
+    return (jax.tree.map(jnp.add, g_acc, g), *(a + b for a, b in zip(acc, (s, *aux)))), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-  (s, n, g), _ = jax.lax.scan(body, (jnp.zeros(()), jnp.zeros(()), zeros), (micro, rngs))
+  init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((C,)), jnp.zeros((C,)))
+  (g, s, n, s_C, n_C), _ = jax.lax.scan(body, init, (micro, rngs))
   n = jnp.maximum(n, 1.0)
   grads = jax.tree.map(lambda x: x / n, g)
   new_state = state.apply_gradients(grads)
   metrics = {'loss': s / n, 'tokens': n, 'grad_norm': optax.tree.norm(grads)}
+  if num_contexts:
+    metrics.update(loss_ctx=s_C / jnp.maximum(n_C, 1.0), tokens_ctx=n_C)
+    rows = row_grad_norms(grads)
+    if rows is not None:
+      metrics['grad_norm_row'] = rows
   return new_state, metrics
 
 

@@ -1,0 +1,147 @@
+"""The device mesh (data, fsdp, tensor) and the partition rules that place the model on it.
+
+`config.mesh = dict(data=-1, fsdp=1, tensor=1)` names the size of each axis; -1 takes the
+devices the others leave. The batch is split over ('data', 'fsdp'). Parameters are placed by
+regex rules over their paths ('collection/module/.../leaf', optimizer state included, since
+its paths end with the parameter's): the frozen base kernels shard their input/output
+features over 'fsdp' and 'tensor' in the Megatron layout (q/k/v/gate/up column-parallel,
+o/down row-parallel), adaptor tables follow the tensor split of their base kernel, and
+everything else is replicated. A rule's axes apply to the *trailing* dimensions of a leaf, so
+one rule covers a kernel with or without the scanned layer axis and a table with its leading
+(layer, context) axes. A dimension that its mesh axis does not divide is left replicated.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the leading (batch) dimension of every input
+DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
+
+_COL = r'(q|k|v|gate|up|gate_up)_proj'  # column-parallel: output features over 'tensor'
+_ROW = r'(o|down)_proj'  # row-parallel: input features over 'tensor'
+# (regex searched in the leaf path, axes of the trailing dims); the first match wins.
+DEFAULT_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    (rf'/{_COL}/kernel$', ('fsdp', 'tensor')),
+    (rf'/{_ROW}/kernel$', ('tensor', 'fsdp')),
+    (r'/embed_tokens/embedding$', ('tensor', 'fsdp')),
+    (r'/lm_head/kernel$', ('fsdp', 'tensor')),
+    (rf'/{_COL}/lora_b$', (None, 'tensor')),
+    (rf'/{_ROW}/lora_a$', ('tensor', None)),
+    (r'.*', ()),  # norms, biases, connector, vision encoder, small tables: replicated
+)
+
+
+def mesh_shape(spec: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
+  """Axis sizes with -1 resolved; raises unless they multiply to `num_devices`."""
+  spec = dict(DEFAULT_MESH if spec is None else spec)
+  unknown = sorted(set(spec) - set(AXES))
+  if unknown:
+    raise ValueError(f'config.mesh has unknown axes {unknown}; expected {list(AXES)}.')
+  sizes = {a: spec.get(a, 1) for a in AXES}
+  for a, n in sizes.items():
+    if isinstance(n, bool) or not isinstance(n, int) or (n < 1 and n != -1):
+      raise ValueError(f'config.mesh.{a}={n!r}; expected a positive int or -1 (the rest).')
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1:
+    raise ValueError(f'config.mesh: only one axis may be -1, got {free}.')
+  fixed = int(np.prod([n for n in sizes.values() if n != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(f'config.mesh={spec}: the fixed axes ({fixed} devices) do not divide the '
+                       f'{num_devices} devices.')
+    sizes[free[0]] = num_devices // fixed
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f'config.mesh={spec} spans {int(np.prod(list(sizes.values())))} devices; '
+                     f'expected a product of {num_devices} (jax.device_count()).')
+  return sizes
+
+
+def make_mesh(spec: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
+  sizes = mesh_shape(spec, jax.device_count())
+  return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def check_batch(sizes: Mapping[str, int], name: str, batch_size: int) -> None:
+  """Raises unless `batch_size` splits over data x fsdp of the mesh axis `sizes`."""
+  n = int(np.prod([sizes[a] for a in BATCH_AXES]))
+  if batch_size % n:
+    raise ValueError(f'{name}.batch_size={batch_size} must be divisible by data x fsdp = {n} '
+                     f'(mesh {dict(sizes)}).')
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def parse_rules(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[re.Pattern, tuple], ...]:
+  """Compiled (regex, axes) rules; checks each axis name. None: `DEFAULT_RULES`."""
+  out = []
+  for i, rule in enumerate(DEFAULT_RULES if rules is None else rules):
+    if len(rule) != 2:
+      raise ValueError(f'partition rule {i} is {rule!r}; expected (regex, axes).')
+    pattern, axes = rule
+    axes = tuple(axes)
+    for a in axes:
+      names = a if isinstance(a, (tuple, list)) else (a,)
+      if any(n is not None and n not in AXES for n in names):
+        raise ValueError(f'partition rule {pattern!r} names axis {a!r}; expected None or one of '
+                         f'{list(AXES)}.')
+    try:
+      out.append((re.compile(pattern), axes))
+    except re.error as e:
+      raise ValueError(f'partition rule {pattern!r} is not a valid regex: {e}') from e
+  return tuple(out)
+
+
+def _path(keys) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in keys)
+
+
+def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) -> P:
+  """The PartitionSpec of one leaf: the first matching rule, aligned to the trailing dims."""
+  for pattern, axes in rules:
+    if pattern.search(path):
+      break
+  else:
+    return P()
+  if len(axes) > len(shape):
+    return P()  # e.g. a scalar optimizer count whose path happens to match
+  dims = [None] * (len(shape) - len(axes)) + list(axes)
+  for i, a in enumerate(dims):
+    if a is None:
+      continue
+    size = int(np.prod([mesh.shape[n] for n in (a if isinstance(a, (tuple, list)) else (a,))]))
+    if shape[i] % size:
+      logging.info('sharding: %s dim %d (%d) is not divisible by mesh axis %s (%d); replicated.',
+                   path, i, shape[i], a, size)
+      dims[i] = None
+  return P(*dims)
+
+
+def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=None):
+  """NamedShardings for every leaf of `tree` (arrays or jax.ShapeDtypeStructs)."""
+  rules = parse_rules(None) if rules is None else rules
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, x: NamedSharding(mesh, spec_for(_path(kp), tuple(np.shape(x)), mesh, rules)),
+      tree)
+
+
+def describe(shardings) -> dict[str, str]:
+  """{path: spec} of the sharded leaves, for logs and tests."""
+  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+  return {_path(kp): str(s.spec) for kp, s in flat if any(a is not None for a in s.spec)}
