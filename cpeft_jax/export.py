@@ -73,9 +73,9 @@ def context_spec(peft: PeftConfig, context: int) -> tuple[tuple[str, ...], adapt
 
 
 def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
-  """The block paths ('attn/q_proj', ...) that carry LoRA."""
+  """The block paths ('attn/q_proj', ...) that carry the LoRA tables (LoRA or DoRA)."""
   targets = adaptors.resolve_targets(peft, cfg.projections())
-  return sorted(name for name, a in targets.items() if a.lora)
+  return sorted(name for name, a in targets.items() if a.lora or getattr(a, 'dora', False))
 
 
 def _hf_projections(path: str, cfg: DecoderConfig) -> list[tuple[str, slice]]:
@@ -98,33 +98,37 @@ def _hf_projections(path: str, cfg: DecoderConfig) -> list[tuple[str, slice]]:
 def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: PeftConfig,
                 context: int = 0, *, base_model_name_or_path: str | None = None
                 ) -> pathlib.Path:
-  """Writes context `context`'s LoRA group as a PyTorch PEFT adapter (LORA, CAUSAL_LM).
+  """Writes context `context`'s LoRA (or DoRA) group as a PyTorch PEFT adapter (CAUSAL_LM).
 
-  Only LoRA has a place in that format: a model that also carries IA3 or BitFit is an error
-  rather than a silently partial export.
+  Only LoRA and DoRA have a place in that format: a context that also carries IA3 or BitFit
+  is an error rather than a silently partial export.
   """
   import safetensors.numpy
   methods, lo = context_spec(peft, context)
-  others = [m for m in methods if m != 'lora']
-  if 'lora' not in methods or others:
-    raise ValueError(f'export_peft writes a LoRA adapter; context {context} has methods '
-                     f'{methods} ({others or "no lora"} cannot be expressed as PEFT LoRA).')
+  if tuple(methods) not in (('lora',), ('dora',)):
+    raise ValueError(f'export_peft writes a LoRA or DoRA adapter; context {context} has methods '
+                     f'{methods} ({[m for m in methods if m not in ("lora", "dora")] or "no lora"}'
+                     ' cannot be expressed as PEFT LoRA).')
+  dora = methods == ('dora',)
   row, r = row_of(peft, context), lo.rank
   flat = _flat(tables)
   tensors, modules = {}, set()
   for path in lora_targets(cfg, peft):
     a_NDr = np.asarray(flat[f'layers/{path}/lora_a'][:, row, :, :r], np.float32)
     b_NrE = np.asarray(flat[f'layers/{path}/lora_b'][:, row, :r], np.float32)
+    m_NE = np.asarray(flat[f'layers/{path}/dora_m'][:, row], np.float32) if dora else None
     for module, cols in _hf_projections(path, cfg):
       modules.add(module.rsplit('.', 1)[-1])
       for i in range(cfg.num_layers):
         key = PEFT_PREFIX.format(layer=i) + module
         tensors[f'{key}.lora_A.weight'] = np.ascontiguousarray(a_NDr[i].T)  # [r, d_in]
         tensors[f'{key}.lora_B.weight'] = np.ascontiguousarray(b_NrE[i][:, cols].T)  # [d_out, r]
+        if dora:  # the magnitude: one per output column, so fused halves split exactly
+          tensors[f'{key}.lora_magnitude_vector'] = np.ascontiguousarray(m_NE[i][cols])
   config = {
       'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': lo.rank, 'lora_alpha': lo.alpha,
       'use_rslora': lo.rslora, 'lora_dropout': lo.dropout, 'target_modules': sorted(modules),
-      'bias': 'none', 'use_dora': False, 'fan_in_fan_out': False, 'modules_to_save': None,
+      'bias': 'none', 'use_dora': dora, 'fan_in_fan_out': False, 'modules_to_save': None,
       'init_lora_weights': True, 'inference_mode': True, 'rank_pattern': {},
       'alpha_pattern': {}, 'layers_to_transform': None,
       'base_model_name_or_path': base_model_name_or_path,
@@ -139,7 +143,7 @@ def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
 # ----------------------------------------------------------------------------- PEFT import
 
 # adapter_config.json options we can represent, with the only accepted values.
-_MUST_BE = {'use_dora': (False, None), 'bias': ('none', None), 'fan_in_fan_out': (False, None),
+_MUST_BE = {'bias': ('none', None), 'fan_in_fan_out': (False, None),
             'modules_to_save': (None, []), 'layers_to_transform': (None, []),
             'rank_pattern': ({}, None), 'alpha_pattern': ({}, None),
             'layers_pattern': (None, [], ''), 'megatron_config': (None,),
@@ -161,8 +165,8 @@ def read_peft_config(directory: str | os.PathLike) -> dict[str, Any]:
   for key, ok in _MUST_BE.items():
     if key in config and config[key] not in ok:
       raise ValueError(f'{path}: {key}={config[key]!r} is not supported (expected '
-                       f'{ok[0]!r}); DoRA, trained biases, saved modules and per-layer '
-                       'patterns have no place in a context\'s LoRA tables.')
+                       f'{ok[0]!r}); trained biases, saved modules and per-layer patterns '
+                       'have no place in a context\'s LoRA tables.')
   for key in ('r', 'lora_alpha', 'target_modules'):
     if key not in config:
       raise ValueError(f'{path} has no {key!r}.')
@@ -176,14 +180,19 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   The adapter's target modules, rank and every tensor's shape must match the model's LoRA
   tables (else an error naming the difference, before anything is changed). A different
   lora_alpha or rsLoRA setting is folded into B, so the imported row computes exactly what
-  PEFT computes under the model's own scale.
+  PEFT computes under the model's own scale. A DoRA adapter (use_dora) goes into a DoRA
+  context, its magnitudes into the 'dora_m' rows.
   """
   from safetensors.numpy import load_file
   directory = pathlib.Path(directory)
   config = read_peft_config(directory)
   methods, lo = context_spec(peft, context)
-  if 'lora' not in methods:
-    raise ValueError(f'Context {context} has no LoRA to import into (methods={methods}).')
+  dora = bool(config.get('use_dora'))
+  want = 'dora' if dora else 'lora'
+  if want not in methods:
+    raise ValueError(f'{directory} is a {want.upper()} adapter (use_dora={dora}); context '
+                     f'{context} has methods {methods}, so it has no {want.upper()} to import '
+                     'into.')
   row = row_of(peft, context)
   targets = lora_targets(cfg, peft)
   want_modules = sorted({m.rsplit('.', 1)[-1] for p in targets for m, _ in
@@ -219,6 +228,7 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   for path in targets:
     a_NRDr = np.array(flat[f'layers/{path}/lora_a'], np.float32)
     b_NRrE = np.array(flat[f'layers/{path}/lora_b'], np.float32)
+    m_NRE = np.array(flat[f'layers/{path}/dora_m'], np.float32) if dora else None
     N, _, D, _ = a_NRDr.shape  # the tables' rank may exceed r: padding, left as it is
     parts = _hf_projections(path, cfg)
     for i in range(N):
@@ -232,9 +242,13 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
                           'fused gate+up projection, which shares one A')
         a_Dr = a_rD.T
         b_NRrE[i, row, :r, cols] = take(f'{key}.lora_B.weight', (E, r)).T * fold
+        if dora:
+          m_NRE[i, row, cols] = take(f'{key}.lora_magnitude_vector', (E,))
       a_NRDr[i, row, :, :r] = a_Dr
     out[f'layers/{path}/lora_a'] = a_NRDr.astype(flat[f'layers/{path}/lora_a'].dtype)
     out[f'layers/{path}/lora_b'] = b_NRrE.astype(flat[f'layers/{path}/lora_b'].dtype)
+    if dora:
+      out[f'layers/{path}/dora_m'] = m_NRE.astype(flat[f'layers/{path}/dora_m'].dtype)
   unexpected = sorted(set(weights) - used)
   if unexpected:
     problems.append(f'{len(unexpected)} tensor(s) have no place in the model, e.g. '
@@ -252,14 +266,16 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
 def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context: int = 0):
   """The frozen 'params' with context `context`'s adaptors folded in (a plain decoder's).
 
-  For every adapted projection, W' = diag(ia3_in) W diag(ia3_out) + s A_c B_c and
-  b' = b * ia3_out + bitfit_c, which is exactly the layer's function for tokens of context
-  `context` (LoRA reads the unscaled input and adds after IA3, as ContextDense does).
+  For every adapted projection, with D = s A_c B_c and DoRA's g = m_c / ||W + D||_col (1
+  without DoRA),
+
+    W' = diag(ia3_in) W diag(g * ia3_out) + D diag(g),   b' = b * ia3_out + bitfit_c,
+
+  which is exactly ContextDense's function for tokens of context `context` (the low-rank
+  branch reads the unscaled input and adds after IA3; DoRA leaves the bias unscaled).
   BitFit needs a bias to fold into: on a bias-free projection it is an error.
   """
   methods, lo = context_spec(peft, context)
-  if 'dora' in methods:
-    raise ValueError(f'Context {context} uses DoRA, which merged_params does not fold.')
   row = row_of(peft, context)
   flat_p = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
   flat_t = _flat(tables)
@@ -268,12 +284,23 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
     if not adapt.any:
       continue
     base = f'layers/{path}'
-    w_NDE = flat_p[f'{base}/kernel']
+    w_NDE = kernel_NDE = flat_p[f'{base}/kernel']
     table = lambda name: np.asarray(flat_t[f'{base}/{name}'][:, row], np.float32)
     bias_NE = flat_p.get(f'{base}/bias')
-    ia3 = adapt.ia3 if 'ia3' in methods else None  # rows of other contexts' methods: inert
+    # Rows of methods this context lacks are inert in the layer (masked), so skipped here.
+    dora = getattr(adapt, 'dora', False) and 'dora' in methods
+    delta_NDE = None
+    if (adapt.lora and 'lora' in methods) or dora:
+      r = lo.rank
+      delta_NDE = lo.scale * np.einsum('ndr,nre->nde', table('lora_a')[..., :r],
+                                       table('lora_b')[:, :r])
+    g_NE = np.ones(w_NDE[:, 0].shape, np.float32)
+    if dora:
+      g_NE = table('dora_m') / np.sqrt(((kernel_NDE + delta_NDE) ** 2).sum(axis=1))
+    ia3 = adapt.ia3 if 'ia3' in methods else None
     if ia3 == 'in':
       w_NDE = w_NDE * table('ia3')[:, :, None]
+    w_NDE = w_NDE * g_NE[:, None, :]
     if ia3 == 'out':
       s_NE = table('ia3')
       w_NDE = w_NDE * s_NE[:, None, :]
@@ -283,10 +310,8 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
         raise ValueError(f'BitFit on {path} cannot be merged: the projection has no bias in a '
                          'plain checkpoint (only q/k/v biases exist, with qkv_bias).')
       bias_NE = bias_NE + table('bitfit')
-    if adapt.lora and 'lora' in methods:
-      r = lo.rank
-      w_NDE = w_NDE + lo.scale * np.einsum('ndr,nre->nde', table('lora_a')[..., :r],
-                                           table('lora_b')[:, :r])
+    if delta_NDE is not None:
+      w_NDE = w_NDE + delta_NDE * g_NE[:, None, :]
     flat_p[f'{base}/kernel'] = w_NDE
     if bias_NE is not None:
       flat_p[f'{base}/bias'] = bias_NE
@@ -311,11 +336,11 @@ def save_merged(directory: str | os.PathLike, params, tables, cfg: DecoderConfig
 
 
 def peft_config_of(directory: str | os.PathLike) -> PeftConfig:
-  """The one-context LoRA `PeftConfig` that a PEFT adapter's tables fit."""
+  """The one-context LoRA (or DoRA) `PeftConfig` that a PEFT adapter's tables fit."""
   config = read_peft_config(directory)
   modules = config['target_modules']
   modules = [modules] if isinstance(modules, str) else sorted(modules)
-  return PeftConfig(methods=('lora',), targets=','.join(modules), num_contexts=1,
+  return PeftConfig(methods=('dora',) if config.get('use_dora') else ('lora',), targets=','.join(modules), num_contexts=1,
                     lora=adaptors.LoraConfig(rank=config['r'], alpha=float(config['lora_alpha']),
                                              rslora=bool(config.get('use_rslora')),
                                              dropout=float(config.get('lora_dropout') or 0.0)))

@@ -36,12 +36,13 @@ def fresh_tables(cfg, peft):
 
 
 def random_tables(tables, seed, scale=0.2):
-  """Non-trivial adaptor tables: LoRA A/B and BitFit noisy, IA3 near one (numpy: no compiles)."""
+  """Non-trivial adaptor tables: LoRA A/B and BitFit noisy, IA3 and DoRA's magnitude near one
+  (numpy: no compiles)."""
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):
     noise = scale * rng.standard_normal(leaf.shape).astype(np.float32)
-    return jnp.asarray(1 + noise if path[-1].key == 'ia3' else noise)
+    return jnp.asarray(1 + noise if path[-1].key in ('ia3', 'dora_m') else noise)
   return jax.tree_util.tree_map_with_path(fill, tables)
 
 
@@ -93,26 +94,39 @@ needs_specs = pytest.mark.skipif(not hasattr(adaptors, 'ContextSpec'),
                                  reason='this adaptors.py has no per-context specs')
 
 
-@pytest.mark.parametrize('targets, rslora, context, specs', [
-    ('all', False, 1, None), ('q_proj,v_proj', True, 0, None),
-    pytest.param('all', False, 1, PER_CONTEXT, marks=needs_specs)])
-def test_exported_adapter_matches_pytorch_peft(base, tmp_path, targets, rslora, context, specs):
-  peft = PeftConfig(methods=('lora',), targets=targets, num_contexts=2,
+@pytest.mark.parametrize('method, targets, rslora, context, specs', [
+    ('lora', 'all', False, 1, None), ('lora', 'q_proj,v_proj', True, 0, None),
+    pytest.param('lora', 'all', False, 1, PER_CONTEXT, marks=needs_specs),
+    pytest.param('dora', 'AF', False, 1, None, marks=needs_specs)])
+def test_exported_adapter_matches_pytorch_peft(base, tmp_path, method, targets, rslora, context,
+                                               specs):
+  peft = PeftConfig(methods=(method,), targets=targets, num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora),
                     **({'contexts': specs} if specs else {}))
   tables = random_tables(fresh_tables(base.cfg, peft), seed=2)
   export.export_peft(tmp_path, tables, base.cfg, peft, context)
   config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
-  assert config['r'] == (2 if specs else 4)
-  assert config['target_modules'] == (ALL_MODULES if targets == 'all' else ['q_proj', 'v_proj'])
+  assert (config['r'], config['use_dora']) == (2 if specs else 4, method == 'dora')
+  assert config['target_modules'] == (['q_proj', 'v_proj'] if targets == 'q_proj,v_proj'
+                                      else ALL_MODULES)
   model = peft_lib.PeftModel.from_pretrained(base.hf(), tmp_path).eval()
   want = torch_logits(model)
   got = logits(base.cfg, base.params, tables, peft, context)
   plain = logits(base.cfg, base.params)
   assert np.abs(want - plain)[MASK].max() > 0.05  # the adapter changes the function
   diff = np.abs(got - want)[MASK].max()
-  print(f'export parity ({targets}, rslora={rslora}): max abs logit diff {diff:.2e}')
+  print(f'export parity ({method}, {targets}, rslora={rslora}, per-context={bool(specs)}): '
+        f'max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
+  # And back: importing the file restores the context's row (its rank's columns).
+  again = export._flat(export.import_peft(tmp_path, fresh_tables(base.cfg, peft), base.cfg, peft,
+                                          context))
+  r = config['r']
+  for k, v in export._flat(tables).items():
+    cut = {'lora_a': np.s_[:, context, :, :r], 'lora_b': np.s_[:, context, :r],
+           'dora_m': np.s_[:, context]}.get(k.rsplit('/', 1)[-1])
+    if cut is not None:
+      np.testing.assert_allclose(again[k][cut], v[cut], rtol=1e-6, atol=1e-7)
 
 
 def test_import_pytorch_peft_adapter_as_one_context(base, tmp_path):
@@ -160,7 +174,8 @@ def _edit_config(src, dst, **changes):
 
 
 @pytest.mark.parametrize('changes, match', [
-    (dict(use_dora=True), r'use_dora=True is not supported .*DoRA'),
+    (dict(use_dora=True), r"is a DORA adapter \(use_dora=True\); context 0 has methods "
+                          r"\('lora',\)"),
     (dict(bias='all'), r"bias='all' is not supported"),
     (dict(peft_type='IA3'), r"peft_type='IA3'; only LORA"),
     (dict(target_modules=['q_proj', 'v_proj']), r"targets \['q_proj', 'v_proj'\], the model's "
@@ -193,7 +208,8 @@ def test_import_names_shape_mismatch_of_another_base(base, exported, tmp_path):
 
 
 @pytest.mark.parametrize('methods, num_contexts, context', [
-    (('lora',), 1, 0), (('lora', 'ia3'), 2, 1)])
+    (('lora',), 1, 0), (('lora', 'ia3'), 2, 1),
+    pytest.param(('ia3', 'dora'), 2, 0, marks=needs_specs)])
 def test_merged_checkpoint_matches_adapted_model(base, tmp_path, methods, num_contexts, context):
   peft = PeftConfig(methods=methods, targets='all', num_contexts=num_contexts,
                     lora=LoraConfig(rank=4, alpha=8.0))
