@@ -354,11 +354,20 @@ def test_unsupported_features_refused():
     hf_configs.decoder_config({k: v for k, v in _hf().items() if k != 'intermediate_size'})
 
 
-@pytest.mark.parametrize('model_type', hf_configs.LLAMA_TYPES)
+_SHAPE_KEYS = {  # the keys without a default for the learned-position decoders
+    'gpt2': dict(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4),
+    'opt': dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                ffn_dim=48)}
+
+
+@pytest.mark.parametrize('model_type', hf_configs.MODEL_TYPES)
 def test_defaults_agree_with_transformers(model_type):
   """A config.json with only the shape keys means what transformers' config class says."""
-  minimal = _hf(model_type)
-  del minimal['rope_theta'], minimal['rms_norm_eps']
+  if model_type in _SHAPE_KEYS:
+    minimal = dict(model_type=model_type, **_SHAPE_KEYS[model_type])
+  else:
+    minimal = _hf(model_type)
+    del minimal['rope_theta'], minimal['rms_norm_eps']
   full = transformers.AutoConfig.for_model(**minimal).to_dict()
 
   def outcome(d):

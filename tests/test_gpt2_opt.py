@@ -98,7 +98,7 @@ def test_logits_match_transformers(saved):
   bf16 = checkpoints.load_decoder(saved.dir, PEFT, dtype='bfloat16')
   got = _apply(bf16, dtype_cfg=bf16.config)
   rel = np.sqrt(np.mean((got[MASK] - saved.want[MASK]) ** 2) / np.mean(saved.want[MASK] ** 2))
-  assert 0 < rel < 0.03, rel  # measured ~0.005
+  assert 0 < rel < 0.03, rel  # measured ~0.01
 
 
 def _torch_modules(hf, arch, layer):
