@@ -216,9 +216,11 @@ def assemble(plugins: Sequence[Plugin] | Mapping[int, Plugin], num_contexts: int
   """One model's (PeftConfig, tables) whose context rows are the plug-ins' groups.
 
   A sequence puts plug-in i in context i; a mapping names each plug-in's context, and contexts
-  without a plug-in see the frozen base. Plug-ins must share methods, targets and bases; LoRA
-  ranks may differ (smaller ones are zero-padded) and so may alpha/rsLoRA (each plug-in's scale
-  is folded into its B), so every context computes exactly what its plug-in did alone.
+  without a plug-in see the frozen base. Plug-ins must share targets and bases. With the same
+  methods, LoRA ranks may differ (smaller ones are zero-padded) and so may alpha/rsLoRA (each
+  plug-in's scale is folded into its B); with different methods (e.g. a LoRA plug-in beside an
+  IA3 one) the result has per-context specs (`PeftConfig.contexts`). Either way every context
+  computes exactly what its plug-in did alone.
   """
   by_context = dict(plugins) if isinstance(plugins, Mapping) else dict(enumerate(plugins))
   if not by_context:
@@ -234,11 +236,15 @@ def assemble(plugins: Sequence[Plugin] | Mapping[int, Plugin], num_contexts: int
     for name in set(first.bases) & set(p.bases):
       check_base(first.bases[name], p.bases[name], f'{label(c, p)} vs {label(first_c, first)}')
     a, b = first.peft, p.peft
-    if (sorted(a.methods), a.targets, a.method_targets) != (
-        sorted(b.methods), b.targets, b.method_targets):
+    clash = [m for m in set(dict(a.method_targets)) & set(dict(b.method_targets))
+             if dict(a.method_targets)[m] != dict(b.method_targets)[m]]
+    if a.targets != b.targets or clash:
       raise ValueError(f'{label(c, p)} adapts {b.methods} on {b.targets!r} '
                        f'{dict(b.method_targets)}, {label(first_c, first)} {a.methods} on '
-                       f'{a.targets!r} {dict(a.method_targets)}; assembled plug-ins must match.')
+                       f'{a.targets!r} {dict(a.method_targets)}; assembled plug-ins must share '
+                       'their targets.')
+  if len({tuple(sorted(p.peft.methods)) for _, p in items}) > 1:
+    return _assemble_specs(items, C, strategy)
   rank = max(p.peft.lora.rank for _, p in items)
   lora = dataclasses.replace(first.peft.lora, rank=rank)
   peft = dataclasses.replace(first.peft, num_contexts=C, lora=lora, strategy=strategy,
@@ -267,6 +273,51 @@ def assemble(plugins: Sequence[Plugin] | Mapping[int, Plugin], num_contexts: int
       lambda path, *rows: jnp.concatenate(rows, axis=rows[0].ndim + ROW_AXIS[path[-1].key]),
       *conformed)
   return peft, tables
+
+
+_FILL = {'lora_a': 0.0, 'lora_b': 0.0, 'ia3': 1.0, 'bitfit': 0.0, 'dora_m': 0.0}
+
+
+def _assemble_specs(items, C: int, strategy: str) -> tuple[PeftConfig, Any]:
+  """Plug-ins with different methods: one per-context spec each, identity rows elsewhere."""
+  from cpeft_jax import adaptors
+  if not hasattr(adaptors, 'ContextSpec'):
+    raise ValueError('Plug-ins with different methods need per-context specs, which this '
+                     'version of adaptors.py lacks.')
+  first = items[0][1].peft
+  specs = [{'methods': 'none'} for _ in range(C)]
+  method_targets = {}
+  for c, p in items:
+    lo = p.peft.lora
+    specs[c] = {'methods': tuple(p.peft.methods), 'rank': lo.rank, 'alpha': lo.alpha,
+                'rslora': lo.rslora, 'init': lo.init, 'dropout': lo.dropout}
+    method_targets.update(dict(p.peft.method_targets))
+  peft = PeftConfig(methods=(), targets=first.targets, method_targets=method_targets,
+                    num_contexts=C, lora=first.lora, strategy=strategy, tile=first.tile,
+                    contexts=specs)
+  flats = [flax.traverse_util.flatten_dict(flax.core.unfreeze(p.tables), sep='/')
+           for _, p in items]
+  out = {}
+  for path in sorted(set().union(*flats)):
+    name = path.rsplit('/', 1)[-1]
+    have = [f[path] for f in flats if path in f]
+    rank_axis = {'lora_a': -1, 'lora_b': -2}.get(name)
+    shape = list(have[0].shape)
+    if rank_axis is not None:  # the layer pads each projection's tables to its largest rank
+      shape[rank_axis] = max(x.shape[rank_axis] for x in have)
+    rows = []
+    for f in flats:
+      if path not in f:
+        rows.append(jnp.full(shape, _FILL[name], have[0].dtype))
+        continue
+      leaf = jnp.asarray(f[path])
+      if rank_axis is not None:
+        pad = [(0, 0)] * leaf.ndim
+        pad[leaf.ndim + rank_axis] = (0, shape[rank_axis] - leaf.shape[rank_axis])
+        leaf = jnp.pad(leaf, pad)
+      rows.append(leaf)
+    out[path] = jnp.concatenate(rows, axis=len(shape) + ROW_AXIS[name])
+  return peft, flax.traverse_util.unflatten_dict(out, sep='/')
 
 
 # ----------------------------------------------------------------------------- freezing

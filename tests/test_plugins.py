@@ -88,6 +88,21 @@ def test_assembled_plugins_reproduce_each_on_its_own_context(base):
   np.testing.assert_allclose(got[1][:3], want_plain[1][:3], atol=1e-5)
 
 
+@needs_specs
+def test_plugins_with_different_methods_assemble_with_per_context_specs(base):
+  lora_peft = PeftConfig(methods=('lora',), targets='AF', lora=LoraConfig(rank=2, alpha=4.0))
+  ia3_peft = PeftConfig(methods=('ia3', 'bitfit'), targets='AF', method_targets={'bitfit': 'all'})
+  made = [plugins.extract(random_tables(fresh_tables(base.cfg, peft), seed=s), peft, 0, fp(base))
+          for s, peft in ((9, lora_peft), (10, ia3_peft))]
+  peft, tables = plugins.assemble({1: made[0], 2: made[1]})
+  assert (peft.rows, peft.methods) == ((1, 2), ('lora', 'ia3', 'bitfit'))
+  got = run(base, peft, tables, np.array([[1] * 9, [2] * 9]))
+  zeros = np.zeros(TOKENS.shape)
+  for b, plugin in enumerate(made):
+    want = run(base, plugin.peft, plugin.tables, zeros)
+    np.testing.assert_allclose(got[b], want[b], atol=1e-5)
+
+
 def test_wrong_base_is_a_clear_error(base, tmp_path):
   tables = random_tables(fresh_tables(base.cfg, PEFT), seed=4)
   plugins.save(tmp_path / 'p', plugins.extract(tables, PEFT, 0, fp(base), 'p'))
@@ -110,8 +125,9 @@ def test_wrong_base_is_a_clear_error(base, tmp_path):
 def test_assembling_mismatched_plugins_is_an_error(base):
   one = dataclasses.replace(PEFT, num_contexts=1)
   a = plugins.extract(fresh_tables(base.cfg, one), one, 0, fp(base), 'a')
-  b = dataclasses.replace(a, peft=dataclasses.replace(one, methods=('lora',)), name='b')
-  with pytest.raises(ValueError, match=r"plug-in 'b' \(context 1\) adapts \('lora',\) on 'AF'"):
+  b = dataclasses.replace(a, peft=dataclasses.replace(one, targets='A'), name='b')
+  with pytest.raises(ValueError, match=r"plug-in 'b' \(context 1\) adapts \('lora', 'ia3'\) on "
+                     r"'A' \{\}, plug-in 'a' \(context 0\) \('lora', 'ia3'\) on 'AF'"):
     plugins.assemble([a, b])
   other = jax.tree.map(lambda x: x * 1.5, base.params)
   c = dataclasses.replace(a, bases={'decoder': plugins.fingerprint(other, base.cfg)}, name='c')
