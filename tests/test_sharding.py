@@ -20,7 +20,7 @@ from test_train_loop import tiny
 from cpeft_jax.train import loop
 import jax
 from absl import logging
-logging.set_verbosity(logging.INFO)
+logging.set_verbosity(logging.INFO if {info} else logging.WARNING)  # INFO: the sharding log
 c = tiny(1)
 c.data.data_dir = {data!r}
 c.eval.batch_size = 8
@@ -35,7 +35,7 @@ def _run(tmp_path, devices, mesh=None):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
              JAX_PLATFORMS='cpu')
   code = RUN.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=str(tmp_path / 'tfds'),
-                    workdir=str(workdir), mesh=mesh or sharding.DEFAULT_MESH)
+                    workdir=str(workdir), mesh=mesh or sharding.DEFAULT_MESH, info=True)
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -103,7 +103,8 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   import signal
   import time
   code = RUN.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=str(tmp_path / 'tfds'),
-                    workdir=str(tmp_path / 'run')).replace('tiny(1)', 'tiny(3)')
+                    workdir=str(tmp_path / 'run'), mesh=sharding.DEFAULT_MESH, info=False,
+                    ).replace('tiny(1)', 'tiny(3)')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
   proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
