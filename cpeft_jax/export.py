@@ -78,6 +78,14 @@ def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
   return sorted(name for name, a in targets.items() if a.lora or getattr(a, 'dora', False))
 
 
+def _check_arch(cfg: DecoderConfig, what: str):
+  """PEFT's module names here are the Llama family's (Llama, Mistral, Qwen2)."""
+  arch = getattr(cfg, 'arch', 'llama')
+  if arch != 'llama':
+    raise ValueError(f'{what} knows the Llama family\'s module names; this decoder has '
+                     f'arch={arch!r}.')
+
+
 def _hf_projections(path: str, cfg: DecoderConfig) -> list[tuple[str, slice]]:
   """transformers' module names of one of our projections, with its slice of the outputs.
 
@@ -104,6 +112,7 @@ def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   is an error rather than a silently partial export.
   """
   import safetensors.numpy
+  _check_arch(cfg, 'export_peft')
   methods, lo = context_spec(peft, context)
   if tuple(methods) not in (('lora',), ('dora',)):
     raise ValueError(f'export_peft writes a LoRA or DoRA adapter; context {context} has methods '
@@ -186,6 +195,7 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   from safetensors.numpy import load_file
   directory = pathlib.Path(directory)
   config = read_peft_config(directory)
+  _check_arch(cfg, 'import_peft')
   methods, lo = context_spec(peft, context)
   dora = bool(config.get('use_dora'))
   want = 'dora' if dora else 'lora'

@@ -235,6 +235,12 @@ def test_what_cannot_be_expressed_is_an_error(base, tmp_path):
     export.export_peft(tmp_path, tables, base.cfg, peft)
   with pytest.raises(ValueError, match=r'BitFit on attn/\w+ cannot be merged'):
     export.merged_params(base.params, tables, base.cfg, peft)
+  if hasattr(base.cfg, 'arch'):
+    import dataclasses
+    opt = dataclasses.replace(base.cfg, arch='opt', activation='gelu', num_kv_heads=None)
+    with pytest.raises(ValueError, match=r"export_peft knows the Llama family's module names; "
+                       r"this decoder has arch='opt'"):
+      export.export_peft(tmp_path, tables, opt, peft)
 
 
 def test_command_line_conversions_round_trip(base, exported, tmp_path):
