@@ -48,6 +48,8 @@ class Shape:
   gen_batch: int = 8
   gen_prompt: int = 65  # BOS + 64 image positions, the caption prompt's length
   gen_new: int = 32
+  strategy: str = 'auto'  # the LoRA knobs of PeftConfig, for tuning (see bench/contexts.py)
+  tile: int = 64
 
   def decoder(self, dtype: str) -> DecoderConfig:
     return DecoderConfig(vocab_size=self.vocab, hidden_size=self.width, num_layers=self.layers,
@@ -58,7 +60,8 @@ class Shape:
     return (f'Llama decoder width {self.width}, {self.layers} layers, {self.heads} heads, '
             f'SwiGLU {self.ffn} (separate gate/up), vocab {self.vocab}; train batch '
             f'{self.batch} x seq {self.seq}; LoRA r={self.rank} alpha={self.rank} on '
-            f'q/k/v/o/gate/up/down; generation batch {self.gen_batch}, prompt {self.gen_prompt}, '
+            f'q/k/v/o/gate/up/down, strategy {self.strategy} (tile {self.tile}); generation '
+            f'batch {self.gen_batch}, prompt {self.gen_prompt}, '
             f'{self.gen_new} new tokens, greedy, float32')
 
 
@@ -86,7 +89,8 @@ class TrainSpec:
     if self.mode != 'peft':
       return None
     return PeftConfig(methods=self.methods, targets=self.targets, num_contexts=self.contexts,
-                      lora=LoraConfig(rank=shape.rank, alpha=float(shape.rank)))
+                      lora=LoraConfig(rank=shape.rank, alpha=float(shape.rank)),
+                      strategy=shape.strategy, tile=shape.tile)
 
 
 OURS = {
@@ -208,7 +212,7 @@ def hf_model(shape: Shape, checkpoint_dir=None):
   """transformers' LlamaForCausalLM in float32: our weights when `checkpoint_dir` is given."""
   import torch
   import transformers
-  torch.set_num_threads(max(1, torch.get_num_threads()))
+  torch.set_num_threads(harness.cores())
   if checkpoint_dir is not None:
     model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint_dir),
                                                           torch_dtype=torch.float32)

@@ -18,8 +18,8 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench.harness import context_ids
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.llama import Decoder, DecoderConfig
 
@@ -38,18 +38,6 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs per block; two rounds of blocks.'
 flags.DEFINE_list('strategies', ['auto', 'onehot', 'grouped'], 'LoRA strategies to time.')
 flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped strategy.')
 flags.DEFINE_integer('layers', 0, 'Override the number of layers (0: the shape\'s own).')
-
-
-def context_ids(batch, seq, num_contexts):
-  """C=1: all zero; C=2: the paper's layout (BOS text, 64 image tokens, caption text);
-  C>2: contiguous equal segments (e.g. roles or tasks)."""
-  if num_contexts == 1:
-    return np.zeros((batch, seq), np.int32)
-  if num_contexts == 2:
-    ids = np.zeros((batch, seq), np.int32)
-    ids[:, 1:1 + min(64, seq // 2)] = 1
-    return ids
-  return np.broadcast_to(np.arange(seq) * num_contexts // seq, (batch, seq)).astype(np.int32)
 
 
 def build_step(cfg, peft, batch, seq):

@@ -100,5 +100,13 @@ def versions(names=('jax', 'flax', 'optax', 'torch', 'transformers', 'peft')) ->
   return ', '.join(out)
 
 
+def cores() -> int:
+  """CPUs this process may run on (its affinity, e.g. under taskset), else the machine's."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
 def load_average() -> str:
   return ' '.join(f'{x:.2f}' for x in os.getloadavg())

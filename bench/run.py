@@ -15,6 +15,7 @@ step's buffers. Not a test: nothing asserts a time.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import datetime
 import json
 import os
@@ -38,6 +39,8 @@ flags.DEFINE_bool('rss', None, 'Measure each case\'s peak RSS in a fresh process
                   '(default: yes, except with --quick).')
 flags.DEFINE_integer('jobs', 2, 'Cases compiled (and memory processes run) at a time.')
 flags.DEFINE_list('cases', list(cases.OURS), 'Our train cases to run.')
+flags.DEFINE_string('strategy', 'auto', 'LoRA strategy of the multi-context cases (a knob).')
+flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped LoRA strategy (a knob).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
 
 GOAL_ROWS = (
@@ -58,7 +61,8 @@ def log(msg):
 
 
 def shape() -> cases.Shape:
-  return cases.SHAPES['quick' if FLAGS.quick else 'paper']
+  s = cases.SHAPES['quick' if FLAGS.quick else 'paper']
+  return dataclasses.replace(s, strategy=FLAGS.strategy, tile=FLAGS.tile)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -85,8 +89,9 @@ def memory_worker(name: str):
 def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
   """Peak RSS per case, each in a fresh process (two at a time: no timing runs meanwhile)."""
   def one(name):
-    cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}'] + (
-        ['--quick'] if FLAGS.quick else [])
+    cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}',
+           f'--strategy={FLAGS.strategy}', f'--tile={FLAGS.tile}'] + (
+               ['--quick'] if FLAGS.quick else [])
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in p.stdout.splitlines():
       if line.startswith('MEMORY '):
@@ -112,7 +117,8 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
       '',
       f'- command: `python -m bench.run {shlex.join(sys.argv[1:])}`',
       f'- date: {started:%Y-%m-%d %H:%M} UTC; wall time {time.time() - started.timestamp():.0f} s',
-      f'- machine: {harness.cpu_model()}, {os.cpu_count()} cores; load average (1/5/15 min) '
+      f'- machine: {harness.cpu_model()}, {harness.cores()} cores used of {os.cpu_count()}; '
+      'load average (1/5/15 min) '
       f'{load_start} at start, {harness.load_average()} at end (other work on the machine '
       'inflates absolute times; ratios are taken within this run)',
       f'- versions: Python {sys.version.split()[0]}, {harness.versions()}',
@@ -242,6 +248,9 @@ def main(argv):
                              on_block=lambda k, t: log(f'{k}: {t * 1e3:.1f} ms'))
   mem = {}
   rss = (not FLAGS.quick) if FLAGS.rss is None else FLAGS.rss
+  if rss and FLAGS.out:  # the timings so far, in case the memory phase is cut short
+    with open(FLAGS.out, 'w') as f:
+      f.write(report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start))
   if rss:
     del hf
     log(f'memory: {len(built)} fresh processes')
