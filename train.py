@@ -8,7 +8,7 @@ Multi-host (TPU pods, GPU clusters): run the same command on every host with --d
 (implied when JAX_COORDINATOR_ADDRESS is set); jax.distributed.initialize() then finds the
 cluster itself on TPU, SLURM and Open MPI, or takes JAX_COORDINATOR_ADDRESS with
 --num_processes and --process_id. Each host reads its own share of the data; the mesh
-(config.mesh) spans every device of every host.
+(config.mesh, or --mesh=data=-1,fsdp=2,tensor=2) spans every device of every host.
 """
 
 import os
@@ -22,6 +22,8 @@ flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() before
                   'Default: when JAX_COORDINATOR_ADDRESS is set.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (else detected).')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index (else detected).')
+flags.DEFINE_string('mesh', None, 'Device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the remaining '
+                    'devices); sets config.mesh. Default: config.mesh, else data=-1 (all devices).')
 FLAGS = flags.FLAGS
 
 
@@ -38,12 +40,25 @@ def _start_distributed():
                   jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def _parse_mesh(text: str) -> dict[str, int]:
+  try:
+    return {k.strip(): int(v) for k, v in (item.split('=') for item in text.split(','))}
+  except ValueError:
+    raise app.UsageError(f'--mesh={text!r}; expected axis=size pairs like data=2,fsdp=2,tensor=2.')
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
   _start_distributed()
+  if FLAGS.mesh:
+    with FLAGS.config.unlocked():
+      FLAGS.config.mesh = _parse_mesh(FLAGS.mesh)
+  import jax
+  from cpeft_jax.train import sharding
+  sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
   from cpeft_jax.train import loop
   result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('done: %s', result)

@@ -3,6 +3,7 @@
     python bench/memory.py                       # demo decoder, then the paper's ~150M LLM
     python bench/memory.py --models=demo --batch=32 --seq=96 --steps=10
     python bench/memory.py --models=llm150m --compile_only   # XLA's plan only, no allocation
+    python bench/memory.py --models=llm150m --remat          # layers recomputed in backward
 
 Each (model, mode) runs in a fresh subprocess: the decoder of configs/demo.py or
 configs/paper_llm150m.py as a text LM whose first `--prefix` positions are context 1 (the
@@ -38,7 +39,7 @@ def _rss_mb() -> float:
 
 
 def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int,
-            compile_only: bool) -> dict:
+            compile_only: bool, remat: bool = False) -> dict:
   sys.path.insert(0, ROOT)
   import jax
   import jax.numpy as jnp
@@ -56,6 +57,8 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   else:
     from configs import paper_llm150m as cfg_mod
     c = cfg_mod.get_config()
+  if remat:  # recompute each layer's activations in the backward pass
+    c.model.remat = True
   dec = DecoderConfig.from_dict(c.model)
   peft = configlib.peft_config(c) if mode == 'peft' else None
   net = Decoder(dec, peft, deterministic=False)
@@ -98,7 +101,7 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   planned = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes +
              ma.temp_size_in_bytes) / 2**20
   count = lambda t: int(sum(np.prod(x.shape) for x in jax.tree.leaves(t)))
-  out = {'model': model, 'mode': mode, 'device': jax.devices()[0].device_kind,
+  out = {'model': model, 'mode': mode, 'remat': remat, 'device': jax.devices()[0].device_kind,
          'batch': batch, 'seq': seq, 'trainable': count(state.trainable),
          'frozen': count(frozen), 'planned_mb': round(planned, 1),
          'temp_mb': round(ma.temp_size_in_bytes / 2**20, 1)}
@@ -129,6 +132,7 @@ def main():
   p.add_argument('--seq', type=int, default=0)
   p.add_argument('--steps', type=int, default=5)
   p.add_argument('--compile_only', action='store_true')
+  p.add_argument('--remat', action='store_true', help='rematerialise each decoder layer')
   p.add_argument('--one', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--out', default='', help='also write the results as JSON lines here')
   a = p.parse_args()
@@ -136,7 +140,7 @@ def main():
     d = MODELS[a.models]
     seq = a.seq or d['seq']
     res = run_one(a.models, a.modes, a.batch or d['batch'], seq,
-                  min(d['prefix'], seq // 2), a.steps, a.compile_only)
+                  min(d['prefix'], seq // 2), a.steps, a.compile_only, a.remat)
     print('RESULT ' + json.dumps(res), flush=True)
     return
   rows = []
@@ -145,6 +149,7 @@ def main():
       cmd = [sys.executable, os.path.abspath(__file__), '--one', f'--models={model}',
              f'--modes={mode}', f'--batch={a.batch}', f'--seq={a.seq}', f'--steps={a.steps}']
       cmd += ['--compile_only'] if a.compile_only else []
+      cmd += ['--remat'] if a.remat else []
       proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
       lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
       if proc.returncode or not lines:

@@ -110,11 +110,17 @@ def _event_scalars(directory):
   return out
 
 
-def test_cli_rejects_bad_config(tmp_path):
-  res = subprocess.run([sys.executable, 'train.py', '--config=configs/demo.py:method=dora9',
-                        f'--workdir={tmp_path}'], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.parametrize('args,message', [
+    (['--config=configs/demo.py:method=dora9'], "Unknown PEFT method 'dora9'"),
+    (['--config=configs/demo.py', '--mesh=data=3'],
+     "config.mesh={'data': 3} spans 3 devices; expected a product of 1"),
+])
+def test_cli_rejects_bad_config(tmp_path, args, message):
+  res = subprocess.run([sys.executable, 'train.py', *args, f'--workdir={tmp_path}'], cwd=ROOT,
+                       capture_output=True, text=True,
+                       env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
   assert res.returncode != 0
-  assert "Unknown PEFT method 'dora9'" in res.stderr
+  assert message in res.stderr
 
 
 # NaN from step 10 (between checkpoints) or from step 14 (a checkpoint step: checkpoint_every=7).

@@ -241,6 +241,7 @@ def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> so
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains; returns the final metrics. Resumes from the latest checkpoint in `workdir`."""
+  _mesh(config)  # a bad mesh, batch size or partition rule fails before any data or model work
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
