@@ -59,6 +59,10 @@ def main(argv):
   import jax
   from cpeft_jax.train import sharding
   sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
+  if FLAGS.config.get('variants'):  # the two-variant demo: stage 0, then one run per variant
+    from cpeft_jax.train import demo
+    demo.run(FLAGS.config, FLAGS.workdir)
+    return
   from cpeft_jax.train import loop
   result = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('done: %s', result)

@@ -3,11 +3,16 @@
     python train.py --config=configs/demo.py --workdir=/tmp/demo
     python train.py --config=configs/demo.py:method=ia3,contexts=agnostic --workdir=...
 
-The demo has no pre-trained checkpoint to download: its patch encoder is a frozen random
-projection, and its tiny Llama-style decoder is pre-trained here first on the captions alone
-(stage 0), then frozen while the connector and the context adaptors train (stage 1).
-Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnostic | modality),
-mode (peft | connector | full), epochs, num_train (images), pretrain_epochs (0: random decoder).
+With no `contexts` argument this is the two-variant demo (cpeft_jax/train/demo.py): stage 0
+pre-trains its base models, since it has none to download (a tiny CLIP vision tower on the
+scenes' labels, a tiny Llama-style decoder on the caption text; both saved as Hugging Face
+checkpoints and loaded frozen like real ones), then context-agnostic and context-specific
+(modality) Context-LoRA train on top, each in DIR/<variant>, and their validation perplexity
+and a few captions are printed side by side. `contexts=agnostic|modality` is one run in DIR
+with the frozen random patch encoder instead (vision.kind='patch') and the decoder of stage 0.
+Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnostic | modality;
+empty: both), mode (peft | connector | full), epochs, num_train (images), pretrain_epochs
+(0: random decoder), vision_epochs (the vision tower's label pre-training).
 """
 
 import ml_collections
@@ -16,15 +21,19 @@ from cpeft_jax import configlib
 
 
 def get_config(arg=None):
-  a = configlib.parse_arg(arg, method='lora', rank=16, contexts='modality', mode='peft',
-                          epochs=3, num_train=1000, pretrain_epochs=2)
+  a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
+                          epochs=3, num_train=1000, pretrain_epochs=2,
+                          vision_epochs=8)
   c = ml_collections.ConfigDict()
   c.seed = 0
+  if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
+    c.variants = ('agnostic', 'modality')
+  contexts = a.contexts or 'modality'
   c.data = dict(
       dataset='demo', data_dir='', train_split='train', eval_split='validation',
       demo=dict(image_size=64, num_train=a.num_train, num_validation=100, num_test=100),
       seq_len=96,  # BOS + 64 image tokens + up to 30 caption tokens + EOS
-      context_map=a.contexts,
+      context_map=contexts,
       # No flips: the demo's captions say left and right. No colour jitter: they name colours.
       augment=dict(flip=False, crop_min_scale=1.0, brightness=0.0, contrast=0.0,
                    saturation=0.0))
@@ -33,7 +42,11 @@ def get_config(arg=None):
   # training captions and saves it as a Hugging Face checkpoint (workdir/base_lm), which is
   # then loaded frozen. Set text_model to a checkpoint directory or hub id to skip it.
   c.text_model = ''
-  c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3)
+  c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3,
+                    # The two-variant demo's vision tower: a tiny CLIP trained on scene labels.
+                    vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
+                                image_size=64, patch_size=8, hidden_size=96, num_layers=3,
+                                num_heads=4, intermediate_size=384))
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
@@ -43,11 +56,11 @@ def get_config(arg=None):
   c.quantize = dict(format='', granularity='block', block_size=64, targets='decoder')
   methods = () if a.method == 'none' else tuple(a.method.split('+'))
   c.peft = dict(methods=methods, targets='AF',
-                num_contexts=2 if a.contexts == 'modality' else 1,
+                num_contexts=2 if contexts == 'modality' else 1,
                 lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
                  checkpoint_every=200)
-  c.eval = dict(batch_size=50)
+  c.eval = dict(batch_size=50, num_captions=3)  # captions the two-variant demo prints
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
                  total_steps=0, grad_clip_norm=1.0)
   return c

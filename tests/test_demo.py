@@ -264,3 +264,99 @@ def test_tfds_read_back_decoded(built):
   root = built.data_path.parent.parent.parent  # <root>/cpeft_demo_captions/<config>/<version>
   again = builder.data_source('validation', data_dir=str(root), config=built.builder_config)
   assert [int(e['image/id']) for e in again] == [e['image/id'] for e in _expected('validation', 3)]
+
+
+# ----------------------------------------------------------------------------- the two-variant demo
+
+
+def _tiny_demo_config():
+  import sys
+  sys.path.insert(0, str(__import__('pathlib').Path(__file__).parents[1]))
+  from configs import demo as demo_config
+  c = demo_config.get_config('epochs=1,num_train=48,rank=2,pretrain_epochs=0,vision_epochs=30')
+  c.data.demo.update(image_size=32, num_validation=8, num_test=2)
+  c.data.seq_len = 48  # BOS + 16 image tokens + up to 30 caption tokens + EOS
+  c.pretrain.vision.update(image_size=32, patch_size=8, hidden_size=48, num_layers=1,
+                           num_heads=2, intermediate_size=64, batch_size=16, learning_rate=3e-3)
+  c.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+  c.train.update(batch_size=8, log_every=5, checkpoint_every=0)
+  c.eval.update(batch_size=8, num_captions=2)
+  c.optim.update(warmup_steps=2, learning_rate=3e-3)
+  return c
+
+
+@pytest.fixture(scope='module')
+def two_variants(tmp_path_factory):
+  """The demo's whole command on a tiny config: (config, workdir, results, printed text)."""
+  import contextlib
+  from cpeft_jax.train import demo as demo_run
+  config, workdir = _tiny_demo_config(), tmp_path_factory.mktemp('demo_run')
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    results = demo_run.run(config, str(workdir))
+  return config, workdir, results, out.getvalue()
+
+
+def test_two_variant_demo_end_to_end(two_variants):
+  import json
+  import math
+  config, workdir, results, printed = two_variants
+  assert list(results) == ['agnostic', 'modality']
+  for name, r in results.items():
+    best = json.loads((workdir / name / 'best.json').read_text())
+    assert r['val_loss'] == best['val_loss'] and math.isclose(r['val_ppl'],
+                                                              math.exp(best['val_loss']))
+    assert f'{r["val_ppl"]:.3f}' in printed
+    # Each variant loaded the shared stage-0 checkpoints through the Hugging Face loaders.
+    run_config = json.loads((workdir / name / 'config.json').read_text())
+    assert run_config['vision'] == dict(kind='hf', path=str(workdir / 'base_vision'),
+                                        dtype='float32', feature_layer=-1, drop_cls=True)
+    assert run_config['text_model'] == str(workdir / 'base_lm')
+    assert run_config['data']['context_map'] == name
+    # Captions of the first validation images, each with its first reference caption.
+    assert len(r['captions']) == 2
+    for i, cap in enumerate(r['captions']):
+      example, _ = demo.make_example('validation', i, image_size=32)
+      assert cap['reference'] == example['captions'][0]['text']
+      assert isinstance(cap['generated'], str) and cap['generated'] in printed
+  # Context-specific LoRA holds one table per context: twice the agnostic LoRA parameters.
+  lora = results['modality']['trainable_params'] - results['agnostic']['trainable_params']
+  D, F, r, L = 32, 64, 2, 1  # width, feed-forward, rank, layers of the tiny decoder
+  assert lora == L * r * (4 * (D + D) + 2 * (D + F) + (F + D))  # q k v o, gate up, down
+
+
+def test_demo_stage0_tower_learned_its_labels(two_variants):
+  """The vision tower's label accuracy on validation beats always answering the majority."""
+  import json
+  _, workdir, _, printed = two_variants
+  m = json.loads((workdir / 'base_vision_metrics.json').read_text())
+  print('tiny stage-0 tower, validation accuracy (majority rate):', m)
+  assert m['color'] > m['color_majority'] + 0.1
+  assert 'validation label accuracy' in printed
+
+
+def test_demo_rerun_skips_finished_stages(two_variants):
+  import contextlib
+  from cpeft_jax.train import demo as demo_run
+  config, workdir, results, _ = two_variants
+  stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if p.is_file()}
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    again = demo_run.run(config, str(workdir))
+  assert again == results and 'stage 0' not in out.getvalue()
+  assert {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if p.is_file()} == stamps
+
+
+@pytest.mark.parametrize('change, match', [
+    (lambda c: c.update(variants=('agnostic', 'agnostic')), 'distinct context maps'),
+    (lambda c: c.update(variants=('modality', 'task')), "variants holds 'task'"),
+    (lambda c: c.peft.update(methods=('dora9',)), "Unknown PEFT method 'dora9'"),
+    (lambda c: c.update(text_model='/some/llama'), 'pre-trains its own base models'),
+])
+def test_demo_config_errors_before_any_stage(tmp_path, change, match):
+  from cpeft_jax.train import demo as demo_run
+  config = _tiny_demo_config()
+  change(config)
+  with pytest.raises(ValueError, match=match):
+    demo_run.run(config, str(tmp_path))
+  assert not any(tmp_path.iterdir())

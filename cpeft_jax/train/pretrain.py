@@ -1,25 +1,33 @@
-"""The demo's stage 0: pre-train its small decoder as a plain text LM on the training captions.
+"""The demo's stage 0: pre-train its small base models, since it has none to download.
 
-Context-PEFT adapts a *pre-trained* language model, and the offline demo has none to
-download. This stage trains one (full fine-tuning, text only, no images) and writes it as a
-Hugging Face Llama checkpoint with its tokenizer, which stage 1 then loads, frozen, through
-the same loader as any real checkpoint.
+Context-PEFT adapts *pre-trained* models. `text_lm` trains the decoder as a plain text LM on
+the training captions (no images) and writes a Hugging Face Llama checkpoint with its
+tokenizer; `vision_encoder` trains a small CLIP vision tower on labels derived from the demo's
+scenes and writes a Hugging Face CLIPVisionModel checkpoint. Stage 1 then loads both, frozen,
+through the same loaders as any real checkpoint.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from cpeft_jax import checkpoints
+from cpeft_jax import checkpoints, vision_checkpoints
 from cpeft_jax.data import layout
+from cpeft_jax.data.demo import examples as demo_examples
+from cpeft_jax.data.demo import scenes
 from cpeft_jax.data import tokenizer as tokenizer_lib
+from cpeft_jax.models import clip
 from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.vision import ViT, ViTConfig
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
@@ -50,10 +58,14 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
                              rngs={'dropout': rng})
 
   params = Decoder(cfg).init(jax.random.key(config.seed), jnp.zeros((1, seq_len), jnp.int32))
+  if not p.epochs:  # a random decoder, saved like a trained one
+    checkpoints.save_decoder(out, cfg, params['params'], tok)
+    return out
   steps_per_epoch = len(texts) // p.batch_size
   tx = state_lib.optimizer(state_lib.OptimConfig(
       learning_rate=p.learning_rate, b1=0.9, b2=0.95, schedule='cosine',
-      warmup_steps=min(50, steps_per_epoch), total_steps=steps_per_epoch * p.epochs,
+      warmup_steps=min(50, steps_per_epoch, steps_per_epoch * p.epochs - 1),
+      total_steps=steps_per_epoch * p.epochs,
       grad_clip_norm=1.0))
   state = state_lib.TrainState.create(params, tx)
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply), donate_argnums=(0,))
@@ -72,3 +84,173 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
   logging.info('writing the pre-trained demo decoder to %s', out)
   checkpoints.save_decoder(out, cfg, state.trainable['params'], tok)
   return out
+
+
+# ----------------------------------------------------------------------------- the vision tower
+
+VISION_DIR = 'base_vision'
+VISION_METRICS = 'base_vision_metrics.json'
+
+
+class _Tagger(nn.Module):
+  """A CLIP vision tower with the two linear heads stage 0 trains it through (then dropped).
+
+  The class token, through CLIP's post_layernorm, predicts how many shapes the image holds;
+  every patch token predicts the shape and the colour of the object drawn in it (0: none).
+  The captioner reads the patch tokens, so that is where most labels go.
+  """
+  cfg: ViTConfig
+
+  @nn.compact
+  def __call__(self, pixels_BHWC):
+    x_BTD = ViT(self.cfg, name='tower')(pixels_BHWC)
+    cls_D = nn.LayerNorm(self.cfg.layer_norm_eps, name='post_layernorm')(x_BTD[:, 0])
+    count_BK = nn.Dense(scenes.GRID**2 + 1, name='count_head')(cls_D)
+    patch_BNF = nn.Dense(len(scenes.SHAPES) + len(scenes.COLORS) + 2, name='patch_head')(
+        x_BTD[:, 1:])
+    return count_BK, patch_BNF[..., :len(scenes.SHAPES) + 1], patch_BNF[...,
+                                                                         len(scenes.SHAPES) + 1:]
+
+
+def vision_labels(split, images_NHW3: np.ndarray, cfg: ViTConfig, *,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+  """Labels of a demo split's images, from the scenes they were drawn from.
+
+  count [n]: number of shapes; shape, color [n, N]: per patch (row-major), the 1-based index
+  into scenes.SHAPES / scenes.COLORS of the object that covers most of the patch's pixels
+  (0: background only). Every group of a scene has its own colour, so a pixel's exact colour
+  names its group.
+  """
+  n, S = len(images_NHW3), cfg.image_size
+  g, P = S // cfg.patch_size, cfg.patch_size
+  patches = images_NHW3.reshape(n, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
+      n, g * g, P * P, 3)
+  out = {'count': np.zeros(n, np.int32), 'shape': np.zeros((n, g * g), np.int32),
+         'color': np.zeros((n, g * g), np.int32)}
+  for k, image_id in enumerate(split.image_ids):
+    scene = demo_examples.scene_of(int(image_id), seed=seed, image_size=S)
+    out['count'][k] = len(scene.items)
+    covered_GN = np.stack([(patches[k] == scenes.COLORS[grp.color]).all(-1).sum(-1)
+                           for grp in scene.groups])  # pixels of each group in each patch
+    top_N = covered_GN.argmax(0)
+    drawn_N = covered_GN.max(0) > 0
+    shape_G = np.array([scenes.SHAPES.index(grp.shape) + 1 for grp in scene.groups])
+    color_G = np.array([list(scenes.COLORS).index(grp.color) + 1 for grp in scene.groups])
+    out['shape'][k] = np.where(drawn_N, shape_G[top_N], 0)
+    out['color'][k] = np.where(drawn_N, color_G[top_N], 0)
+  return out
+
+
+def _images(split, size: int) -> np.ndarray:
+  """All images of a split, uint8 [n, size, size, 3]."""
+  x = np.stack([split.image(i) for i in range(len(split))])
+  if x.shape[1:3] != (size, size):
+    raise ValueError(f'The demo images are {x.shape[1]}x{x.shape[2]}; the vision tower to '
+                     f'pre-train takes {size}x{size} (pretrain.vision.image_size).')
+  return x
+
+
+def _normalise(images_NHW3):
+  """uint8 -> [-1, 1] (the mean and std 0.5 of the saved preprocessor config)."""
+  return (images_NHW3.astype(np.float32) / 255.0 - 0.5) / 0.5
+
+
+def vision_config(config) -> ViTConfig:
+  """The CLIP tower of config.pretrain.vision, as the loader will rebuild it from config.json."""
+  v = config.pretrain.vision
+  return clip.config_from_hf(dict(
+      model_type='clip_vision_model', image_size=v.image_size, patch_size=v.patch_size,
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+      num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads), drop_cls=False)
+
+
+def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
+  """The directory of the demo's pre-trained vision tower (trained now unless already there).
+
+  A small CLIP vision tower learns the images' labels (see `_Tagger`) for
+  config.pretrain.vision.epochs, then is written as a Hugging Face CLIPVisionModel checkpoint
+  with its preprocessor_config.json, to be loaded frozen like any real one. Label accuracies
+  on `eval_split` (and the majority-class rates they should beat) go to base_vision_metrics.json.
+  """
+  out = os.path.join(workdir, VISION_DIR)
+  if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
+    return out
+  import transformers
+  v = config.pretrain.vision
+  cfg = vision_config(config)
+  seed = config.data.demo.get('seed', 0)
+  images = _images(split, cfg.image_size)
+  x, y = _normalise(images), vision_labels(split, images, cfg, seed=seed)
+  model = _Tagger(cfg)
+  params = model.init(jax.random.key(config.seed + 11), x[:1])['params']
+  steps_per_epoch = max(len(x) // v.batch_size, 1)
+  total = steps_per_epoch * v.epochs
+  tx = state_lib.optimizer(state_lib.OptimConfig(
+      learning_rate=v.learning_rate, b1=0.9, b2=0.95, schedule='cosine' if total > 1 else
+      'constant', warmup_steps=min(20, max(total - 1, 0)), total_steps=total, grad_clip_norm=1.0))
+  opt_state = tx.init(params)
+
+  def loss_fn(params, x_BHWC, labels):
+    count, shape, color = model.apply({'params': params}, x_BHWC)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return (ce(count, labels['count']).mean() + ce(shape, labels['shape']).mean()
+            + ce(color, labels['color']).mean())
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def step(params, opt_state, x_BHWC, labels):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x_BHWC, labels)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  for epoch in range(v.epochs):
+    order = np.random.default_rng([config.seed, 11, epoch]).permutation(len(x))
+    losses = []
+    for k in range(steps_per_epoch):
+      rows = order[k * v.batch_size:(k + 1) * v.batch_size]
+      params, opt_state, loss = step(params, opt_state, x[rows],
+                                     {key: val[rows] for key, val in y.items()})
+      losses.append(loss)
+    print(f'stage 0 (label pre-training of the demo vision tower): epoch {epoch + 1}/{v.epochs}, '
+          f'loss {float(np.mean(jax.device_get(losses))):.4f}', flush=True)
+
+  metrics = {'epochs': v.epochs, 'train_images': len(x)}
+  if eval_split is not None and v.epochs:
+    metrics.update(label_accuracy(model, params, eval_split, cfg, seed=seed, train_labels=y))
+    print('stage 0 vision tower, validation label accuracy (majority-class rate): ' + ', '.join(
+        f'{k} {metrics[k]:.3f} ({metrics[k + "_majority"]:.3f})' for k in ('count', 'shape',
+                                                                           'color')), flush=True)
+  # The Pillow variant where transformers has one: the default one asks for torchvision.
+  processor = (getattr(transformers, 'CLIPImageProcessorPil', None) or
+               transformers.CLIPImageProcessor)(
+      size={'shortest_edge': cfg.image_size},
+      crop_size={'height': cfg.image_size, 'width': cfg.image_size},
+      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+  norm = params['post_layernorm']
+  logging.info('writing the pre-trained demo vision tower to %s', out)
+  vision_checkpoints.save_vision(
+      out, cfg, params['tower'], processor=processor,
+      extra={'post_layernorm.weight': norm['scale'], 'post_layernorm.bias': norm['bias']})
+  with open(os.path.join(workdir, VISION_METRICS), 'w') as f:
+    json.dump(metrics, f, indent=2)
+  return out
+
+
+def label_accuracy(model, params, split, cfg: ViTConfig, *, seed: int = 0,
+                   train_labels=None) -> dict[str, float]:
+  """Accuracy of each head on a split, and the rate of always answering the majority class
+  (of `train_labels` when given, else of the split itself): chance level to beat."""
+  images = _images(split, cfg.image_size)
+  x, y = _normalise(images), vision_labels(split, images, cfg, seed=seed)
+  apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
+  preds = [[], [], []]
+  for k in range(0, len(x), 100):
+    for out, logits in zip(preds, apply(params, x[k:k + 100])):
+      out.append(np.asarray(jnp.argmax(logits, -1)))
+  ref = train_labels or y
+  metrics = {}
+  for name, pred in zip(('count', 'shape', 'color'), preds):
+    pred = np.concatenate(pred)
+    metrics[name] = float(np.mean(pred == y[name]))
+    majority = np.bincount(ref[name].reshape(-1)).argmax()
+    metrics[name + '_majority'] = float(np.mean(y[name] == majority))
+  return metrics

@@ -29,7 +29,7 @@ def make_example(split: str, index: int, *, seed: int = 0, image_size: int = 64,
   if captions_per_image < 1:
     raise ValueError(f'captions_per_image must be >= 1, got {captions_per_image}')
   split_code = SPLITS.index(split)
-  rng = np.random.default_rng([seed, split_code, index])
+  rng = _rng(split, index, seed)
   scene = scenes.sample_scene(rng, image_size)
   image_id = split_code * _ID_STRIDE + index
   texts = captions_lib.reference_captions(scene, rng, captions_per_image)
@@ -41,6 +41,21 @@ def make_example(split: str, index: int, *, seed: int = 0, image_size: int = 64,
                    for j, t in enumerate(texts)],
   }
   return example, scene
+
+
+def scene_of(image_id: int, *, seed: int = 0, image_size: int = 64) -> scenes.Scene:
+  """The scene behind a stored example, from its image id (no drawing, no captions).
+
+  Lets a consumer derive labels (shapes, colours, counts) for the demo's images.
+  """
+  split_code, index = divmod(int(image_id), _ID_STRIDE)
+  if not 0 <= split_code < len(SPLITS):
+    raise ValueError(f'image id {image_id} is not a demo image id (split * {_ID_STRIDE} + index).')
+  return scenes.sample_scene(_rng(SPLITS[split_code], index, seed), image_size)
+
+
+def _rng(split: str, index: int, seed: int) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
 def generate_examples(split: str, num_examples: int, *, seed: int = 0, image_size: int = 64,

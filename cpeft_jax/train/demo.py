@@ -1,0 +1,141 @@
+"""The embedded demo: one shared stage 0, then one Context-PEFT run per context map, compared.
+
+Stage 0 pre-trains the demo's base models once (pretrain.py): a tiny CLIP vision tower on the
+scenes' labels (DIR/base_vision) and a tiny Llama decoder on the caption text (DIR/base_lm),
+both saved as Hugging Face checkpoints. Every variant of config.variants (a context map such
+as 'agnostic' or 'modality') then trains in DIR/<variant> with loop.train_and_evaluate, loading
+both checkpoints frozen through the same loaders as real ones, and captions a few validation
+images with its best weights. One table compares the variants. Rerunning skips what is done.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from cpeft_jax import checkpoints, configlib, contexts, vision_checkpoints
+from cpeft_jax.data import tokenizer as tokenizer_lib
+from cpeft_jax.evaluation import generate as generate_lib
+from cpeft_jax.evaluation import perplexity
+from cpeft_jax.train import loop, pretrain
+from cpeft_jax.train import state as state_lib
+
+RESULT = 'demo_result.json'
+
+
+def variant_config(config: ml_collections.ConfigDict, workdir: str,
+                   variant: str) -> ml_collections.ConfigDict:
+  """The single-run config of one variant: its context map, the shared stage-0 checkpoints
+  (vision.kind='hf', text_model) and the shared prepared dataset."""
+  c = copy.deepcopy(config)
+  with c.unlocked():
+    del c['variants']
+    c.data.context_map = variant
+    c.data.data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
+    c.peft.num_contexts = contexts.num_contexts(variant)
+    c.vision = dict(kind='hf', path=os.path.join(workdir, pretrain.VISION_DIR), dtype='float32',
+                    feature_layer=-1, drop_cls=True)
+    c.text_model = os.path.join(workdir, 'base_lm')
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses a bad demo config before any stage runs (names the bad value)."""
+  variants = config.get('variants')
+  if not variants or isinstance(variants, str) or len(set(variants)) != len(variants):
+    raise ValueError(f'variants={variants!r}; expected a tuple of distinct context maps, e.g. '
+                     f"('agnostic', 'modality').")
+  for v in variants:
+    if not isinstance(v, str) or v not in contexts.PRESETS:
+      raise ValueError(f'variants holds {v!r}; expected context presets among '
+                       f'{list(contexts.PRESETS)}.')
+  if config.vision.get('kind') == 'hf' or config.text_model:
+    raise ValueError('The two-variant demo pre-trains its own base models (stage 0); it takes '
+                     "neither vision.kind='hf' nor text_model. Give a contexts=... argument for "
+                     'a single run on other checkpoints.')
+  configlib.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
+
+
+def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
+  """(vision tower directory, text decoder directory), trained now unless already there."""
+  c = variant_config(config, workdir, config.variants[0])
+  train = loop.open_split(c, workdir, c.data.train_split)
+  vision = pretrain.vision_encoder(config, workdir, train,
+                                   loop.open_split(c, workdir, c.data.eval_split))
+  tower = vision_checkpoints.vision_module(checkpoints.read_config(checkpoints.resolve(vision)),
+                                           drop_cls=True)
+  tok = tokenizer_lib.word_level(t for caps in train.captions for t in caps)
+  text = pretrain.text_lm(config, workdir, train, tok, tower.cfg.num_tokens)
+  return vision, text
+
+
+def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
+  """Trainable-parameter count and `num` greedy captions (with a reference each) of the first
+  validation images, from the run's best weights."""
+  split = loop.open_split(config, workdir, config.data.eval_split)
+  exp = loop.build(config, workdir, None)
+  trainable, frozen = state_lib.split(exp.variables, config.train.mode)
+  best = perplexity.find_checkpoint(workdir, 'best')
+  trainable = perplexity.restore_trainable(best, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable))
+  batch = exp.batches(split, train=False).batch(0, 0)
+  batch = {k: v[:num] for k, v in batch.items()}
+  ids = tokenizer_lib.special_ids(exp.tokenizer)
+  text_context = contexts.validate(config.data.context_map)['text']
+  out_BT = np.asarray(generate_lib.generate(
+      exp.model, state_lib.merge(trainable, frozen), batch,
+      max_new_tokens=config.data.seq_len - exp.num_image_tokens - 1, eos_id=ids.eos,
+      pad_id=ids.pad, text_context=text_context))
+  texts = []
+  for row in out_BT:
+    end = np.flatnonzero(row == ids.eos)
+    texts.append(exp.tokenizer.decode(row[:end[0] if end.size else len(row)],
+                                      skip_special_tokens=True))
+  refs = [split.captions[i][0] for i in range(len(texts))]
+  return {'trainable_params': int(sum(x.size for x in jax.tree.leaves(trainable))),
+          'captions': [{'generated': g, 'reference': r} for g, r in zip(texts, refs)]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+  """Stage 0 once, then every variant; prints and returns {variant: result}."""
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  stage0(config, workdir)
+  results = {}
+  for variant in config.variants:
+    path = os.path.join(workdir, variant)
+    done = os.path.join(path, RESULT)
+    if os.path.exists(done):
+      with open(done) as f:
+        results[variant] = json.load(f)
+      continue
+    c = variant_config(config, workdir, variant)
+    print(f'stage 1, variant {variant!r}: Context-PEFT ({"+".join(c.peft.methods) or "none"}, '
+          f'{c.peft.num_contexts} context(s)) in {path}', flush=True)
+    out = loop.train_and_evaluate(c, path)
+    result = {'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'steps': out['steps'],
+              **captions(c, path, config.eval.get('num_captions', 3))}
+    if jax.process_index() == 0:
+      with open(done, 'w') as f:
+        json.dump(result, f, indent=2)
+    results[variant] = result
+  print(table(results), flush=True)
+  return results
+
+
+def table(results: dict[str, dict]) -> str:
+  """The variants side by side, then each one's captions under a reference."""
+  lines = [f'{"variant":<10} {"trainable":>10} {"val loss":>9} {"val PPL":>8}']
+  for name, r in results.items():
+    lines.append(f'{name:<10} {r["trainable_params"]:>10,} {r["val_loss"]:>9.4f} '
+                 f'{r["val_ppl"]:>8.3f}')
+  for name, r in results.items():
+    lines.append(f'\ncaptions of the first validation images, {name}:')
+    for k, cap in enumerate(r['captions']):
+      lines.append(f'  [{k}] generated: {cap["generated"]}\n      reference: {cap["reference"]}')
+  return '\n'.join(lines)
