@@ -108,8 +108,10 @@ def load(export_dir: str):
 
 
 def main(argv):
-  from absl import flags
+  from absl import flags, logging
   del argv
+  if not flags.FLAGS['verbosity'].present:  # orbax's progress lines
+    logging.set_verbosity(logging.WARNING)
   out = export(flags.FLAGS.workdir, flags.FLAGS.checkpoint)
   with open(os.path.join(out, INFO)) as f:
     info = json.load(f)
