@@ -675,14 +675,13 @@ class ContextDense(nn.Module):
       xb_TD = x_TD * _select(s_RD, routing, dtype, 1.0)
     y_TE = xb_TD @ kernel.astype(dtype)
     delta_TE = None
-    if adapt.lora or adapt.dora:
+    if adapt.dora:  # g * (x W + s x A B), the bias left out as in PEFT
       delta_TE, g_TE, xl_TD = self._low_rank(x_TD, kernel, routing, table, uniform)
-      if g_TE is not None:  # DoRA: g * (x W + s x A B), the bias left out as in PEFT
-        if xl_TD is x_TD:
-          y_TE = y_TE * g_TE
-        else:  # PEFT recomputes the base on the dropped-out input: x W + (g - 1) x_d W
-          y_TE = y_TE + (g_TE - 1) * (xl_TD @ kernel.astype(dtype))
-        delta_TE = delta_TE * g_TE
+      if xl_TD is x_TD:
+        y_TE = y_TE * g_TE
+      else:  # PEFT recomputes the base on the dropped-out input: x W + (g - 1) x_d W
+        y_TE = y_TE + (g_TE - 1) * (xl_TD @ kernel.astype(dtype))
+      delta_TE = delta_TE * g_TE
     if bias is not None:
       y_TE = y_TE + bias.astype(dtype)
     if adapt.ia3 == 'out':
@@ -693,6 +692,8 @@ class ContextDense(nn.Module):
       b_RE = _mask_rows(table('bitfit', nn.initializers.zeros, (R, self.features)),
                         adapt.rows_with('bitfit', peft), 0.0)
       y_TE = y_TE + _select(b_RE, routing, dtype, 0.0)
+    if adapt.lora and not adapt.dora:
+      delta_TE = self._low_rank(x_TD, kernel, routing, table, uniform)[0]
     if delta_TE is not None:
       y_TE = y_TE + delta_TE
     return y_TE.reshape(*lead, self.features)
@@ -712,7 +713,7 @@ class ContextDense(nn.Module):
       xl_TD = (nn.Dropout(lo.dropout, deterministic=self.deterministic)(x_TD)
                if lo.dropout else x_TD)
       delta_TE = lora_delta(xl_TD, a, b, routing) * jnp.asarray(lo.scale, dtype)
-      b_scaled = b * jnp.asarray(lo.scale, dtype)
+      b_scaled = b * jnp.asarray(lo.scale, dtype) if adapt.dora else None
     else:
       # Padded to the largest rank; the static mask zeroes each row's padding (and the rows
       # of contexts without LoRA here), and B's mask carries each row's own scale.
