@@ -350,7 +350,8 @@ def peft_config_of(directory: str | os.PathLike) -> PeftConfig:
   config = read_peft_config(directory)
   modules = config['target_modules']
   modules = [modules] if isinstance(modules, str) else sorted(modules)
-  return PeftConfig(methods=('dora',) if config.get('use_dora') else ('lora',), targets=','.join(modules), num_contexts=1,
+  return PeftConfig(methods=('dora',) if config.get('use_dora') else ('lora',),
+                    targets=','.join(modules), num_contexts=1,
                     lora=adaptors.LoraConfig(rank=config['r'], alpha=float(config['lora_alpha']),
                                              rslora=bool(config.get('use_rslora')),
                                              dropout=float(config.get('lora_dropout') or 0.0)))

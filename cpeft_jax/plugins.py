@@ -92,7 +92,8 @@ def check_base(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> No
   w, g = want['tensors'], got['tensors']
   if set(w) != set(g):
     raise ValueError(f'{what} was trained on a base with other tensors: missing here '
-                     f'{sorted(set(w) - set(g))[:5]}, not in its base {sorted(set(g) - set(w))[:5]}.')
+                     f'{sorted(set(w) - set(g))[:5]}, not in its base '
+                     f'{sorted(set(g) - set(w))[:5]}.')
   differ = []
   for path in sorted(w):
     if w[path]['shape'] != g[path]['shape']:

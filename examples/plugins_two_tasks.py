@@ -4,12 +4,12 @@
 
 Text only, offline, under a minute of CPU time on 2 cores. The tasks come from the demo's
 procedural scenes: 'caption' (a true caption of a scene) and 'qa' (a question about a shape's
-colour or count, and its answer). Each task trains its own one-context LoRA plug-in on the same frozen
-base decoder (a small random one saved as a Hugging Face checkpoint, as a real base would be),
-saved with the base's fingerprint. The plug-ins are then loaded (checked against the base),
-assembled as contexts 0 and 1 of one model, and evaluated on a batch that mixes both tasks,
-each example routed to its task's context (`contexts.task_contexts`). The table printed shows
-each task's loss under the base alone, under each plug-in alone, and under the assembly.
+colour or count, and its answer). Each task trains its own one-context LoRA plug-in on the
+same frozen base decoder (a small random one saved as a Hugging Face checkpoint, as a real base
+would be), saved with the base's fingerprint. The plug-ins are then loaded (checked against
+the base), assembled as contexts 0 and 1 of one model, and evaluated on a batch that mixes both
+tasks, each example routed to its task's context (`contexts.task_contexts`). The table printed
+shows each task's loss under the base alone, under each plug-in alone, and under the assembly.
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ def exported(base, tmp_path_factory):
 
 # Per-context specs (where adaptors.py has them): context 1's own rank and scale, padded tables,
 # and IA3 on context 0 only, which the export of context 1 must leave out.
-PER_CONTEXT = [{'methods': 'lora+ia3'}, {'methods': 'lora', 'rank': 2, 'alpha': 3.0, 'rslora': True}]
+PER_CONTEXT = [{'methods': 'lora+ia3'},
+               {'methods': 'lora', 'rank': 2, 'alpha': 3.0, 'rslora': True}]
 needs_specs = pytest.mark.skipif(not hasattr(adaptors, 'ContextSpec'),
                                  reason='this adaptors.py has no per-context specs')
 
@@ -249,7 +250,8 @@ def test_command_line_conversions_round_trip(base, exported, tmp_path):
                  name='imported')
   export.convert(str(base.dir), plugin=str(tmp_path / 'plug'), peft_out=str(tmp_path / 'again'),
                  merged_out=str(tmp_path / 'merged'))
-  want, got = (load_file(str(d / export.ADAPTER_WEIGHTS)) for d in (exported.dir, tmp_path / 'again'))
+  want, got = (load_file(str(d / export.ADAPTER_WEIGHTS))
+               for d in (exported.dir, tmp_path / 'again'))
   assert sorted(got) == sorted(want)
   for k in want:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7)
