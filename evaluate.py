@@ -7,7 +7,9 @@ heatmaps; or compares evaluated workdirs in one table.
         [--num_beams=1] [--max_new_tokens=0] [--heatmaps=K] [--heatmap_layer=-1]
     python evaluate.py --compare=DIR1,DIR2,... [--compare_split=test] [--compare_output=t.md]
 
-Pass the config (and overrides) training ran with: the checkpoint must fit its model.
+Pass the config (and overrides) training ran with: the checkpoint must fit its model. A config
+with `variants` (the two-variant demo, configs/demo.py without contexts=) evaluates each
+variant's run in DIR/<variant> and writes their comparison to DIR/comparison.md.
 --checkpoint: 'best' (the best-validation weights, DIR/best), 'latest' (the newest step in
 DIR/checkpoints) or a directory saved like DIR/best. --splits defaults to data.eval_split.
 Decoding: greedy unless --num_beams > 1; flags override config.eval.num_beams/max_new_tokens.
@@ -16,6 +18,7 @@ Writes DIR/eval/metrics.json (every split), and per split <split>_metrics.json a
 generated captions of each split to DIR/eval/heatmaps/.
 """
 
+import functools
 import os
 
 from absl import app, flags, logging
@@ -53,56 +56,29 @@ def main(argv):
     return
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
-  import dataclasses
-  from cpeft_jax.evaluation import captioning, captions, perplexity
-  if FLAGS.heatmaps < 0:
-    raise app.UsageError(f'--heatmaps must be >= 0, got {FLAGS.heatmaps}.')
+  from cpeft_jax.evaluation import captioning
+  if FLAGS.heatmaps < 0 or (FLAGS.heatmaps and not FLAGS.captions):
+    raise app.UsageError(f'--heatmaps={FLAGS.heatmaps}: expected a count >= 0, and heatmaps '
+                         'are drawn for generated captions (not with --nocaptions).')
   decoding = captioning.Decoding.from_config(FLAGS.config, num_beams=FLAGS.num_beams,
                                              max_new_tokens=FLAGS.max_new_tokens)
-  r = perplexity.restore(FLAGS.config, FLAGS.workdir, checkpoint=FLAGS.checkpoint,
-                         config_name=_config_name())
-  if FLAGS.heatmaps:
-    captioning.check_layer(r, FLAGS.heatmap_layer)
-  data = perplexity.open_splits(FLAGS.config, FLAGS.workdir, FLAGS.splits)
-  ckpt = dataclasses.asdict(r.ckpt)
-  used = dataclasses.asdict(dataclasses.replace(
-      decoding, max_new_tokens=captioning.max_new_tokens(r, decoding)))
-  result = {'checkpoint': ckpt, 'splits': {}}
-  scorer = captions.Scorer() if FLAGS.captions else None
-  try:
-    for name, split in data.items():
-      m = perplexity.split_perplexity(r, split, name=name)
-      print(f"{name}: caption loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} "
-            f"({m['images']} images; {r.ckpt.kind} checkpoint, step {r.ckpt.step})")
-      if scorer is not None:
-        generated = captioning.generate_split(r, split, decoding, desc=f'{name} captions')
-        m.update(captioning.score(scorer, split, generated))
-        print(f'{name}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in captions.METRICS +
-                                      (captions.SPICE,) if k in m))
-        _show(split, generated, FLAGS.show)
-        paths = captioning.write_results(FLAGS.workdir, name, generated, {
-            'checkpoint': ckpt, 'decoding': used, 'split': name, **m})
-        print(f'wrote {paths[0]}, {paths[1]}')
-        maps = captioning.write_heatmaps(r, split, name, generated, FLAGS.workdir,
-                                         count=FLAGS.heatmaps, layer=FLAGS.heatmap_layer)
-        if maps:
-          print(f'wrote {len(maps)} heatmaps to {os.path.dirname(maps[0])}')
-      result['splits'][name] = m
-  finally:
-    if scorer is not None:
-      scorer.close()
-  if FLAGS.captions:
-    result['decoding'] = used
-  print(f'wrote {perplexity.write_metrics(FLAGS.workdir, result)}')
-
-
-def _show(split, generated, n):
-  from cpeft_jax.evaluation import captioning
-  refs = captioning.references(split)
-  for g in generated[:n]:
-    print(f'  image {g.image_id}: {g.text!r}')
-    for ref in refs[g.image_id][:3]:
-      print(f'      ref: {ref!r}')
+  run = functools.partial(
+      captioning.evaluate_workdir, checkpoint=FLAGS.checkpoint, splits=FLAGS.splits,
+      decoding=decoding, captions=FLAGS.captions, heatmap_count=FLAGS.heatmaps,
+      heatmap_layer=FLAGS.heatmap_layer, show=FLAGS.show, config_name=_config_name())
+  if not FLAGS.config.get('variants'):
+    run(FLAGS.config, FLAGS.workdir)
+    return
+  # The two-variant demo trained one run per context map in DIR/<variant>: evaluate each and
+  # compare them.
+  from cpeft_jax.evaluation import compare
+  from cpeft_jax.train import demo
+  workdirs = []
+  for variant in FLAGS.config.variants:
+    workdirs.append(os.path.join(FLAGS.workdir, variant))
+    print(f'== variant {variant!r} ({workdirs[-1]})')
+    run(demo.variant_config(FLAGS.config, FLAGS.workdir, variant), workdirs[-1])
+  compare.write(workdirs, output=os.path.join(FLAGS.workdir, 'comparison.md'))
 
 
 if __name__ == '__main__':

@@ -174,3 +174,54 @@ def _image(split, index: int, size: int) -> np.ndarray:
   if img.shape[:2] != (size, size):
     img = np.asarray(PIL.Image.fromarray(img).resize((size, size), PIL.Image.BICUBIC))
   return img
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
+                     checkpoint: str = 'best', splits: list[str] | None = None,
+                     decoding: Decoding | None = None, captions: bool = True,
+                     heatmap_count: int = 0, heatmap_layer: int = -1, show: int = 3,
+                     config_name: str = 'the given config') -> dict[str, Any]:
+  """evaluate.py's work: per split perplexity and (with `captions`) generated captions, their
+  COCO metrics and heatmaps, printed and written under DIR/eval; returns metrics.json's dict."""
+  from cpeft_jax.evaluation import perplexity
+  decoding = decoding or Decoding.from_config(config)
+  if heatmap_count < 0 or (heatmap_count and not captions):
+    raise ValueError(f'heatmaps={heatmap_count}: expected a count >= 0, and heatmaps are drawn '
+                     'for generated captions (not without captions).')
+  r = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=config_name)
+  if heatmap_count:
+    check_layer(r, heatmap_layer)
+  data = perplexity.open_splits(config, workdir, splits)
+  ckpt = dataclasses.asdict(r.ckpt)
+  used = dataclasses.asdict(dataclasses.replace(decoding,
+                                                max_new_tokens=max_new_tokens(r, decoding)))
+  result = {'checkpoint': ckpt, **({'decoding': used} if captions else {}), 'splits': {}}
+  scorer = captions_lib.Scorer() if captions else None
+  try:
+    for name, split in data.items():
+      m = perplexity.split_perplexity(r, split, name=name)
+      print(f"{name}: caption loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} "
+            f"({m['images']} images; {r.ckpt.kind} checkpoint, step {r.ckpt.step})")
+      if scorer is not None:
+        generated = generate_split(r, split, decoding, desc=f'{name} captions')
+        m.update(score(scorer, split, generated))
+        print(f'{name}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in captions_lib.METRICS +
+                                      (captions_lib.SPICE,) if k in m))
+        refs = references(split)
+        for g in generated[:show]:
+          print(f'  image {g.image_id}: {g.text!r}')
+          for ref in refs[g.image_id][:3]:
+            print(f'      ref: {ref!r}')
+        paths = write_results(workdir, name, generated,
+                              {'checkpoint': ckpt, 'decoding': used, 'split': name, **m})
+        print(f'wrote {paths[0]}, {paths[1]}')
+        maps = write_heatmaps(r, split, name, generated, workdir, count=heatmap_count,
+                              layer=heatmap_layer)
+        if maps:
+          print(f'wrote {len(maps)} heatmaps to {os.path.dirname(maps[0])}')
+      result['splits'][name] = m
+  finally:
+    if scorer is not None:
+      scorer.close()
+  print(f'wrote {perplexity.write_metrics(workdir, result)}')
+  return result
