@@ -41,13 +41,14 @@ def check(references: Mapping[Hashable, Sequence[str]],
     raise ValueError('No references: expected {image_id: [reference captions]} for >= 1 image.')
   missing = [k for k in references if k not in candidates]
   extra = [k for k in candidates if k not in references]
-  if missing or extra:
-    raise ValueError(
-        f'Candidates and references must cover the same image ids: '
-        + '; '.join(p for p in (
-            missing and f'{len(missing)} image id(s) without a candidate, e.g. {missing[:3]}',
-            extra and f'{len(extra)} candidate image id(s) without references, e.g. {extra[:3]}')
-                    if p) + '.')
+  problems = []
+  if missing:
+    problems.append(f'{len(missing)} image id(s) without a candidate, e.g. {missing[:3]}')
+  if extra:
+    problems.append(f'{len(extra)} candidate image id(s) without references, e.g. {extra[:3]}')
+  if problems:
+    raise ValueError('Candidates and references must cover the same image ids: '
+                     f'{"; ".join(problems)}.')
   for k, refs in references.items():
     if isinstance(refs, str) or not len(refs):
       raise ValueError(f'Image id {k!r} has references {refs!r}; expected a non-empty list of '
