@@ -62,3 +62,9 @@ def test_spice_required_but_absent():
     pytest.skip('SPICE jars are installed here')
   with pytest.raises(FileNotFoundError, match='SPICE needs'):
     captions.Scorer(spice=True)
+
+
+def test_java_missing(monkeypatch, tmp_path):
+  monkeypatch.setenv('PATH', str(tmp_path))  # no java here
+  with pytest.raises(FileNotFoundError, match='need Java on PATH.*--nocaptions'):
+    captions.Scorer()

@@ -10,6 +10,7 @@ Stanford CoreNLP 3.6.0 jars, which pycocoevalcap downloads at first use; where t
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Hashable
 
@@ -69,6 +70,10 @@ class Scorer:
   """
 
   def __init__(self, *, spice: bool | None = None):
+    if shutil.which('java') is None:
+      raise FileNotFoundError('COCO caption metrics need Java on PATH (pycocoevalcap runs its '
+                              'PTB tokenizer and METEOR as Java programs); install a JRE, or '
+                              'evaluate perplexity only (evaluate.py --nocaptions).')
     missing = spice_jars()
     if spice and missing:
       raise FileNotFoundError(f'SPICE needs {missing} (Stanford CoreNLP 3.6.0, which '
