@@ -100,7 +100,7 @@ def test_matches_pytorch_peft_dora():
   def loss(t):
     logits = ours.apply({'params': params, 'adaptors': t}, jnp.asarray(tokens))
     return jnp.sum(logits * weights), logits
-  (_, got), grads = jax.value_and_grad(loss, has_aux=True)(tables)
+  (_, got), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(tables)
   diff = float(np.abs(np.asarray(got) - want).max())
   print(f'DoRA logits max abs diff vs PyTorch PEFT: {diff:.2e}')
   assert diff <= 1e-4
