@@ -360,3 +360,31 @@ def test_demo_config_errors_before_any_stage(tmp_path, change, match):
   with pytest.raises(ValueError, match=match):
     demo_run.run(config, str(tmp_path))
   assert not any(tmp_path.iterdir())
+
+
+def test_vision_labels_name_what_each_patch_shows():
+  """Stage 0's per-patch labels against the pixels: a labelled patch holds that colour (most
+  of its drawn pixels) and a shape of it, an unlabelled one only background; counts match."""
+  import types
+  from cpeft_jax.train import pretrain
+  from cpeft_jax.models.vision import ViTConfig
+  made = [demo.make_example('train', i, seed=2) for i in range(12)]
+  images = np.stack([e['image'] for e, _ in made])
+  split = types.SimpleNamespace(image_ids=np.array([e['image/id'] for e, _ in made]))
+  cfg = ViTConfig(image_size=64, patch_size=8, hidden_size=8, num_heads=1, intermediate_size=8,
+                  num_layers=1)
+  y = pretrain.vision_labels(split, images, cfg, seed=2)
+  names = list(scenes.COLORS)
+  for k, (_, scene) in enumerate(made):
+    assert y['count'][k] == sum(g.count for g in scene.groups)
+    shape_of = {g.color: g.shape for g in scene.groups}
+    for n in range(64):
+      r, c = divmod(n, 8)
+      patch = images[k, 8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 3)
+      drawn = {name: int((patch == rgb).all(-1).sum()) for name, rgb in scenes.COLORS.items()}
+      if y['color'][k, n] == 0:
+        assert not any(drawn.values()) and y['shape'][k, n] == 0
+      else:
+        name = names[y['color'][k, n] - 1]
+        assert drawn[name] == max(drawn.values()) > 0
+        assert scenes.SHAPES[y['shape'][k, n] - 1] == shape_of[name]

@@ -106,10 +106,9 @@ class _Tagger(nn.Module):
     x_BTD = ViT(self.cfg, name='tower')(pixels_BHWC)
     cls_D = nn.LayerNorm(self.cfg.layer_norm_eps, name='post_layernorm')(x_BTD[:, 0])
     count_BK = nn.Dense(scenes.GRID**2 + 1, name='count_head')(cls_D)
-    patch_BNF = nn.Dense(len(scenes.SHAPES) + len(scenes.COLORS) + 2, name='patch_head')(
-        x_BTD[:, 1:])
-    return count_BK, patch_BNF[..., :len(scenes.SHAPES) + 1], patch_BNF[...,
-                                                                         len(scenes.SHAPES) + 1:]
+    S = len(scenes.SHAPES) + 1  # shape classes, then colour classes (0: none in both)
+    patch_BNF = nn.Dense(S + len(scenes.COLORS) + 1, name='patch_head')(x_BTD[:, 1:])
+    return count_BK, patch_BNF[..., :S], patch_BNF[..., S:]
 
 
 def vision_labels(split, images_NHW3: np.ndarray, cfg: ViTConfig, *,
