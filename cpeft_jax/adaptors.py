@@ -193,8 +193,8 @@ class PeftConfig:
         if hasattr(e, 'to_dict'):
           e = e.to_dict()
         if not isinstance(e, Mapping):
-          raise ValueError(f'{where} must be a dict of {[f.name for f in dataclasses.fields(ContextSpec)]}, '
-                           f'got {e!r}.')
+          fields = [f.name for f in dataclasses.fields(ContextSpec)]
+          raise ValueError(f'{where} must be a dict of {fields}, got {e!r}.')
         e = config_from_dict(ContextSpec, e, where)
       methods = _parse_methods(self.methods if e.methods is None else e.methods,
                                f'{where}.methods')
@@ -208,8 +208,9 @@ class PeftConfig:
     if not adapted:
       raise ValueError('peft.contexts gives no context any method; at least one must be adapted.')
     if self.adapted_contexts is not None and tuple(self.adapted_contexts) != adapted:
-      raise ValueError(f'peft.adapted_contexts={self.adapted_contexts} disagrees with peft.contexts, '
-                       f"which adapts {adapted}; give unadapted contexts methods='none' instead.")
+      raise ValueError(f'peft.adapted_contexts={self.adapted_contexts} disagrees with '
+                       f'peft.contexts, which adapts {adapted}; give unadapted contexts '
+                       "methods='none' instead.")
     union = tuple(m for m in METHODS if any(m in sp.methods for sp in specs))
     object.__setattr__(self, 'contexts', tuple(specs))
     object.__setattr__(self, 'methods', union)

@@ -1,4 +1,4 @@
-"""Per-context adaptor specs: a slow per-token reference, inert padding under Adam, config surface."""
+"""Per-context adaptor specs: per-token reference, inert padding under Adam, the config surface."""
 
 import dataclasses
 import sys

@@ -1,4 +1,4 @@
-"""Context-DoRA: a per-token slow reference for C = 2, and parity with PyTorch PEFT's DoRA for C = 1."""
+"""Context-DoRA: a per-token slow reference (C = 2), and parity with PyTorch PEFT's DoRA (C = 1)."""
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ def _peft_dora_model():
 
 
 def tables_from_peft(state_dict, template):
-  """PEFT's lora_A [r, in], lora_B [out, r], lora_magnitude_vector [out] -> our [L, 1, ...] tables."""
+  """PEFT's lora_A [r, in], lora_B [out, r], lora_magnitude_vector [out] -> our [L, 1, ...]."""
   out = {}
   for group, projs in template['layers'].items():
     for proj, leaves in projs.items():
