@@ -21,7 +21,8 @@ import numpy as np
 
 from cpeft_jax import adaptors
 from cpeft_jax.adaptors import PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoders import make_decoder
+from cpeft_jax.models.llama import DecoderConfig
 
 # Table leaf name -> (method, axis of the context rows counted from the end). The LoRA tables
 # count towards 'dora' for the rows of DoRA contexts.
@@ -67,7 +68,7 @@ class Report:
 
 def variable_shapes(cfg: DecoderConfig, peft: PeftConfig | None, seq_len: int = 8):
   """The decoder's variables as ShapeDtypeStructs, without allocating them."""
-  model = Decoder(cfg, peft)
+  model = make_decoder(cfg, peft)
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   return jax.eval_shape(lambda: model.init(jax.random.key(0), tokens))
 

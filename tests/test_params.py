@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cpeft_jax import configlib, params
+from cpeft_jax import adaptors, configlib, params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,3 +76,23 @@ def test_per_context_specs_count_real_parameters_and_state_padding():
   assert rep.per_method_context == {'lora': {0: 0, 1: n * 768 * 8 * 2},
                                     'dora': {0: n * (768 * 4 * 2 + 768), 1: 0}}
   assert rep.padding == n * 768 * 4 * 2 + n * 768  # context 0's rank padding, 1's magnitude row
+
+
+@pytest.mark.parametrize('model_type', ['gpt2', 'opt'])
+def test_counts_for_learned_position_decoders(model_type):
+  """LoRA r on A (q, k, v, out) counts r * (d_in + d_out) per projection; base as transformers."""
+  transformers = pytest.importorskip('transformers')
+  from cpeft_jax.models import hf_configs
+  if model_type == 'gpt2':
+    hf = transformers.GPT2Config(vocab_size=50, bos_token_id=0, eos_token_id=1, n_positions=16, n_embd=24, n_layer=2, n_head=2)
+    hf_model = transformers.GPT2LMHeadModel(hf)
+  else:
+    hf = transformers.OPTConfig(vocab_size=50, max_position_embeddings=16, hidden_size=24,
+                                num_hidden_layers=2, num_attention_heads=2, ffn_dim=40,
+                                word_embed_proj_dim=24)
+    hf_model = transformers.OPTForCausalLM(hf)
+  cfg = hf_configs.decoder_config(hf.to_dict())
+  peft = adaptors.PeftConfig(methods=('lora',), targets='A', lora=adaptors.LoraConfig(rank=3))
+  rep = params.report(cfg, peft)
+  assert rep.adaptor_total == 2 * 4 * 3 * (24 + 24)
+  assert rep.base == sum(p.numel() for p in hf_model.parameters())  # tied lm_head once
