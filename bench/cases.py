@@ -50,6 +50,10 @@ class Shape:
   gen_new: int = 32
   strategy: str = 'auto'  # the LoRA knobs of PeftConfig, for tuning (see bench/contexts.py)
   tile: int = 64
+  # Frozen weights of the PEFT cases stored in the compute dtype ('compute') or float32. Every
+  # use casts them to the compute dtype, so bf16 storage gives the same numbers with half the
+  # memory and no per-step cast; full fine-tuning always keeps float32 master weights.
+  frozen_dtype: str = 'compute'
 
   def decoder(self, dtype: str) -> DecoderConfig:
     return DecoderConfig(vocab_size=self.vocab, hidden_size=self.width, num_layers=self.layers,
@@ -57,7 +61,8 @@ class Shape:
                          param_dtype='float32')
 
   def describe(self) -> str:
-    return (f'Llama decoder width {self.width}, {self.layers} layers, {self.heads} heads, '
+    return (f'frozen weights of the PEFT cases in {self.frozen_dtype} dtype; '
+            f'Llama decoder width {self.width}, {self.layers} layers, {self.heads} heads, '
             f'SwiGLU {self.ffn} (separate gate/up), vocab {self.vocab}; train batch '
             f'{self.batch} x seq {self.seq}; LoRA r={self.rank} alpha={self.rank} on '
             f'q/k/v/o/gate/up/down, strategy {self.strategy} (tile {self.tile}); generation '
@@ -125,6 +130,13 @@ def make_batch(shape: Shape, num_contexts: int = 1, seed: int = 0) -> dict[str, 
           'context_ids': harness.context_ids(B, L, num_contexts), 'image_mask': image}
 
 
+def frozen_base(spec: 'TrainSpec', shape: Shape, base):
+  """The frozen weights a PEFT case reads: `base`, or a cast copy (see Shape.frozen_dtype)."""
+  if shape.frozen_dtype == 'compute' and spec.dtype != 'float32':
+    return jax.jit(lambda t: jax.tree.map(lambda x: x.astype(spec.dtype), t))(base)
+  return base
+
+
 def init_base(shape: Shape, seed: int = 0):
   """The frozen decoder's 'params' (float32), shared by every case of a run."""
   model = Decoder(shape.decoder('float32'))
@@ -145,24 +157,28 @@ class Built:
   first_loss: float | None = None
 
 
-def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True) -> Built:
+def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
+               frozen=None) -> Built:
   """This project's jitted train step for `spec`, compiled, with its state.
 
-  Full fine-tuning trains (and donates) `base` itself unless `share_base`, then a copy.
+  Full fine-tuning trains (and donates) `base` itself unless `share_base`, then a copy. The
+  other modes read `frozen` (default: `frozen_base(spec, shape, base)`) as their frozen weights.
   """
   peft = spec.peft(shape)
   cfg = shape.decoder(spec.dtype)
   model = Decoder(cfg, peft)
   batch = {k: jnp.asarray(v) for k, v in make_batch(shape, spec.contexts).items()}
+  if spec.mode != 'full' and frozen is None:
+    frozen = frozen_base(spec, shape, base)
   if spec.mode == 'full':
     trainable, frozen = {'params': base}, {}
   elif spec.mode == 'connector':
     D = shape.width
     trainable = {'connector': {'kernel': jnp.eye(D, dtype=jnp.float32),
                                'bias': jnp.zeros((D,), jnp.float32)}}
-    frozen = {'params': base}
+    frozen = {'params': frozen}
   else:
-    trainable, frozen = {'adaptors': checkpoints.init_adaptors(cfg, peft)}, {'params': base}
+    trainable, frozen = {'adaptors': checkpoints.init_adaptors(cfg, peft)}, {'params': frozen}
 
   def apply_fn(variables, batch, *, train, rng):
     del train, rng  # no dropout in the benchmark (the peer's Llama has none either)

@@ -41,6 +41,8 @@ flags.DEFINE_integer('jobs', 2, 'Cases compiled (and memory processes run) at a 
 flags.DEFINE_list('cases', list(cases.OURS), 'Our train cases to run.')
 flags.DEFINE_string('strategy', 'auto', 'LoRA strategy of the multi-context cases (a knob).')
 flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped LoRA strategy (a knob).')
+flags.DEFINE_enum('frozen_dtype', 'compute', ['compute', 'float32'],
+                  'Storage of the PEFT cases\' frozen weights (a knob; see cases.Shape).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
 
 GOAL_ROWS = (
@@ -62,7 +64,8 @@ def log(msg):
 
 def shape() -> cases.Shape:
   s = cases.SHAPES['quick' if FLAGS.quick else 'paper']
-  return dataclasses.replace(s, strategy=FLAGS.strategy, tile=FLAGS.tile)
+  return dataclasses.replace(s, strategy=FLAGS.strategy, tile=FLAGS.tile,
+                             frozen_dtype=FLAGS.frozen_dtype)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -79,10 +82,15 @@ def memory_worker(name: str):
   if name in cases.PEERS:
     built = cases.build_peer(cases.hf_model(s), s, variants=(name,))[name]
   else:
-    built = cases.build_ours(cases.OURS[name], s, cases.init_base(s), share_base=False)
+    spec, base = cases.OURS[name], cases.init_base(s)
+    frozen = None if spec.mode == 'full' else cases.frozen_base(spec, s, base)
+    if frozen is not None and frozen is not base:
+      del base  # the case holds only what a user's run would
+    built = cases.build_ours(spec, s, None if frozen is not None else base, share_base=False,
+                             frozen=frozen)
   built.run()
   built.run()
-  print('MEMORY ' + json.dumps({'case': name, 'base_mib': base_mib,
+  print('MEMORY ' + json.dumps({'case': name, 'base_mib': base_mib, 'xla_mib': built.xla_mib,
                                 'peak_mib': harness.peak_rss_mib()}), flush=True)
 
 
@@ -90,7 +98,8 @@ def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
   """Peak RSS per case, each in a fresh process (two at a time: no timing runs meanwhile)."""
   def one(name):
     cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}',
-           f'--strategy={FLAGS.strategy}', f'--tile={FLAGS.tile}'] + (
+           f'--strategy={FLAGS.strategy}', f'--tile={FLAGS.tile}',
+           f'--frozen_dtype={FLAGS.frozen_dtype}'] + (
                ['--quick'] if FLAGS.quick else [])
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in p.stdout.splitlines():
@@ -209,6 +218,7 @@ def main(argv):
   s = shape()
   log(f'shape {s.name}: {s.describe()}')
   base = cases.init_base(s)
+  frozen16 = cases.frozen_base(cases.OURS['lora_c1'], s, base)  # shared by the bf16 PEFT cases
 
   peer_skip, hf = '', None
   if FLAGS.peer:
@@ -235,7 +245,8 @@ def main(argv):
 
   def build(name):
     t0 = time.perf_counter()
-    b = cases.build_ours(cases.OURS[name], s, base)
+    spec = cases.OURS[name]
+    b = cases.build_ours(spec, s, base, frozen=frozen16 if spec.dtype == 'bfloat16' else None)
     log(f'built {name} in {time.perf_counter() - t0:.1f} s')
     return name, b
   # Compiling is mostly single-threaded: two cases at a time halve the wait on 2 cores.
