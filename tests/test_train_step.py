@@ -107,8 +107,10 @@ def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
   np.testing.assert_allclose((m['loss_ctx'] * m['tokens_ctx']).sum() / m['tokens_ctx'].sum(),
                              m['loss'], rtol=1e-6)
   # Per-row gradient norms: row r of every adaptor table ([layers, R, ...]) of the plain gradient.
-  g = jax.jit(jax.grad(lambda t: step_lib.loss_sums(apply, state_lib.merge(t, frozen), batch,
-                                                    train=False)[0] / counts.sum()))(trainable)
+  # (train=True: the jitted path; this model has no dropout, so it is the eval loss.)
+  g = jax.jit(jax.grad(lambda t, b: step_lib.loss_sums(
+      apply, state_lib.merge(t, frozen), b, train=True, rng=jax.random.key(0))[0]
+      / counts.sum()))(trainable, batch)
   tables = jax.tree.leaves(g['adaptors'])
   want = [np.sqrt(sum(float(np.sum(np.square(x[:, r]))) for x in tables)) for r in range(2)]
   np.testing.assert_allclose(m['grad_norm_row'], want, rtol=1e-4)

@@ -337,9 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if truncated:
     logging.warning('%d training captions were truncated (%d tokens dropped) to fit seq_len=%d.',
                     truncated, dropped, config.data.seq_len)
-  if lead and config.train.get('export', True):
+  if lead and config.train.get('export', True):  # the small adaptor-only copy, DIR/export
     from cpeft_jax.train import export
-    export.export(workdir)
+    try:
+      export.export(workdir)
+    except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
+      logging.error('Export to %s/export failed (%s); retry with python -m '
+                    'cpeft_jax.train.export --workdir=%s', workdir, e, workdir)
   best = meta['best_val_loss']
   return {'val_loss': best, 'val_ppl': math.exp(best) if best is not None else float('nan'),
           'steps': int(jax.device_get(state.step))}
