@@ -144,3 +144,15 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
   saved = sorted(int(p.name) for p in (tmp_path / 'w' / 'checkpoints').iterdir()
                  if p.name.isdigit())
   assert saved == [7]  # the NaN state at step 14 is never saved
+
+
+def test_dora_magnitudes_start_at_the_loaded_base_column_norms(tmp_path):
+  c = tiny(1)
+  c.peft.methods = ('dora',)
+  split = loop.open_split(c, str(tmp_path), c.data.train_split)
+  exp = loop.build(c, str(tmp_path), split)
+  base = exp.variables['params']['decoder']['layers']['attn']['q_proj']['kernel']
+  m = exp.variables['adaptors']['decoder']['layers']['attn']['q_proj']['dora_m']
+  want = np.sqrt((np.asarray(base, np.float64) ** 2).sum(axis=-2))  # [layers, d_out]
+  for ctx in range(m.shape[1]):
+    np.testing.assert_allclose(np.asarray(m)[:, ctx], want, rtol=1e-5)

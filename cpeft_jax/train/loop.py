@@ -156,6 +156,9 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     loaded['decoder'], _ = checkpoints.load_params(text_model, dec_cfg,
                                                    leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
+  if text_model and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
+    variables[adaptors.ADAPTORS] = adaptors.init_dora_magnitudes(  # loaded base, not the random one
+        variables['params'], variables[adaptors.ADAPTORS])
   variables['params'] = quantize.quantize_params(variables['params'], qcfg)
   return Experiment(config, tok, model, variables, N, S, _mesh(config), tuple(mean), tuple(std))
 
