@@ -62,8 +62,8 @@ def test_paper_hyper_parameters():
 
 
 @pytest.mark.parametrize('arg, match', [
-    ('method=dora', r"method='dora'; expected one of"),
-    ('method=lora+dora', r"method='lora\+dora'"),
+    ('method=vera', r"method='vera'; expected one of"),
+    ('method=lora+vera', r"method='lora\+vera'"),
     ('contexts=both', r"contexts='both'; expected one of \('agnostic', 'specific'\)"),
     ('encoder=huge', r"encoder='huge'; expected one of \('tiny', 'large'\)"),
     ('dataset=coco', r"dataset='coco'; expected one of"),
@@ -160,4 +160,26 @@ def test_hf_vision_needs_a_path(tiny, tmp_path):
     loop.build(c, str(tmp_path), tiny['split'])
   c.vision.kind = 'clip'
   with pytest.raises(ValueError, match=r"vision.kind='clip'; expected 'patch' or 'hf'"):
+    loop.build(c, str(tmp_path), tiny['split'])
+
+
+def test_vision_model_names_an_encoder_with_the_catalogs_settings(tiny, tmp_path):
+  from cpeft_jax import catalog
+  c = _config('method=none', tiny)
+  c.vision = {'dtype': 'float32'}
+  c.vision_model = tiny['swin']  # a local path: the loader's defaults
+  assert dict(loop.vision_config(c)) == dict(kind='hf', path=tiny['swin'], feature_layer=-1,
+                                             drop_cls=True, dtype='float32')
+  exp = loop.build(c, str(tmp_path), tiny['split'])
+  assert (exp.num_image_tokens, exp.image_size) == (16, 32)
+  name = 'openai/clip-vit-base-patch32'
+  c.vision_model = name
+  want = catalog.VISION[name]
+  got = loop.vision_config(c)
+  assert (got.path, got.feature_layer, got.drop_cls) == (name, want.feature_layer, want.drop_cls)
+  # Presets not in this machine's cache: the error says what they are and how to fetch them.
+  with pytest.raises(FileNotFoundError, match=r'clip-vit-base-patch32.*catalog preset: clip'):
+    loop.build(c, str(tmp_path), tiny['split'])
+  c.vision_model, c.text_model = tiny['swin'], 'HuggingFaceTB/SmolLM2-135M'
+  with pytest.raises(FileNotFoundError, match=r'SmolLM2-135M.*catalog preset: llama'):
     loop.build(c, str(tmp_path), tiny['split'])

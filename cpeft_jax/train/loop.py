@@ -24,7 +24,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cpeft_jax import adaptors, checkpoints, configlib, quantize, vision_checkpoints
+from cpeft_jax import adaptors, catalog, checkpoints, configlib, quantize, vision_checkpoints
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
@@ -104,24 +104,26 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   quantize.check_peft(qcfg, peft, config.train.mode)
   loaded = {}  # 'params' subtrees that come from checkpoints
   mean, std = Experiment.image_mean, Experiment.image_std
-  if config.vision.kind == 'patch':
-    enc_cfg = PatchEncoderConfig(config.vision.image_size, config.vision.patch_size,
-                                 config.vision.width)
+  vision = vision_config(config)
+  if vision.kind == 'patch':
+    enc_cfg = PatchEncoderConfig(vision.image_size, vision.patch_size, vision.width)
     encoder = PatchEncoder(enc_cfg)
-  elif config.vision.kind == 'hf':
-    if not config.vision.get('path'):
+  elif vision.kind == 'hf':
+    if not vision.get('path'):
       raise ValueError("vision.kind='hf' needs vision.path (a checkpoint directory or a hub id "
                        'in the local Hugging Face cache).')
+    directory = catalog.resolve(vision.path)
     encoder, loaded['encoder'] = vision_checkpoints.load_vision(
-        config.vision.path, dtype=config.vision.get('dtype', 'float32'),
-        feature_layer=config.vision.get('feature_layer', -1),
-        drop_cls=config.vision.get('drop_cls', True))
+        directory, dtype=vision.get('dtype', 'float32'),
+        feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True))
     enc_cfg = encoder.cfg
-    mean, std = _normalisation(checkpoints.resolve(config.vision.path), mean, std)
+    mean, std = _normalisation(directory, mean, std)
   else:
-    raise ValueError(f"vision.kind={config.vision.kind!r}; expected 'patch' or 'hf'.")
+    raise ValueError(f"vision.kind={vision.kind!r}; expected 'patch' or 'hf'.")
 
   text_model = config.text_model
+  if text_model:
+    catalog.resolve(text_model)  # an uncached preset or hub id: say how to fetch it
   if not text_model and config.pretrain.epochs:
     from cpeft_jax.train import pretrain
     text_model = pretrain.text_lm(config, workdir, train_split, tok, enc_cfg.num_tokens)
@@ -161,6 +163,16 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
         variables['params'], variables[adaptors.ADAPTORS])
   variables['params'] = quantize.quantize_params(variables['params'], qcfg)
   return Experiment(config, tok, model, variables, N, S, _mesh(config), tuple(mean), tuple(std))
+
+
+def vision_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.vision, or with config.vision_model (a catalog name, hub id or directory) a Hugging
+  Face encoder with the catalog's recommended settings; config.vision's own entries win."""
+  name = config.get('vision_model')
+  if not name:
+    return config.vision
+  return ml_collections.ConfigDict({**catalog.vision_settings(name), **config.get('vision', {}),
+                                    'kind': 'hf', 'path': name})
 
 
 def _check_lora_rank(dec_cfg, peft):
