@@ -136,10 +136,11 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
       'blocks that alternate between cases (order reversed every round), each block after one '
       'untimed step',
       '- train step: next-token loss over the caption positions, Adam (0.9, 0.95), lr 1e-4; '
-      'frozen weights float32, compute bf16 unless marked float32; no dropout. "no adaptors": '
+      'compute bf16 unless marked float32; frozen weights as the shape says, full '
+      'fine-tuning with float32 master weights; no dropout. "no adaptors": '
       'only a D x D linear map on the image positions\' input embeddings trains (the paper\'s '
       'projection-only baseline), so the backward pass still crosses every layer',
-      ('- memory: peak RSS not measured (pass --rss)' if not mem else
+      ('- memory: peak RSS not measured (pass --rss); XLA MiB as below' if not mem else
        '- memory: "peak RSS" = the case alone in a fresh process (imports, weights, optimizer, '
       'compilation, two steps); "XLA MiB" = arguments + outputs + temporaries of the compiled '
       'step, from XLA\'s memory analysis'),
@@ -196,7 +197,7 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
       lines.append(f'| {label} | - | {bound} | not measured |')
       continue
     sign = '<=' if kind == 'time' else '>='
-    lines.append(f'| {label} | {a / b:.2f}x | {sign} {bound} | '
+    lines.append(f'| {label} | {a / b:.3f}x | {sign} {bound} | '
                  f'{ratio_verdict(a / b, bound, kind)} |')
   return '\n'.join(lines) + '\n'
 
@@ -267,7 +268,7 @@ def main(argv):
     log(f'memory: {len(built)} fresh processes')
     mem = measure_memory(list(built), FLAGS.jobs)
   else:
-    log('memory: peak RSS not measured (--quick; pass --rss to measure it)')
+    log('memory: peak RSS not measured (--norss, the default with --quick)')
   text = report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start)
   print(text)
   if FLAGS.out:
