@@ -54,11 +54,12 @@ class Shape:
   # use casts them to the compute dtype, so bf16 storage gives the same numbers with half the
   # memory and no per-step cast; full fine-tuning always keeps float32 master weights.
   frozen_dtype: str = 'compute'
+  remat: bool = False  # rematerialise each layer in the backward pass (every case alike)
 
   def decoder(self, dtype: str) -> DecoderConfig:
     return DecoderConfig(vocab_size=self.vocab, hidden_size=self.width, num_layers=self.layers,
                          num_heads=self.heads, intermediate_size=self.ffn, dtype=dtype,
-                         param_dtype='float32')
+                         param_dtype='float32', remat=self.remat)
 
   def describe(self) -> str:
     return (f'frozen weights of the PEFT cases in {self.frozen_dtype} dtype; '
@@ -67,7 +68,8 @@ class Shape:
             f'{self.batch} x seq {self.seq}; LoRA r={self.rank} alpha={self.rank} on '
             f'q/k/v/o/gate/up/down, strategy {self.strategy} (tile {self.tile}); generation '
             f'batch {self.gen_batch}, prompt {self.gen_prompt}, '
-            f'{self.gen_new} new tokens, greedy, float32')
+            f'{self.gen_new} new tokens, greedy, float32; layer remat '
+            f'{"on" if self.remat else "off"} in every case')
 
 
 SHAPES = {
@@ -245,6 +247,8 @@ def build_peer(model, shape: Shape, variants=('peft_fp32', 'peft_bf16')) -> dict
   import torch.nn.functional as F
   lora = peft.LoraConfig(r=shape.rank, lora_alpha=shape.rank, lora_dropout=0.0,
                          target_modules=list(PEER_TARGETS), bias='none')
+  if shape.remat:  # the peer's equivalent of our layer remat
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
   pm = peft.get_peft_model(model, lora)
   pm.train()
   params = [p for p in pm.parameters() if p.requires_grad]

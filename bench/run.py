@@ -41,6 +41,8 @@ flags.DEFINE_integer('jobs', 2, 'Cases compiled (and memory processes run) at a 
 flags.DEFINE_list('cases', list(cases.OURS), 'Our train cases to run.')
 flags.DEFINE_string('strategy', 'auto', 'LoRA strategy of the multi-context cases (a knob).')
 flags.DEFINE_integer('tile', 64, 'Tokens per tile of the grouped LoRA strategy (a knob).')
+flags.DEFINE_bool('remat', False, 'Rematerialise each decoder layer in the backward pass (every '
+                  'case alike): activation memory falls, so the optimizer state shows.')
 flags.DEFINE_enum('frozen_dtype', 'compute', ['compute', 'float32'],
                   'Storage of the PEFT cases\' frozen weights (a knob; see cases.Shape).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
@@ -65,7 +67,7 @@ def log(msg):
 def shape() -> cases.Shape:
   s = cases.SHAPES['quick' if FLAGS.quick else 'paper']
   return dataclasses.replace(s, strategy=FLAGS.strategy, tile=FLAGS.tile,
-                             frozen_dtype=FLAGS.frozen_dtype)
+                             frozen_dtype=FLAGS.frozen_dtype, remat=FLAGS.remat)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -99,7 +101,7 @@ def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
   def one(name):
     cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}',
            f'--strategy={FLAGS.strategy}', f'--tile={FLAGS.tile}',
-           f'--frozen_dtype={FLAGS.frozen_dtype}'] + (
+           f'--frozen_dtype={FLAGS.frozen_dtype}', f'--remat={FLAGS.remat}'] + (
                ['--quick'] if FLAGS.quick else [])
     p = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in p.stdout.splitlines():
