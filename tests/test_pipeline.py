@@ -50,13 +50,20 @@ def test_augmentation_is_seeded_and_changes_pixels(split):
                                                  pipeline.AugmentConfig()), img)
 
 
-def test_hosts_read_disjoint_parts_covering_all_pairs(split):
+@pytest.mark.parametrize('hosts', [3, 4])
+def test_hosts_read_disjoint_parts_covering_all_pairs(split, hosts):
   seen = []
-  for host in range(3):
-    d = _data(split, host=(host, 3), train=False, batch_size=2)
+  for host in range(hosts):
+    d = _data(split, host=(host, hosts), train=False, batch_size=2)
+    # Equal batch counts on every host (10 images over 4 hosts: shares 3, 3, 2, 2): a host
+    # with fewer images runs padded batches instead of leaving the others waiting.
+    assert len(d) == -(-(-(-10 // hosts)) // 2)
     for k in range(len(d)):
       b = d.batch(0, k)
       seen += b['image_ids'][b['valid']].tolist()
+    train = _data(split, host=(host, hosts), batch_size=2)
+    assert len(train) == (30 // hosts) // 2  # the smallest host share of the 30 pairs
+    assert len({tuple(r) for r in train._order(0)[:len(train) * 2]}) == len(train) * 2
   assert sorted(seen) == sorted(split.image_ids.tolist())
 
 

@@ -87,13 +87,16 @@ class CaptionBatches:
     else:
       pairs = [(i, 0) for i in range(len(self.split))]
     self._pairs = np.asarray(pairs, np.int64)[index::count]
-    if self.train and len(self._pairs) < self.batch_size:
+    # Every host runs the same number of batches (a collective step waits for all of them):
+    # training takes the smallest host share, evaluation pads up to the largest.
+    self._share = len(pairs) // count if self.train else -(-len(pairs) // count)
+    if self.train and self._share < self.batch_size:
       raise ValueError(f'{self.split.name} has {len(self._pairs)} training pairs on this host, '
                        f'fewer than one batch of {self.batch_size}.')
     self.truncated = [0, 0]  # (captions truncated, tokens dropped) so far
 
   def __len__(self) -> int:
-    n = len(self._pairs)
+    n = self._share
     return n // self.batch_size if self.train else -(-n // self.batch_size)
 
   def _order(self, epoch: int) -> np.ndarray:
@@ -106,8 +109,9 @@ class CaptionBatches:
     """Batch k of an epoch, a pure function of (seed, epoch, k)."""
     rows = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
     valid = len(rows)
-    if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of row 0
-      rows = np.concatenate([rows, np.repeat(rows[:1], self.batch_size - valid, 0)])
+    if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of a row
+      pad = rows[:1] if valid else self._pairs[:1]
+      rows = np.concatenate([rows, np.repeat(pad, self.batch_size - valid, 0)])
     texts = [self.split.captions[i][j] for i, j in rows]
     out = layout.layout_captions(
         tokenizer_lib.encode(self.tokenizer, texts), num_image_tokens=self.num_image_tokens,
