@@ -161,24 +161,25 @@ def test_keys_values_before_the_invocation_are_the_base_models(models):
                                np.asarray(getattr(adapted, name))[:, MASK], atol=1e-5, rtol=0)
 
 
-def _reference_greedy(model, v, ctx, eos_id):
-  """Greedy decoding with the non-cached model on the whole prompt + what it generated so far.
-
-  The buffer has a fixed length so the forward compiles once (attention is causal).
+def _full_forward(model, v, ctx):
+  """Non-cached logits of the whole prompt + a T-token buffer, generated tokens in the context
+  of their row's last prompt token; the buffer's fixed length compiles once (causal attention).
   """
-  B, P = TOKENS.shape
-  gen_ctx = np.repeat(ctx[:, -1:], T, 1)  # generated tokens stay in the last prompt token's
+  B = TOKENS.shape[0]
+  mask = np.concatenate([MASK, np.ones((B, T), bool)], 1)
+  ctx = np.concatenate([ctx, np.repeat(ctx[:, -1:], T, 1)], 1)
+  apply = jax.jit(lambda buf: model.apply(v, buf, context_ids_BL=ctx, attention_mask_BL=mask,
+                                          positions_BL=_positions(mask)))
+  return lambda buf: np.asarray(apply(buf))
 
-  @jax.jit
-  def forward(buf):
-    mask = jnp.concatenate([MASK, jnp.ones((B, T), bool)], 1)
-    return model.apply(v, buf, context_ids_BL=np.concatenate([ctx, gen_ctx], 1),
-                       attention_mask_BL=mask, positions_BL=jnp.maximum(
-                           jnp.cumsum(mask, 1) - 1, 0))
+
+def _reference_greedy(forward, eos_id):
+  """Greedy decoding with the non-cached model, re-run on everything generated so far."""
+  B, P = TOKENS.shape
   buf = np.concatenate([TOKENS, np.full((B, T), PAD, np.int32)], 1)
   done = np.zeros(B, bool)
   for t in range(T):
-    tok = np.where(done, PAD, np.asarray(forward(buf))[:, P - 1 + t].argmax(-1))
+    tok = np.where(done, PAD, forward(buf)[:, P - 1 + t].argmax(-1))
     buf[:, P + t] = tok
     done |= tok == eos_id
   return buf[:, P:]
@@ -187,12 +188,13 @@ def _reference_greedy(model, v, ctx, eos_id):
 def test_greedy_from_base_cache_equals_full_prefill(models):
   model, base, v = models
   ctx = contexts.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK, num_contexts=3)
-  free = _reference_greedy(model, v, ctx, eos_id=-1)
+  forward = _full_forward(model, v, ctx)
+  free = _reference_greedy(forward, eos_id=-1)
   # An EOS that ends some row r after k + 1 > 1 tokens (and other rows wherever it occurs).
   r, k = next((r, k) for r in range(len(free)) for k in range(1, T)
               if free[r, k] not in free[r, :k])
   eos_id = int(free[r, k])
-  want = _reference_greedy(model, v, ctx, eos_id)
+  want = _reference_greedy(forward, eos_id)
   kw = dict(attention_mask_BP=MASK, max_new_tokens=T, eos_id=eos_id, pad_id=PAD)
   got = inv.generate_invoked(model, v, TOKENS, INVOCATIONS, base_model=base, **kw)
   np.testing.assert_array_equal(got, want)
@@ -201,6 +203,7 @@ def test_greedy_from_base_cache_equals_full_prefill(models):
   np.testing.assert_array_equal(inv.generate_invoked(model, v, TOKENS, INVOCATIONS, **kw), want)
 
 
+@pytest.mark.parametrize('models', ['adapted_contexts'], indirect=True)
 def test_bad_generation_inputs_are_named(models):
   model, base, v = models
   adapted_base = Decoder(DEC, PeftConfig(methods=('lora',), num_contexts=3))
@@ -215,3 +218,18 @@ def test_bad_generation_inputs_are_named(models):
                             eos_id=2)
   with pytest.raises(ValueError, match=r'attention_mask_BP must have the token shape'):
     inv.prefill_base(base, v, TOKENS, max_len=12, attention_mask_BP=MASK[:, ::-1])
+
+
+@pytest.mark.parametrize('models', ['specs'], indirect=True)  # beams need not run twice
+def test_beam_search_rows_keep_their_own_contexts(models):
+  """Batched beam search from the base cache equals each row's beam search on its own."""
+  model, base, v = models
+  B, P = TOKENS.shape
+  ctx = contexts.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK, num_contexts=3)
+  kw = dict(max_new_tokens=T, eos_id=DEC.vocab_size - 1, num_beams=3, length_penalty=1.0)
+  got = inv.generate_invoked(model, v, TOKENS, INVOCATIONS, attention_mask_BP=MASK,
+                             base_model=base, **kw)
+  for r in range(B):  # one row, prefilled whole with its contexts into an empty cache
+    alone = inv.generate_from_cache(model, v, KVCache.create(DEC, 1, P + T - 1), TOKENS[r:r + 1],
+                                    ctx[r:r + 1], attention_mask_BS=MASK[r:r + 1], **kw)
+    np.testing.assert_array_equal(got[r], alone[0])
