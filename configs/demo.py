@@ -12,7 +12,9 @@ and a few captions are printed side by side. `contexts=agnostic|modality` is one
 with the frozen random patch encoder instead (vision.kind='patch') and the decoder of stage 0.
 Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnostic | modality;
 empty: both), mode (peft | connector | full), epochs, num_train (images), pretrain_epochs
-(0: random decoder), vision_epochs (the vision tower's label pre-training).
+(0: random decoder), vision_epochs (the vision tower's label pre-training), specs (per-context
+adaptor specs, context 0 first, e.g. `specs=lora+bitfit:rank=8;lora:rank=32` for LoRA r=8 plus
+BitFit on text tokens and LoRA r=32 on image tokens).
 """
 
 import ml_collections
@@ -23,7 +25,7 @@ from cpeft_jax import configlib
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=8)
+                          vision_epochs=8, specs='')
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -58,6 +60,8 @@ def get_config(arg=None):
   c.peft = dict(methods=methods, targets='AF',
                 num_contexts=2 if contexts == 'modality' else 1,
                 lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
+  if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
+    c.peft.contexts = configlib.context_specs(a.specs)
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
                  checkpoint_every=200)
   c.eval = dict(batch_size=50, num_captions=3)  # captions the two-variant demo prints

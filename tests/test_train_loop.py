@@ -68,7 +68,7 @@ def test_learns_and_resumes_exactly(tmp_path):
   # Metrics: JSONL with per-context figures, and TensorBoard event files holding the same.
   logged = [l for l in lines if 'learning_rate' in l]
   assert logged and {'perplexity', 'tokens_per_s', 'step_s', 'grad_norm', 'loss/ctx0',
-                     'tokens/ctx1', 'grad_norm/ctx1'} <= set(logged[0])
+                     'tokens/ctx1', 'grad_norm/ctx1', 'update_ratio/ctx1'} <= set(logged[0])
   tb = _event_scalars(tmp_path / 'a' / 'tensorboard')
   assert tb['loss/ctx0'] == [(l['step'], pytest.approx(l['loss/ctx0'])) for l in logged]
   assert [s for s, _ in tb['val_loss']] == [e['step'] for e in evals]
@@ -156,3 +156,28 @@ def test_dora_magnitudes_start_at_the_loaded_base_column_norms(tmp_path):
   want = np.sqrt((np.asarray(base, np.float64) ** 2).sum(axis=-2))  # [layers, d_out]
   for ctx in range(m.shape[1]):
     np.testing.assert_allclose(np.asarray(m)[:, ctx], want, rtol=1e-5)
+
+
+def test_per_context_specs_train_on_the_demo(tmp_path):
+  """Text tokens: LoRA r=2 + BitFit; image tokens: LoRA r=8. The padded ranks of the text
+  context and the image context's absent BitFit row stay exactly zero through training."""
+  c = demo.get_config('epochs=2,num_train=24,pretrain_epochs=1,contexts=modality,'
+                      'specs=lora+bitfit:rank=2;lora:rank=8')
+  c.pretrain.batch_size = 16
+  c.data.demo.num_validation = 8
+  c.data.seq_len = 80
+  c.vision.patch_size = 16
+  c.model.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+  c.train.update(batch_size=8, log_every=5, checkpoint_every=0)
+  c.eval.batch_size = 8
+  c.optim.update(warmup_steps=2, learning_rate=3e-3)
+  out = loop.train_and_evaluate(c, str(tmp_path))
+  evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  evals = [e['val_loss'] for e in evals if 'val_loss' in e]
+  assert out['steps'] == 30 and evals[-1] < evals[0]
+  q = _best(str(tmp_path))['adaptors']['decoder']['layers']['attn']['q_proj']
+  a, b = np.asarray(q['lora_a']), np.asarray(q['lora_b'])  # [layers, C, d, 8], [layers, C, 8, d]
+  assert a.shape[-1] == 8 and np.all(a[:, 0, :, 2:] == 0) and np.all(b[:, 0, 2:] == 0)
+  assert np.any(b[:, 0, :2] != 0) and np.any(b[:, 1] != 0)  # both contexts trained
+  bitfit = np.asarray(q['bitfit'])
+  assert np.any(bitfit[:, 0] != 0) and np.all(bitfit[:, 1] == 0)

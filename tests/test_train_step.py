@@ -70,6 +70,14 @@ def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
                 num_contexts=3)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
   _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m2)
+  # Update-to-weight ratio per context row: ||row of (new - old)|| / ||row of old||.
+  rows = lambda tree, r: np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)[:, r])))
+                                     for x in jax.tree.leaves(tree['adaptors'])))
+  delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+                       s2.trainable, trainable)
+  want = [rows(delta, r) / rows(trainable, r) for r in range(2)]
+  np.testing.assert_allclose(m2['update_ratio_row'], want, rtol=1e-4)
+  assert min(want) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                s1.trainable, s2.trainable)
   losses = [float(m1['loss'])]

@@ -403,8 +403,8 @@ def _check(m, step, rows=()):
   out = {}
   for k, v in m.items():
     v = np.asarray(v)
-    if k == 'grad_norm_row':
-      out.update({f'grad_norm/ctx{c}': float(x) for c, x in zip(rows, v)})
+    if k.endswith('_row'):  # grad_norm_row, update_ratio_row: one figure per context row
+      out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in zip(rows, v)})
     elif k.endswith('_ctx'):
       out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in enumerate(v)})
     else:

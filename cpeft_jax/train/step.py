@@ -50,7 +50,8 @@ def context_sums(loss_BL, mask_BL, context_ids_BL, num_contexts: int):
 
 
 def row_grad_norms(grads) -> jax.Array | None:
-  """Gradient norm of each context row [R] over every adaptor table (None without tables).
+  """Norm of each context row [R] over every adaptor table of a tree of gradients (or weights,
+  or updates); None without tables.
 
   Tables inside the scanned layers are [layers, R, ...], others [R, ...].
   """
@@ -100,6 +101,10 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
     rows = row_grad_norms(grads)
     if rows is not None:
       metrics['grad_norm_row'] = rows
+      # Update-to-weight ratio of each context row: ||new - old|| / ||old|| over its tables.
+      delta = jax.tree.map(jnp.subtract, new_state.trainable, state.trainable)
+      metrics['update_ratio_row'] = row_grad_norms(delta) / jnp.maximum(
+          row_grad_norms(state.trainable), 1e-12)
   return new_state, metrics
 
 
