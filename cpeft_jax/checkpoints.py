@@ -625,10 +625,21 @@ def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
   hf.to_json_file(str(tmp / CONFIG))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(tmp))
+  return swap_in(tmp, directory)
+
+
+def swap_in(tmp: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
+  """Moves a fully written `tmp` directory to `directory`, replacing any old one; the old one
+  is moved aside first and deleted last, so no moment leaves neither."""
+  import shutil
+  old = directory.with_name(directory.name + '.old')
+  if old.exists():
+    shutil.rmtree(old)
   if directory.exists():
-    import shutil
-    shutil.rmtree(directory)
+    directory.rename(old)
   tmp.rename(directory)
+  if old.exists():
+    shutil.rmtree(old)
   return directory
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from cpeft_jax.checkpoints import (CONFIG, LINEAR, SAFETENSORS, TORCH_LAYOUT, VECTOR, LoadReport,
                                    fill_leaves, log_report, open_weights, plan_leaves,
-                                   read_config, resolve)
+                                   read_config, resolve, swap_in)
 from cpeft_jax.models import clip, siglip, swinv2
 from cpeft_jax.models.vision import ViT, ViTConfig
 
@@ -317,7 +317,4 @@ def save_vision(directory: str | os.PathLike, cfg: ViTConfig, params, *,
   hf.to_json_file(str(tmp / CONFIG))
   if processor is not None:
     processor.save_pretrained(str(tmp))
-  if directory.exists():
-    shutil.rmtree(directory)
-  tmp.rename(directory)
-  return str(directory)
+  return str(swap_in(tmp, directory))

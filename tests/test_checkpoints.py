@@ -404,3 +404,14 @@ def test_save_decoder_round_trips_through_transformers(tmp_path, fused):
                              atol=1e-5)
   if not fused:
     jax.tree.map(np.testing.assert_array_equal, loaded.params, params)
+
+
+def test_swap_in_replaces_a_directory_and_leaves_no_backup(tmp_path):
+  target, tmp = tmp_path / 'ckpt', tmp_path / 'ckpt.tmp'
+  target.mkdir()
+  (target / 'old.txt').write_text('old')
+  tmp.mkdir()
+  (tmp / 'new.txt').write_text('new')
+  assert checkpoints.swap_in(tmp, target) == target
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ckpt']
+  assert sorted(p.name for p in target.iterdir()) == ['new.txt']
