@@ -91,19 +91,26 @@ def context_ids(kinds_BL: np.ndarray, mapping: Mapping[str, int] | str) -> np.nd
   kinds_BL = np.asarray(kinds_BL)
   if kinds_BL.size and not np.issubdtype(kinds_BL.dtype, np.integer):
     raise ValueError(f'token kinds must be an integer array, got dtype {kinds_BL.dtype}')
-  if kinds_BL.size and (kinds_BL.min() < 0 or kinds_BL.max() >= len(Kind)):
-    bad = sorted(set(np.unique(kinds_BL).tolist()) - set(range(len(Kind))))
-    raise ValueError(f'token kinds {bad} are not valid; expected ints in [0, {len(Kind)}) '
-                     f'for {list(KIND_NAMES)}')
-  table_K = np.full(len(Kind), -1, np.int32)
+  return _lookup(kinds_BL, KIND_NAMES, mapping, 'token kind')
+
+
+def _lookup(codes, names: Sequence[str], mapping: Mapping[str, int], what: str) -> np.ndarray:
+  """int32 context ids of integer `codes` (indices into `names`) through a checked name -> id
+  map; codes outside `names` and names the map leaves out but the data has are errors."""
+  codes = np.asarray(codes)
+  if codes.size and (codes.min() < 0 or codes.max() >= len(names)):
+    bad = sorted(set(np.unique(codes).tolist()) - set(range(len(names))))
+    raise ValueError(f'{what}s {bad} are not valid; expected ints in [0, {len(names)}) '
+                     f'for {list(names)}')
+  table = np.full(len(names), -1, np.int32)
   for name, ctx in mapping.items():
-    table_K[Kind[name.upper()]] = ctx
-  ctx_BL = table_K[kinds_BL]
-  if (ctx_BL < 0).any():
-    missing = sorted({KIND_NAMES[k] for k in np.unique(kinds_BL[ctx_BL < 0]).tolist()})
-    raise ValueError(f'context map {mapping} has no id for token kinds {missing} '
-                     'present in the data')
-  return ctx_BL
+    table[list(names).index(name)] = ctx
+  out = table[codes]
+  if (out < 0).any():
+    missing = sorted({names[c] for c in np.unique(codes[out < 0]).tolist()})
+    raise ValueError(f'context map {dict(mapping)} has no id for {what}s {missing} present in '
+                     'the data')
+  return out
 
 
 # ----------------------------------------------------------------------------- chat roles
@@ -178,19 +185,7 @@ def factor_contexts(codes: np.ndarray, names: Sequence[str], mapping: Mapping[st
       raise ValueError(f'unknown {what} {name!r} in context map; expected one of {list(names)}')
     if isinstance(ctx, bool) or not isinstance(ctx, (int, np.integer)) or ctx < 0:
       raise ValueError(f'context id for {what} {name!r} must be an int >= 0, got {ctx!r}')
-  codes = np.asarray(codes)
-  if codes.size and (codes.min() < 0 or codes.max() >= len(names)):
-    raise ValueError(f'{what} codes must lie in [0, {len(names)}) for {list(names)}, got '
-                     f'values in [{codes.min()}, {codes.max()}]')
-  table = np.full(len(names), -1, np.int32)
-  for name, ctx in mapping.items():
-    table[names.index(name)] = ctx
-  out = table[codes]
-  if (out < 0).any():
-    missing = sorted({names[c] for c in np.unique(codes[out < 0]).tolist()})
-    raise ValueError(f'context map {dict(mapping)} has no id for {what}s {missing} present in '
-                     'the data')
-  return out
+  return _lookup(codes, names, mapping, what)
 
 
 def task_contexts(task_B: Sequence[Any], length: int,
