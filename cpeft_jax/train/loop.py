@@ -122,16 +122,16 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     raise ValueError(f"vision.kind={vision.kind!r}; expected 'patch' or 'hf'.")
 
   text_model = config.text_model
-  if text_model:
-    catalog.resolve(text_model)  # an uncached preset or hub id: say how to fetch it
   if not text_model and config.pretrain.epochs:
     from cpeft_jax.train import pretrain
     text_model = pretrain.text_lm(config, workdir, train_split, tok, enc_cfg.num_tokens)
-  if text_model:  # a pre-trained decoder: its config.json decides the shape
+  # An uncached preset or hub id fails here, saying how to fetch it.
+  text_dir = catalog.resolve(text_model) if text_model else None
+  if text_dir:  # a pre-trained decoder: its config.json decides the shape
     overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
                  if k in config.model}
     dec_cfg = hf_configs.decoder_config(
-        checkpoints.read_config(checkpoints.resolve(text_model)),
+        checkpoints.read_config(text_dir),
         **{'dtype': config.model.dtype, 'param_dtype': config.model.dtype, **overrides})
   else:
     model_dict = dict(config.model)
@@ -148,17 +148,17 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   N, L, S = enc_cfg.num_tokens, config.data.seq_len, enc_cfg.image_size
   dummy = (jnp.zeros((1, S, S, 3)), jnp.zeros((1, L), jnp.int32),
            jnp.asarray(_dummy_kinds(N, L)), jnp.zeros((1, L), jnp.int32))
-  skip = set(loaded) | ({'decoder'} if text_model else set())
+  skip = set(loaded) | ({'decoder'} if text_dir else set())
 
   def init(key, *inputs):
     v = model.init(key, *inputs)
     return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
   variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
-  if text_model:
-    loaded['decoder'], _ = checkpoints.load_params(text_model, dec_cfg,
+  if text_dir:
+    loaded['decoder'], _ = checkpoints.load_params(text_dir, dec_cfg,
                                                    leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
-  if text_model and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
+  if text_dir and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
     variables[adaptors.ADAPTORS] = adaptors.init_dora_magnitudes(  # loaded base, not the random one
         variables['params'], variables[adaptors.ADAPTORS])
   variables['params'] = quantize.quantize_params(variables['params'], qcfg)
