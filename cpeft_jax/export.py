@@ -61,15 +61,12 @@ def row_of(peft: PeftConfig, context: int) -> int:
 def context_spec(peft: PeftConfig, context: int) -> tuple[tuple[str, ...], adaptors.LoraConfig]:
   """The methods and LoRA hyper-parameters of one context.
 
-  With per-context specs (`PeftConfig.contexts`, where this version of adaptors.py has them)
-  each row has its own; the LoRA tables are then padded to the largest rank, and a context's
-  group is the first `rank` columns of A and rows of B.
+  With per-context specs (`PeftConfig.contexts`) each row has its own; the LoRA tables are then
+  padded to the largest rank, and a context's group is the first `rank` columns of A and rows
+  of B.
   """
-  row = row_of(peft, context)
-  specs = getattr(peft, 'row_specs', None)
-  if specs is None:
-    return peft.methods, peft.lora
-  return tuple(specs[row].methods), specs[row].lora
+  spec = peft.row_specs[row_of(peft, context)]
+  return tuple(spec.methods), spec.lora
 
 
 def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:

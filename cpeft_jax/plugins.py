@@ -124,10 +124,9 @@ def _single(peft: PeftConfig, context: int) -> PeftConfig:
   """The one-context config of `context`'s group (its own methods and LoRA if per-context)."""
   from cpeft_jax.export import context_spec
   methods, lora = context_spec(peft, context)
-  extra = {'contexts': None} if hasattr(peft, 'contexts') else {}
   return dataclasses.replace(
-      peft, num_contexts=1, adapted_contexts=None, methods=methods, lora=lora,
-      method_targets=tuple((m, t) for m, t in peft.method_targets if m in methods), **extra)
+      peft, num_contexts=1, adapted_contexts=None, contexts=None, methods=methods, lora=lora,
+      method_targets=tuple((m, t) for m, t in peft.method_targets if m in methods))
 
 
 def _group(tables, single: PeftConfig):
@@ -156,15 +155,14 @@ def _take_row(tables, row: int):
 def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[str, Any]],
             name: str = '', meta: Mapping[str, Any] | None = None) -> Plugin:
   """Context `context`'s adaptor group of a model as a plug-in (a one-context model's tables)."""
-  if context not in peft.rows:
-    raise ValueError(f'Context {context} has no adaptor row: the model adapts contexts '
-                     f'{peft.rows} of num_contexts={peft.num_contexts}.')
+  from cpeft_jax.export import row_of
+  row = row_of(peft, context)  # an error if the context has no adaptor group
   if not bases:
     raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
                      "bases={'decoder': plugins.fingerprint(params, cfg)}.")
   single = _single(peft, context)
-  return Plugin(single, _group(_take_row(tables, peft.rows.index(context)), single), dict(bases),
-                name, dict(meta or {}))
+  return Plugin(single, _group(_take_row(tables, row), single), dict(bases), name,
+                dict(meta or {}))
 
 
 def _peft_to_json(peft: PeftConfig) -> dict:
