@@ -11,6 +11,8 @@ A new way of splitting contexts (modality, role, task) is a new map, not a model
   product  `rule_contexts({'kind=image&role=user': 2, 'role=assistant': 1, '*': 0}, ...)`
   invocation  `invocation_contexts(tokens_BL, {1: [31, 7], 2: [40]})`: tokens from an invocation
          sequence onwards in that sequence's context (PEFT's activated LoRA, many adaptors)
+  config `data.context_map`: a preset, a kind map or rules (a dict, or 'kind=image:1;*:0');
+         `sequence_contexts` gives laid-out rows their ids from kinds and each row's task
 
 Everything here is numpy (and a tokenizer for roles): the data side emits the ids.
 """
@@ -34,6 +36,7 @@ class Kind(enum.IntEnum):
   TEXT = 3  # caption tokens
   EOS = 4
   BOUNDARY = 5  # learned tokens just before and after the image segment
+  PROMPT = 6  # a task's prompt (e.g. a question): context for the target, never predicted
 
 
 KIND_NAMES = tuple(k.name.lower() for k in Kind)
@@ -81,7 +84,11 @@ def validate(mapping: Mapping[str, int] | str) -> dict[str, int]:
 
 
 def num_contexts(mapping: Mapping[str, int] | str) -> int:
-  """Number of adaptor groups a map needs: largest context id + 1."""
+  """Number of adaptor groups a context map needs (a preset, a kind map or rules; see
+  `parse_context_map`): largest context id + 1."""
+  mapping = parse_context_map(mapping)
+  if is_rules(mapping):
+    return num_rule_contexts(mapping)
   return max(validate(mapping).values()) + 1
 
 
@@ -299,6 +306,77 @@ def rule_contexts(rules: Mapping[str, int], factors: Mapping[str, np.ndarray],
 def num_rule_contexts(rules: Mapping[str, int]) -> int:
   """Number of adaptor groups the rules need: largest id + 1."""
   return max(rules.values()) + 1
+
+
+# ----------------------------------------------------------------------------- config values
+
+
+def is_rules(mapping) -> bool:
+  """Whether a context map is rules ('kind=image&task=qa' keys, '*') rather than a kind map."""
+  return isinstance(mapping, Mapping) and any(
+      isinstance(k, str) and ('=' in k or k.strip() == '*') for k in mapping)
+
+
+def parse_context_map(value) -> str | dict:
+  """A config's `data.context_map` as a preset name, a kind map or a rules dict.
+
+  Accepts a preset name ('agnostic', 'modality'), a dict (a kind map {'image': 1, 'text': 0}
+  or rules {'kind=image': 1, 'task=qa': 2, '*': 0}; an ml_collections ConfigDict too), or
+  rules as one string 'kind=image:1;task=qa:2;*:0' (so that a command-line flag can set them).
+  """
+  if hasattr(value, 'items') and not isinstance(value, Mapping):  # ml_collections ConfigDict
+    value = dict(value.items())
+  if isinstance(value, Mapping):
+    return dict(value)
+  if not isinstance(value, str):
+    raise ValueError(f'context_map must be a preset name {list(PRESETS)}, a dict or a rules '
+                     f"string like 'kind=image:1;*:0', got {value!r}")
+  if value in PRESETS:
+    return value
+  if ':' not in value:
+    raise ValueError(f'unknown context preset {value!r}; expected one of {list(PRESETS)} or '
+                     "rules like 'kind=image:1;task=qa:2;*:0'")
+  rules = {}
+  for part in filter(None, (p.strip() for p in value.split(';'))):
+    rule, sep, ctx = part.rpartition(':')
+    if not sep or not rule.strip() or not ctx.strip().isdigit():
+      raise ValueError(f'context rules {value!r}: {part!r} is not rule:id (e.g. '
+                       "'kind=image&task=qa:2', '*:0')")
+    if rule.strip() in rules:
+      raise ValueError(f'context rules {value!r} give rule {rule.strip()!r} twice')
+    rules[rule.strip()] = int(ctx)
+  return rules
+
+
+def check_context_map(value, tasks: Sequence[str] = ('caption',),
+                      factors: Sequence[str] = ('kind', 'task')) -> str | dict:
+  """Parses and checks a context map where a dataset's config enters, so that errors name the
+  config value and not a batch: rules may only use the factors the data provides (`factors`)
+  and task names among `tasks`."""
+  mapping = parse_context_map(value)
+  if not is_rules(mapping):
+    validate(mapping)
+    return mapping
+  parse_rules(mapping, {'task': tuple(tasks)})
+  used = sorted({part.partition('=')[0].strip() for rule in mapping if rule.strip() != '*'
+                 for part in rule.split('&')} - set(factors))
+  if used:
+    raise ValueError(f'context rules {mapping} use factors {used}, which this data does not '
+                     f'provide; it provides {list(factors)}')
+  return mapping
+
+
+def sequence_contexts(mapping, kinds_BL: np.ndarray, task_B: np.ndarray | None = None,
+                      tasks: Sequence[str] = ('caption',)) -> np.ndarray:
+  """[B, L] context ids of laid-out rows: a preset or kind map looks at each token's kind;
+  rules also see each row's task (`task_B`: indices into `tasks`, broadcast over the row)."""
+  mapping = parse_context_map(mapping)
+  if not is_rules(mapping):
+    return context_ids(kinds_BL, mapping)
+  kinds_BL = np.asarray(kinds_BL)
+  task_B = np.zeros(kinds_BL.shape[0], np.int32) if task_B is None else np.asarray(task_B)
+  task_BL = np.broadcast_to(task_B[:, None], kinds_BL.shape)
+  return rule_contexts(mapping, {'kind': kinds_BL, 'task': task_BL}, {'task': tuple(tasks)})
 
 
 # ----------------------------------------------------------------------------- invocations

@@ -12,7 +12,7 @@ ALL_KINDS_BL = np.array([[Kind.BOS, Kind.BOUNDARY, Kind.IMAGE, Kind.IMAGE, Kind.
 
 def test_kinds_are_small_distinct_ints():
   assert [int(k) for k in Kind] == list(range(len(Kind)))
-  assert contexts.KIND_NAMES == ('pad', 'bos', 'image', 'text', 'eos', 'boundary')
+  assert contexts.KIND_NAMES == ('pad', 'bos', 'image', 'text', 'eos', 'boundary', 'prompt')
 
 
 def test_agnostic_preset_is_all_zero():
@@ -37,8 +37,9 @@ def test_modality_preset_with_own_boundary_context():
 
 
 def test_custom_map_matches_slow_lookup():
-  mapping = {'pad': 0, 'bos': 3, 'image': 1, Kind.TEXT: 2, 'eos': 2, 'boundary': 1}
-  by_kind = {Kind.PAD: 0, Kind.BOS: 3, Kind.IMAGE: 1, Kind.TEXT: 2, Kind.EOS: 2, Kind.BOUNDARY: 1}
+  mapping = {'pad': 0, 'bos': 3, 'image': 1, Kind.TEXT: 2, 'eos': 2, 'boundary': 1, 'prompt': 0}
+  by_kind = {Kind.PAD: 0, Kind.BOS: 3, Kind.IMAGE: 1, Kind.TEXT: 2, Kind.EOS: 2, Kind.BOUNDARY: 1,
+             Kind.PROMPT: 0}
   kinds_BL = np.random.default_rng(0).integers(0, len(Kind), size=(4, 7))
   ctx_BL = contexts.context_ids(kinds_BL, mapping)
   for b in range(4):
@@ -72,8 +73,8 @@ def test_bad_maps_name_the_value(bad, match):
 
 
 def test_bad_kinds_are_named():
-  with pytest.raises(ValueError, match=r'token kinds \[6, 9\] are not valid'):
-    contexts.context_ids(np.array([0, 6, 9]), 'agnostic')
+  with pytest.raises(ValueError, match=r'token kinds \[7, 9\] are not valid'):
+    contexts.context_ids(np.array([0, 7, 9]), 'agnostic')
   with pytest.raises(ValueError, match=r'token kinds \[-1\] are not valid'):
     contexts.context_ids(np.array([-1, 2]), 'agnostic')
   with pytest.raises(ValueError, match=r'token kinds must be an integer array, got dtype float64'):

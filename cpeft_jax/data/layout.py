@@ -2,15 +2,19 @@
 
 One row (length L; N image positions; b = 1 with the optional boundary tokens, else 0):
 
-  [BOS] ([BND]) [IMG] x N ([BND]) caption tokens ... [EOS] [PAD] ...
+  [BOS] ([BND]) [IMG] x N ([BND]) prompt tokens ... caption tokens ... [EOS] [PAD] ...
   the open boundary sits at position 1 and the close one at N+2; images start at 1+b.
+
+A prompt (a task's question; empty for captioning, which is then the paper's layout) is context
+for the caption, here the target: the loss covers the target tokens and the EOS only.
 
 Targets are next tokens: the row is built with L+1 slots and `tokens` = slots [0, L),
 `targets` = slots [1, L+1), so `targets[t]` is the token that follows `tokens[t]`. A caption
 keeps at most `caption_budget(N, L)` = L - 1 - N - 2b tokens and its EOS is always kept: when
 the caption fills the budget, the EOS exists only as the target of the last position. With the
 paper's L=128, N=64 this is up to 63 caption tokens + EOS, and the loss covers exactly the last
-64 positions (the last image position predicts the first caption token).
+64 positions (the last image position predicts the first caption token). A prompt is kept
+whole and shares the budget: the target keeps at most budget - len(prompt) tokens.
 """
 
 from __future__ import annotations
@@ -39,18 +43,25 @@ def layout_captions(
     boundary: bool = False,
     boundary_ids: tuple[int, int] | None = None,
     context_map: Mapping[str, int] | str | None = None,
+    prompts: Sequence[Sequence[int]] | None = None,
+    task_ids: Sequence[int] | None = None,
+    task_names: Sequence[str] = ('caption',),
 ) -> dict[str, np.ndarray]:
   """Lays out a batch of tokenized captions (no BOS/EOS) into static [B, L] arrays.
 
   Image (and boundary) positions hold `pad_id` in `tokens`; the model splices embeddings
   there. `boundary_ids` gives real token ids for the (open, close) boundary positions instead.
+  `prompts` (one per caption, may be empty) go between the image and the caption as
+  `Kind.PROMPT` tokens. `task_ids` (indices into `task_names`, one per row) are the task factor
+  of context rules.
   Returns a dict of numpy arrays:
     tokens [B,L] int32, targets [B,L] int32 (next token; pad_id past the EOS),
     kinds [B,L] int32 (`Kind`), target_kinds [B,L] int32 (kind of each target),
     image_mask [B,L] bool, attention_mask [B,L] bool (False on PAD),
     loss_mask [B,L] float32 (1 where the target is a caption token or the EOS),
     num_dropped [B] int32 (caption tokens cut by truncation),
-    context_ids [B,L] int32 (only when `context_map` is given; see `contexts.context_ids`).
+    context_ids [B,L] int32 (only when `context_map` is given: a preset, a kind map or rules;
+      see `contexts.sequence_contexts`).
   """
   budget = _check_sizes(num_image_tokens, seq_len, boundary)
   for name, value in (('bos_id', bos_id), ('eos_id', eos_id), ('pad_id', pad_id)):
@@ -65,6 +76,8 @@ def layout_captions(
   open_id, close_id = boundary_ids if boundary_ids is not None else (pad_id, pad_id)
 
   num_rows = len(captions)
+  if prompts is not None and len(prompts) != num_rows:
+    raise ValueError(f'{len(prompts)} prompts for {num_rows} captions; expected one per caption')
   width = seq_len + 1  # one extra slot so targets are a plain shift
   slots_BW = np.full((num_rows, width), pad_id, np.int32)
   kinds_BW = np.full((num_rows, width), Kind.PAD, np.int32)
@@ -81,11 +94,20 @@ def layout_captions(
 
   for row, caption in enumerate(captions):
     caption = _check_caption(row, caption, bos_id, eos_id)
-    kept = caption[:budget]
+    prompt = (_check_caption(row, prompts[row], bos_id, eos_id, 'prompt')
+              if prompts is not None else caption[:0])
+    if len(prompt) >= budget:
+      raise ValueError(f'prompt {row} has {len(prompt)} tokens; a row of seq_len={seq_len} with '
+                       f'{num_image_tokens} image tokens holds at most {budget - 1} prompt tokens '
+                       '(and one caption token)')
+    slots_BW[row, start:start + len(prompt)] = prompt
+    kinds_BW[row, start:start + len(prompt)] = Kind.PROMPT
+    kept = caption[:budget - len(prompt)]
     num_dropped_B[row] = len(caption) - len(kept)
-    end = start + len(kept)
-    slots_BW[row, start:end] = kept
-    kinds_BW[row, start:end] = Kind.TEXT
+    begin = start + len(prompt)
+    end = begin + len(kept)
+    slots_BW[row, begin:end] = kept
+    kinds_BW[row, begin:end] = Kind.TEXT
     slots_BW[row, end] = eos_id
     kinds_BW[row, end] = Kind.EOS
 
@@ -101,7 +123,8 @@ def layout_captions(
       'num_dropped': num_dropped_B,
   }
   if context_map is not None:
-    batch['context_ids'] = contexts.context_ids(batch['kinds'], context_map)
+    batch['context_ids'] = contexts.sequence_contexts(context_map, batch['kinds'], task_ids,
+                                                      task_names)
   return batch
 
 
@@ -129,15 +152,16 @@ def _check_id(name: str, value: int) -> None:
     raise ValueError(f'{name} must be a token id (int >= 0), got {value!r}')
 
 
-def _check_caption(row: int, caption: Sequence[int], bos_id: int, eos_id: int) -> np.ndarray:
+def _check_caption(row: int, caption: Sequence[int], bos_id: int, eos_id: int,
+                   what: str = 'caption') -> np.ndarray:
   caption = np.asarray(caption)
   if caption.ndim != 1 or (caption.size and not np.issubdtype(caption.dtype, np.integer)):
-    raise ValueError(f'caption {row} must be a 1-D sequence of token ids, got {caption!r}')
+    raise ValueError(f'{what} {row} must be a 1-D sequence of token ids, got {caption!r}')
   if caption.size and caption.min() < 0:
-    raise ValueError(f'caption {row} has negative token id {caption.min()}')
+    raise ValueError(f'{what} {row} has negative token id {caption.min()}')
   for name, special in (('bos_id', bos_id), ('eos_id', eos_id)):
     hits = np.flatnonzero(caption == special)
     if hits.size:
-      raise ValueError(f'caption {row} contains {name}={special} at position {hits[0]}; '
-                       'tokenize captions without special tokens (the layout adds them)')
+      raise ValueError(f'{what} {row} contains {name}={special} at position {hits[0]}; '
+                       f'tokenize {what}s without special tokens (the layout adds them)')
   return caption.astype(np.int32)

@@ -5,6 +5,10 @@ split across hosts (each host reads a disjoint part); an epoch's batch k is the 
 happened before, so (epoch, batch) is the whole iterator state. Evaluation yields every image
 once with its first caption, and pads the last batch with rows whose loss mask is zero, so no
 example is skipped.
+
+With several `tasks` (e.g. ('caption', 'qa')) every image gives examples of each task (a
+prompt and a target, see `Split.texts`), mixed in one shuffled stream; evaluation yields every
+image once per task. Each batch says each row's task (`tasks`, an index into the tuple).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import PIL.Image
 
+from cpeft_jax import contexts
 from cpeft_jax.data import layout
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.data.sources import Split
@@ -34,6 +39,15 @@ class AugmentConfig:
   def __post_init__(self):
     if not 0.0 < self.crop_min_scale <= 1.0:
       raise ValueError(f'augment.crop_min_scale must be in (0, 1], got {self.crop_min_scale}.')
+
+
+def check_tasks(tasks) -> tuple[str, ...]:
+  """A config's `data.tasks` as a tuple of distinct task names (a string is one task)."""
+  tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
+  if not tasks or len(set(tasks)) != len(tasks) or not all(isinstance(t, str) for t in tasks):
+    raise ValueError(f'data.tasks must be distinct task names, e.g. (\'caption\',) or '
+                     f"('caption', 'qa'), got {tasks!r}.")
+  return tasks
 
 
 def augment(image_HW3: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
@@ -61,7 +75,9 @@ def augment(image_HW3: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig)
 
 @dataclasses.dataclass
 class CaptionBatches:
-  """Batches of {pixels, tokens, targets, kinds, context_ids, attention_mask, loss_mask, ...}."""
+  """Batches of {pixels, tokens, targets, kinds, context_ids, attention_mask, loss_mask, tasks,
+  ...}; `context_map` is a preset, a kind map or rules over kind and task (see
+  `contexts.parse_context_map`)."""
   split: Split
   tokenizer: object
   batch_size: int
@@ -76,17 +92,25 @@ class CaptionBatches:
   augment: AugmentConfig = AugmentConfig()
   boundary: bool = False
   host: tuple[int, int] = (0, 1)  # (index, count) for multi-host runs
+  tasks: tuple[str, ...] = ('caption',)  # batch['tasks'] holds indices into this
 
   def __post_init__(self):
     index, count = self.host
     if not 0 <= index < count:
       raise ValueError(f'host=(index={index}, count={count}) is not a valid host.')
+    self.tasks = check_tasks(self.tasks)
+    self.context_map = contexts.check_context_map(self.context_map, self.tasks)
     self._ids = tokenizer_lib.special_ids(self.tokenizer)
+    self._texts = [self.split.texts(task) for task in self.tasks]
+    self._check_prompts()
+    # Rows are (image, text, task); a caption-only run has today's order of (image, caption).
     if self.train:
-      pairs = [(i, j) for i, caps in enumerate(self.split.captions) for j in range(len(caps))]
+      pairs = [(i, j, t) for t, texts in enumerate(self._texts) for i, pairs in enumerate(texts)
+               for j in range(len(pairs))]
     else:
-      pairs = [(i, 0) for i in range(len(self.split))]
-    self._pairs = np.asarray(pairs, np.int64)[index::count]
+      pairs = [(i, 0, t) for t, texts in enumerate(self._texts) for i, pairs in enumerate(texts)
+               if pairs]
+    self._pairs = np.asarray(pairs, np.int64).reshape(-1, 3)[index::count]
     # Every host runs the same number of batches (a collective step waits for all of them):
     # training takes the smallest host share, evaluation pads up to the largest.
     self._share = len(pairs) // count if self.train else -(-len(pairs) // count)
@@ -112,19 +136,42 @@ class CaptionBatches:
     if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of a row
       pad = rows[:1] if valid else self._pairs[:1]
       rows = np.concatenate([rows, np.repeat(pad, self.batch_size - valid, 0)])
-    texts = [self.split.captions[i][j] for i, j in rows]
+    prompts, targets = zip(*(self._texts[t][i][j] for i, j, t in rows))
+    encoded = None
+    if any(prompts):  # caption-only batches skip this (their prompts are empty)
+      ids = iter(tokenizer_lib.encode(self.tokenizer, [p for p in prompts if p]))
+      encoded = [next(ids) if p else [] for p in prompts]
     out = layout.layout_captions(
-        tokenizer_lib.encode(self.tokenizer, texts), num_image_tokens=self.num_image_tokens,
-        seq_len=self.seq_len, bos_id=self._ids.bos, eos_id=self._ids.eos, pad_id=self._ids.pad,
-        boundary=self.boundary, context_map=self.context_map)
+        tokenizer_lib.encode(self.tokenizer, list(targets)),
+        num_image_tokens=self.num_image_tokens, seq_len=self.seq_len, bos_id=self._ids.bos,
+        eos_id=self._ids.eos, pad_id=self._ids.pad, boundary=self.boundary,
+        context_map=self.context_map, prompts=encoded, task_ids=rows[:, 2],
+        task_names=self.tasks)
     truncated, dropped = layout.truncation(out)
     self.truncated[0] += truncated
     self.truncated[1] += dropped
     out['loss_mask'][valid:] = 0.0
-    out['pixels'] = np.stack([self._pixels(i, epoch, n) for n, (i, _) in enumerate(rows)])
+    out['pixels'] = np.stack([self._pixels(i, epoch, n) for n, (i, _, _) in enumerate(rows)])
     out['image_ids'] = self.split.image_ids[rows[:, 0]]
     out['valid'] = np.arange(self.batch_size) < valid
+    out['tasks'] = rows[:, 2].astype(np.int32)
     return out
+
+  def _check_prompts(self):
+    """Every prompt leaves room for a target token (checked once, not when a batch meets it)."""
+    budget = layout.caption_budget(self.num_image_tokens, self.seq_len, self.boundary)
+    for task, texts in zip(self.tasks, self._texts):
+      prompts = sorted({p for pairs in texts for p, _ in pairs if p})
+      if not prompts:
+        continue
+      lengths = [len(ids) for ids in tokenizer_lib.encode(self.tokenizer, prompts)]
+      longest = int(np.argmax(lengths))
+      if lengths[longest] >= budget:
+        raise ValueError(
+            f'Task {task!r} has a prompt of {lengths[longest]} tokens ({prompts[longest]!r}); '
+            f'data.seq_len={self.seq_len} with {self.num_image_tokens} image tokens leaves '
+            f'{budget} for prompt and target: expected seq_len >= '
+            f'{self.seq_len + lengths[longest] - budget + 1}.')
 
   def _pixels(self, i: int, epoch: int, n: int) -> np.ndarray:
     img = self.split.image(int(i))

@@ -7,6 +7,10 @@ TensorFlow and the download); the demo builds itself on first use. A user's own 
 folder of images plus a captions JSON in COCO or Karpathy layout; its unusable entries (empty
 captions, missing or corrupt image files) are skipped at load, each named in a warning and
 counted in `Split.skipped`, so that an epoch never fails on them.
+
+Every split has the task 'caption' (an empty prompt, a caption as target); the demo also has
+'qa' (a question about the scene as prompt, its answer as target), derived from the scenes.
+`Split.texts(task)` gives each image's (prompt, target) pairs of a task.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import PIL.Image
@@ -35,12 +40,49 @@ class Split:
   captions: list[list[str]]  # reference captions of each image
   image_ids: np.ndarray
   skipped: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> count at load
+  # Tasks beyond 'caption': name -> a function giving each image's (prompt, target) pairs,
+  # called on first use (the demo derives its questions from the scenes).
+  task_sources: dict[str, Callable[[], list[list[tuple[str, str]]]]] = dataclasses.field(
+      default_factory=dict)
+  _task_texts: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
 
   def __len__(self) -> int:
     return len(self.captions)
 
   def image(self, index: int) -> np.ndarray:
     return np.asarray(self.images[index]['image'])
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return ('caption', *self.task_sources)
+
+  def texts(self, task: str) -> list[list[tuple[str, str]]]:
+    """(prompt, target) pairs of each image for `task`; captions have an empty prompt."""
+    if task == 'caption':
+      return [[('', c) for c in caps] for caps in self.captions]
+    if task not in self.task_sources:
+      raise ValueError(f'Split {self.name!r} has no task {task!r}; it has {list(self.tasks)} '
+                       f"(the tasks of all datasets: {list(TASKS)}; 'qa' is the demo's).")
+    if task not in self._task_texts:
+      texts = self.task_sources[task]()
+      if len(texts) != len(self):
+        raise ValueError(f'Task {task!r} of split {self.name!r} gives texts for {len(texts)} '
+                         f'images; the split has {len(self)}.')
+      self._task_texts[task] = texts
+    return self._task_texts[task]
+
+  def corpus(self, tasks: Sequence[str] = ('caption',)) -> Iterator[str]:
+    """Every text of the tasks (prompts and targets), e.g. to build a vocabulary from."""
+    for task in tasks:
+      for pairs in self.texts(task):
+        for prompt, target in pairs:
+          if prompt:
+            yield prompt
+          yield target
+
+
+TASKS = ('caption', 'qa')
 
 
 def _texts(example) -> list[str]:
@@ -88,7 +130,14 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
     raise ValueError(f'{dataset}/{split}: {len(empty)} image(s) have no caption, e.g. index '
                      f'{empty[0]}.')
   ids = np.asarray([meta[i]['image/id'] for i in range(len(meta))], np.int64)
-  return Split(f'{dataset}/{split}', b.as_data_source(split=split), captions, ids)
+  task_sources = {}
+  if dataset == 'demo':
+    from cpeft_jax.data.demo import examples
+    qa = functools.partial(examples.qa_pairs, seed=b.builder_config.seed,
+                           image_size=b.builder_config.image_size)
+    task_sources['qa'] = lambda: [qa(int(i)) for i in ids]
+  return Split(f'{dataset}/{split}', b.as_data_source(split=split), captions, ids,
+               task_sources=task_sources)
 
 
 class ImageFiles(Sequence):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from cpeft_jax.data.demo import captions as captions_lib
-from cpeft_jax.data.demo import scenes
+from cpeft_jax.data.demo import questions, scenes
 
 SPLITS = ('train', 'validation', 'test')
 # Image ids are split * _ID_STRIDE + index, unique across splits (as COCO's are).
@@ -52,6 +52,14 @@ def scene_of(image_id: int, *, seed: int = 0, image_size: int = 64) -> scenes.Sc
   if not 0 <= split_code < len(SPLITS):
     raise ValueError(f'image id {image_id} is not a demo image id (split * {_ID_STRIDE} + index).')
   return scenes.sample_scene(_rng(SPLITS[split_code], index, seed), image_size)
+
+
+def qa_pairs(image_id: int, *, seed: int = 0, image_size: int = 64) -> list[tuple[str, str]]:
+  """(prompt, answer) pairs of the questions about a stored example's scene (the 'qa' task),
+  in an order fixed by (seed, image id); derived from the scene, so nothing extra is stored."""
+  scene = scene_of(image_id, seed=seed, image_size=image_size)
+  split_code, index = divmod(int(image_id), _ID_STRIDE)
+  return questions.qa_pairs(scene, np.random.default_rng([seed, split_code, index, 1]))
 
 
 def _rng(split: str, index: int, seed: int) -> np.random.Generator:
