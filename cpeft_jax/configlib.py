@@ -71,7 +71,10 @@ def context_specs(text: str) -> tuple[dict[str, Any], ...]:
 
 
 def peft_config(config: ml_collections.ConfigDict) -> PeftConfig:
-  return PeftConfig.from_dict(config.peft)
+  """config.peft as a PeftConfig; peft.plugins (plug-in directories that train/loop.py loads
+  into the tables) is not one of its fields."""
+  d = config.peft.to_dict() if hasattr(config.peft, 'to_dict') else dict(config.peft)
+  return PeftConfig.from_dict({k: v for k, v in d.items() if k != 'plugins'})
 
 
 def decoder_config(config: ml_collections.ConfigDict) -> DecoderConfig:

@@ -11,6 +11,12 @@ contexts become rows of the same tables, and a batch can mix examples (or tokens
     plugin = plugins.extract(tables, peft, context=1, bases={'decoder': fp}, name='qa')
     plugins.save('runs/qa_plugin', plugin)
     peft, tables = plugins.assemble([plugins.load('runs/cap', fps), plugins.load('runs/qa', fps)])
+
+From a training run's workdir in one step (its best or latest weights, the bases it was built on):
+
+    python -m cpeft_jax.plugins --workdir=DIR [--checkpoint=best] --context=N --out=PLUGDIR
+
+A training config then starts from plug-ins with `peft.plugins` (cpeft_jax/train/loop.py).
 """
 
 from __future__ import annotations
@@ -105,6 +111,28 @@ def check_base(want: Mapping[str, Any], got: Mapping[str, Any], what: str) -> No
   if differ:
     raise ValueError(f'{what} was trained on another base: the weights of {len(differ)} '
                      f'tensor(s) differ, e.g. {differ[:5]}. Load the base it was saved with.')
+
+
+def check_plugin(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Raises unless every base `plugin` records is in `bases` (the run's) with the same weights."""
+  missing = sorted(set(plugin.bases) - set(bases))
+  if missing:
+    raise ValueError(f'{where} was trained with bases {missing} that this model lacks (it has '
+                     f'{sorted(bases)}).')
+  for name in sorted(plugin.bases):
+    check_base(plugin.bases[name], bases[name], f'{where} (base {name!r})')
+
+
+def model_bases(params, decoder_config=None, encoder_config=None) -> dict[str, dict[str, Any]]:
+  """Fingerprints of a captioning model's parts that plug-in tables depend on.
+
+  'decoder' and 'encoder' (the frozen base) and 'connector': a plug-in's tables were trained on
+  what its connector fed the decoder, so the connector counts as part of its base too.
+  """
+  configs = {'decoder': decoder_config, 'encoder': encoder_config}
+  return {name: fingerprint(params[name], configs.get(name)
+                            if dataclasses.is_dataclass(configs.get(name)) else None)
+          for name in ('decoder', 'encoder', 'connector') if params.get(name)}
 
 
 def _check_bases(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]] | None, where: str):
@@ -357,3 +385,56 @@ def freeze_contexts(peft: PeftConfig, trainable: Sequence[int]) -> optax.Gradien
   """
   _rows(peft, trainable)  # checked here, at construction
   return optax.stateless(lambda updates, params=None: mask_rows(updates, peft, trainable))
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def from_workdir(workdir: str, context: int, *, checkpoint: str = 'best', name: str = '',
+                 meta: Mapping[str, Any] | None = None) -> Plugin:
+  """Context `context`'s plug-in of a training run: its `checkpoint` weights ('best', 'latest'
+  or a directory saved like DIR/best), with the fingerprints of the decoder, encoder and
+  connector the run used. The model is rebuilt from DIR/config.json as evaluation rebuilds it.
+  """
+  import ml_collections
+  from cpeft_jax.evaluation import perplexity
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir.')
+  config = ml_collections.ConfigDict(json.loads(pathlib.Path(path).read_text()))
+  r = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=path)
+  tables = r.trainable.get('adaptors')
+  if not tables:
+    raise ValueError(f'The run in {workdir} trained no adaptor tables (peft.methods='
+                     f'{r.exp.model.peft.methods}, train.mode={config.train.mode!r}).')
+  params = r.variables['params']
+  bases = model_bases(params, r.exp.model.decoder_cfg, getattr(r.exp.model.encoder, 'cfg', None))
+  info = {'workdir': os.path.abspath(workdir), 'checkpoint': r.ckpt.kind, 'step': r.ckpt.step,
+          'context': context, 'context_map': config.data.get('context_map'),
+          **dict(meta or {})}
+  return extract(tables, r.exp.model.peft, context, bases, name=name, meta=info)
+
+
+def main(argv):
+  from absl import flags, logging
+  del argv
+  f = flags.FLAGS
+  if not f['verbosity'].present:  # orbax's progress lines
+    logging.set_verbosity(logging.WARNING)
+  plugin = from_workdir(f.workdir, f.context, checkpoint=f.checkpoint, name=f.name)
+  out = save(f.out, plugin)
+  count = sum(np.size(x) for x in jax.tree.leaves(plugin.tables))
+  print(f'plug-in {plugin.name or "(unnamed)"!r}: context {f.context} of {f.workdir} '
+        f'({plugin.meta["checkpoint"]} step {plugin.meta["step"]}), {count:,} parameters, '
+        f'methods {"+".join(plugin.peft.methods)}, bases {sorted(plugin.bases)} -> {out}')
+
+
+if __name__ == '__main__':
+  from absl import app, flags
+  flags.DEFINE_string('workdir', None, 'Training workdir to take the plug-in from.', required=True)
+  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a directory saved like DIR/best.")
+  flags.DEFINE_integer('context', None, 'The context whose adaptor group becomes the plug-in.',
+                       required=True)
+  flags.DEFINE_string('out', None, 'Directory to write the plug-in to.', required=True)
+  flags.DEFINE_string('name', '', "The plug-in's name (e.g. its task).")
+  app.run(main)

@@ -4,6 +4,7 @@ The reference for an assembled model is each plug-in run alone as a one-context 
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +14,20 @@ import pytest
 
 from cpeft_jax import checkpoints, plugins
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
+from cpeft_jax.models.llama import Decoder
 from test_checkpoints import MASK, TOKENS
-from test_export import (PER_CONTEXT, _apply, base, fresh_tables, needs_specs,  # noqa: F401
+from test_export import (PER_CONTEXT, base, fresh_tables, needs_specs,  # noqa: F401
                          random_tables)
 
 PEFT = PeftConfig(methods=('lora', 'ia3'), targets='AF', num_contexts=2,
                   lora=LoraConfig(rank=4, alpha=8.0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply(cfg, peft, params, tables, ctx_BL):
+  variables = {'params': params} | ({'adaptors': tables} if tables is not None else {})
+  return Decoder(cfg, peft).apply(variables, jnp.asarray(TOKENS), attention_mask_BL=MASK,
+                                  context_ids_BL=ctx_BL)
 
 
 def run(base, peft, tables, ctx_BL):

@@ -24,7 +24,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from cpeft_jax import adaptors, catalog, checkpoints, configlib, quantize, vision_checkpoints
+import optax
+
+from cpeft_jax import (adaptors, catalog, checkpoints, configlib, plugins, quantize,
+                       vision_checkpoints)
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
@@ -58,7 +61,8 @@ class Experiment:
         context_map=c.data.context_map, image_size=self.image_size, mean=self.image_mean,
         std=self.image_std, train=train, seed=c.seed,
         augment=pipeline.AugmentConfig(**c.data.augment), boundary=c.connector.boundary_tokens,
-        host=(jax.process_index(), jax.process_count()))
+        host=(jax.process_index(), jax.process_count()), tasks=tuple(c.data.get('tasks',
+                                                                                ('caption',))))
 
 
 def _tokenizer(config, workdir, train_split):
@@ -67,13 +71,20 @@ def _tokenizer(config, workdir, train_split):
     return tokenizer_lib.load(saved)
   if config.tokenizer == 'word_level' and config.text_model:
     return tokenizer_lib.load(config.text_model)  # a checkpoint brings its own tokenizer
-  if config.tokenizer == 'word_level':
-    tok = tokenizer_lib.word_level(t for caps in train_split.captions for t in caps)
+  if config.tokenizer == 'word_level':  # the texts of every task the base is trained for
+    tok = tokenizer_lib.word_level(train_split.corpus(_base_tasks(config)))
   else:
     tok = tokenizer_lib.load(config.tokenizer)
   if jax.process_index() == 0:
     tok.save_pretrained(saved)
   return tok
+
+
+def _base_tasks(config) -> tuple[str, ...]:
+  """The tasks whose texts build the word-level vocabulary and pre-train the demo's decoder:
+  pretrain.tasks (a base shared by runs on different tasks), else data.tasks."""
+  pretrain = config.get('pretrain') or {}
+  return tuple(pretrain.get('tasks') or config.data.get('tasks') or ('caption',))
 
 
 def _mesh(config) -> jax.sharding.Mesh:
@@ -97,9 +108,17 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   the pixel normalisation. Parts loaded from checkpoints are never initialised: only what no
   checkpoint provides (connector, adaptor tables, a patch encoder, a decoder without
   text_model) is computed by the jitted init; the rest of it is dead code.
+
+  peft.plugins (plug-in directories: a list, plug-in i in context i, or {context: dir}) starts
+  the adaptor tables from plug-ins trained in other runs: they are assembled as rows of one
+  model (their methods, targets and ranks replace peft's; peft.num_contexts may add unadapted
+  contexts) and checked against this run's decoder, encoder and connector before any training.
   """
   tok = _tokenizer(config, workdir, train_split)
   peft = configlib.peft_config(config)
+  plugged = _load_plugins(config, peft)
+  if plugged:
+    peft = plugged[0]
   qcfg = quantize.QuantConfig.from_dict(config.get('quantize'))  # '' or absent: full precision
   quantize.check_peft(qcfg, peft, config.train.mode)
   loaded = {}  # 'params' subtrees that come from checkpoints
@@ -158,11 +177,84 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     loaded['decoder'], _ = checkpoints.load_params(text_dir, dec_cfg,
                                                    leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
-  if text_dir and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
+  if plugged:
+    variables[adaptors.ADAPTORS] = _plugin_tables(plugged, variables, dec_cfg, enc_cfg)
+  elif text_dir and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
     variables[adaptors.ADAPTORS] = adaptors.init_dora_magnitudes(  # loaded base, not the random one
         variables['params'], variables[adaptors.ADAPTORS])
   variables['params'] = quantize.quantize_params(variables['params'], qcfg)
   return Experiment(config, tok, model, variables, N, S, _mesh(config), tuple(mean), tuple(std))
+
+
+def _load_plugins(config, peft: adaptors.PeftConfig):
+  """(assembled PeftConfig, tables, {context: (dir, Plugin)}) of peft.plugins, or None."""
+  spec = config.peft.get('plugins')
+  if not spec:
+    return None
+  if isinstance(spec, str):
+    spec = [d for d in spec.split(',') if d]
+  if isinstance(spec, (dict, ml_collections.ConfigDict)):
+    try:
+      dirs = {int(c): d for c, d in dict(spec).items()}
+    except ValueError:
+      raise ValueError(f'peft.plugins={dict(spec)!r}: expected context ids (integers) as keys.')
+  else:
+    dirs = dict(enumerate(spec))
+  loaded = {}
+  for c, d in sorted(dirs.items()):
+    try:
+      loaded[c] = plugins.load(d)  # the bases are checked once this run's are loaded
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f'peft.plugins[{c}]: {e}') from None
+  num_contexts = max(peft.num_contexts, max(dirs) + 1)
+  assembled, tables = plugins.assemble(loaded, num_contexts=num_contexts, strategy=peft.strategy)
+  return assembled, tables, {c: (dirs[c], p) for c, p in loaded.items()}
+
+
+def _plugin_tables(plugged, variables, dec_cfg, enc_cfg):
+  """The assembled plug-ins' tables in place of fresh ones, once each plug-in's bases (decoder,
+  encoder, connector) are found to be this run's and their tables fit this model."""
+  _, tables, by_context = plugged
+  bases = plugins.model_bases(variables['params'], dec_cfg, enc_cfg)
+  for c, (d, p) in by_context.items():
+    try:
+      plugins.check_plugin(p, bases, f'Plug-in {d} (peft.plugins, context {c})')
+    except ValueError as e:
+      hint = (' A plug-in carries its connector as part of its base: train plug-ins for '
+              'assembly with train.freeze_connector=True and the same seed.'
+              if 'connector' in str(e) else '')
+      raise ValueError(f'{e}{hint}') from None
+  want = flax.traverse_util.flatten_dict(variables[adaptors.ADAPTORS], sep='/')
+  got = flax.traverse_util.flatten_dict(flax.core.unfreeze(tables), sep='/')
+  bad = sorted(set(want) ^ set(got)) + sorted(
+      k for k in set(want) & set(got) if want[k].shape != got[k].shape)
+  if bad:
+    raise ValueError(f'The tables of peft.plugins {sorted(d for d, _ in by_context.values())} '
+                     f'do not fit this model: mismatched tensors {bad[:5]} (plug-ins of another '
+                     'kind of model, e.g. a text-only decoder?).')
+  return flax.traverse_util.unflatten_dict(
+      {k: jnp.asarray(v, want[k].dtype) for k, v in got.items()}, sep='/')
+
+
+def optimizer(config: ml_collections.ConfigDict, optim: state_lib.OptimConfig,
+              peft: adaptors.PeftConfig) -> optax.GradientTransformation:
+  """The run's optimizer, with train.freeze_contexts' rows and (train.freeze_connector) the
+  connector kept exactly as they are: their updates are zeroed after the optimizer."""
+  tx = state_lib.optimizer(optim)
+  frozen = tuple(int(c) for c in config.train.get('freeze_contexts') or ())
+  if frozen:
+    rows = peft.rows if peft.methods else ()
+    unknown = sorted(set(frozen) - set(rows))
+    if unknown:
+      raise ValueError(f'train.freeze_contexts={frozen}: contexts {unknown} have no adaptor rows '
+                       f'(this model adapts contexts {tuple(rows)}).')
+    tx = optax.chain(tx, plugins.freeze_contexts(peft, [c for c in rows if c not in frozen]))
+  if config.train.get('freeze_connector'):
+    is_connector = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: [getattr(k, 'key', k) for k in path[:2]] == ['params', 'connector'],
+        tree)
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), is_connector))
+  return tx
 
 
 def vision_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -273,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   optim = state_lib.OptimConfig.from_dict(
       dict(config.optim, total_steps=config.optim.total_steps or
            steps_per_epoch * config.train.epochs))
-  placed = place(exp, trainable, frozen, state_lib.optimizer(optim))
+  placed = place(exp, trainable, frozen, optimizer(config, optim, exp.model.peft))
   state, frozen = placed.state, placed.frozen
   mgr = checkpointing.manager(os.path.join(workdir, 'checkpoints'))
   meta = {'epoch': 0, 'batch': 0, 'best_val_loss': None}

@@ -46,7 +46,9 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
   cfg = DecoderConfig.from_dict(model)
   train_model = Decoder(cfg, deterministic=False)
   ids = tokenizer_lib.special_ids(tok)
-  texts = [t for caps in split.captions for t in caps]
+  tasks = config.pretrain.get('tasks') or config.data.get('tasks') or ('caption',)
+  texts = [f'{prompt} {target}' if prompt else target  # every task's texts (QA: 'q ? a')
+           for task in tasks for pairs in split.texts(task) for prompt, target in pairs]
   tokens = tokenizer_lib.encode(tok, texts)
   seq_len = config.data.seq_len - num_image_tokens
   data = layout.layout_captions(tokens, num_image_tokens=0, seq_len=seq_len, bos_id=ids.bos,
