@@ -205,3 +205,36 @@ def test_unmatched_token_and_missing_factor_are_errors():
     contexts.rule_contexts({'kind=image': 1}, {'kind': kinds})
   with pytest.raises(ValueError, match=r"context rules use factors \['role'\]"):
     contexts.rule_contexts({'role=user': 1, '*': 0}, {'kind': kinds})
+
+
+def test_config_context_map_forms():
+  """A config's context_map: preset name, kind map, rules dict, rules string, ConfigDict."""
+  import ml_collections
+  rules = {'kind=image': 1, 'task=qa': 2, 'kind=image&task=qa': 3, '*': 0}
+  text = 'kind=image:1; task=qa:2; kind=image&task=qa:3; *:0'
+  assert contexts.parse_context_map(text) == rules
+  assert contexts.parse_context_map(ml_collections.ConfigDict(rules)) == rules
+  assert contexts.parse_context_map('modality') == 'modality'
+  assert contexts.is_rules(rules) and not contexts.is_rules({'image': 1, 'text': 0})
+  assert contexts.num_contexts(text) == contexts.num_contexts(rules) == 4
+  assert contexts.num_contexts({'image': 1, 'text': 0}) == 2
+  kinds_BL = np.array([[Kind.BOS, Kind.IMAGE, Kind.PROMPT, Kind.TEXT, Kind.EOS]] * 2)
+  np.testing.assert_array_equal(
+      contexts.sequence_contexts(text, kinds_BL, np.array([0, 1]), ('caption', 'qa')),
+      [[0, 1, 0, 0, 0], [2, 3, 2, 2, 2]])
+  np.testing.assert_array_equal(contexts.sequence_contexts('modality', kinds_BL),
+                                contexts.context_ids(kinds_BL, 'modality'))
+
+
+@pytest.mark.parametrize('value, match', [
+    ('modal', r"unknown context preset 'modal'; expected one of \['agnostic', 'modality'\] or "
+              r'rules'),
+    ('kind=image:x;*:0', r"'kind=image:x' is not rule:id"),
+    ({'task=vqa': 1, '*': 0}, r"task 'vqa' is not one of \['caption', 'qa'\]"),
+    ({'role=user': 1, '*': 0}, r"use factors \['role'\], which this data does not provide"),
+    ({'picture': 1}, r"unknown token kind 'picture'"),
+    (3, r'context_map must be a preset name'),
+])
+def test_check_context_map_names_the_problem(value, match):
+  with pytest.raises(ValueError, match=match):
+    contexts.check_context_map(value, ('caption', 'qa'))

@@ -388,3 +388,56 @@ def test_vision_labels_name_what_each_patch_shows():
         name = names[y['color'][k, n] - 1]
         assert drawn[name] == max(drawn.values()) > 0
         assert scenes.SHAPES[y['shape'][k, n] - 1] == shape_of[name]
+
+
+# The test's own reading of the question language.
+PLURAL_OF = {'circles': 'circle', 'squares': 'square', 'triangles': 'triangle',
+             'diamonds': 'diamond', 'crosses': 'cross'}
+QUESTION_RE = re.compile(r'question : (?P<q>.+) \? answer :')
+
+
+def _answer_from_pixels(question, found):
+  """The true answer to a demo question, read off the drawn objects (color -> objects)."""
+  objects = [(color, shape, cell) for color, objs in found.items() for shape, _, cell in objs]
+  shape_of = lambda w: PLURAL_OF.get(w, w)
+  if question == 'how many shapes are there':
+    return len(objects)
+  if m := re.fullmatch(rf'how many ({_alt(scenes.COLORS)}) shapes are there', question):
+    return len(found[m[1]])
+  if m := re.fullmatch(r'how many (\w+) are there', question):
+    return sum(shape == shape_of(m[1]) for _, shape, _ in objects)
+  if m := re.fullmatch(r'what color (is|are) the (\w+)', question):
+    colors = {color for color, shape, _ in objects if shape == shape_of(m[2])}
+    assert len(colors) == 1, f'ambiguous question {question!r}: {colors}'
+    return colors.pop()
+  if m := re.fullmatch(r'what shape (is|are) the (\w+) ones?', question):
+    shapes = {shape for shape, _, _ in found[m[2]]}
+    assert len(shapes) == 1, question
+    return shapes.pop()
+  if m := re.fullmatch(r'where (is|are) the (\w+) (\w+)', question):
+    assert {shape for shape, _, _ in found[m[2]]} == {shape_of(m[3])}, question
+    return sorted(cell for _, _, cell in found[m[2]])
+  raise AssertionError(f'unexpected question {question!r}')
+
+
+def test_qa_answers_are_true_of_the_pixels():
+  kinds = collections.Counter()
+  firsts = set()
+  for index in range(60):
+    example, _ = demo.make_example('validation', index, seed=2)
+    found = _objects_by_color(example['image'])
+    pairs = demo.qa_pairs(example['image/id'], seed=2)
+    assert len(set(pairs)) == len(pairs) >= 4
+    firsts.add(pairs[0][0].split()[2])
+    for prompt, answer in pairs:
+      question = QUESTION_RE.fullmatch(prompt)['q']
+      truth = _answer_from_pixels(question, found)
+      kinds[' '.join(question.split()[:2])] += 1
+      if isinstance(truth, int):
+        assert NUMBERS[answer] == truth, (prompt, answer, truth)
+      elif isinstance(truth, list):
+        assert _region_holds(answer, truth), (prompt, answer, truth)
+      else:
+        assert answer == truth, (prompt, answer, truth)
+  assert set(kinds) == {'how many', 'what color', 'what shape', 'where is', 'where are'}
+  assert len(firsts) >= 3  # the pair evaluation uses varies in kind between images

@@ -17,7 +17,7 @@ def _lay(captions, n=4, length=12, **kw):
                                 eos_id=EOS, pad_id=PAD, **kw)
 
 
-def _slow(caption, n, length, boundary=False, boundary_ids=None):
+def _slow(caption, n, length, boundary=False, boundary_ids=None, prompt=()):
   """Builds one row position by position: a list of (token, kind), then shifts by one."""
   open_id, close_id = boundary_ids or (PAD, PAD)
   seq = [(BOS, Kind.BOS)]
@@ -26,6 +26,7 @@ def _slow(caption, n, length, boundary=False, boundary_ids=None):
   seq += [(PAD, Kind.IMAGE)] * n
   if boundary:
     seq.append((close_id, Kind.BOUNDARY))
+  seq += [(tok, Kind.PROMPT) for tok in prompt]  # context only: never a loss target
   caption = list(caption)
   dropped = 0
   while len(seq) + len(caption) + 1 > length + 1:  # the EOS may sit in slot L (a target only)
@@ -69,6 +70,40 @@ def test_matches_slow_reference(boundary, boundary_ids):
     ref = _slow(caption, n, length, boundary, boundary_ids)
     for key, value in ref.items():
       np.testing.assert_array_equal(batch[key][row], value, err_msg=f'{key} row {row}')
+
+
+@pytest.mark.parametrize('boundary', [False, True])
+def test_prompts_match_slow_reference(boundary):
+  """A prompt sits between the image and the caption; the loss covers caption + EOS only, and
+  truncation cuts the caption, never the prompt."""
+  rng = np.random.default_rng(1)
+  n, length = 3, 16
+  sizes = [(0, 4), (3, 0), (2, 5), (4, 7), (5, 9), (9, 1), (1, 20)]  # (prompt, caption) lengths
+  prompts = [rng.integers(10, 50, size=p).tolist() for p, _ in sizes]
+  captions = [rng.integers(50, 90, size=c).tolist() for _, c in sizes]
+  batch = _lay(captions, n, length, boundary=boundary, prompts=prompts)
+  for row, (prompt, caption) in enumerate(zip(prompts, captions)):
+    ref = _slow(caption, n, length, boundary, prompt=prompt)
+    for key, value in ref.items():
+      np.testing.assert_array_equal(batch[key][row], value, err_msg=f'{key} row {row}')
+    # Independently: the masked targets are exactly the kept caption tokens, then the EOS.
+    kept = caption[:length - 1 - n - 2 * boundary - len(prompt)]
+    np.testing.assert_array_equal(batch['targets'][row][batch['loss_mask'][row] > 0],
+                                  kept + [EOS])
+  empty = _lay(captions, n, length, boundary=boundary, prompts=[[]] * len(captions))
+  plain = _lay(captions, n, length, boundary=boundary)
+  for key in KEYS:  # empty prompts are the captioning layout
+    np.testing.assert_array_equal(empty[key], plain[key], err_msg=key)
+
+
+def test_prompt_errors_name_the_row():
+  with pytest.raises(ValueError, match=r'prompt 1 has 7 tokens; a row of seq_len=12 with 4 image '
+                                       r'tokens holds at most 6 prompt tokens'):
+    _lay([[5], [6]], prompts=[[9], [9] * 7])
+  with pytest.raises(ValueError, match=r'prompt 0 contains eos_id=2 at position 1'):
+    _lay([[5]], prompts=[[9, EOS]])
+  with pytest.raises(ValueError, match=r'1 prompts for 2 captions'):
+    _lay([[5], [6]], prompts=[[9]])
 
 
 def test_loss_positions_predict_each_caption_token_then_eos():

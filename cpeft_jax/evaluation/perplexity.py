@@ -6,6 +6,8 @@ the workdir: 'best' (the best-validation weights in DIR/best), 'latest' (the new
 DIR/checkpoints, its trainable tree only) or the path of a directory saved like DIR/best.
 The loss is `loop.evaluate_loss` over `step.eval_step`, the computation of training's
 validation, so 'best' on the validation split gives back the perplexity in best.json.
+A multi-task run (data.tasks with several tasks) also gets each task's loss, perplexity and
+target-token count (`task_perplexity`); the overall loss is their token-weighted mean.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import sys
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
 from cpeft_jax import checkpoints
 from cpeft_jax.models import vlm
-from cpeft_jax.train import loop
+from cpeft_jax.train import loop, sharding
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
@@ -115,11 +120,49 @@ def split_perplexity(r: Restored, split, *, name: str | None = None,
                      progress: bool = True) -> dict[str, Any]:
   """{loss, perplexity, images} of one split (named `name` in the progress bar), by training's
   validation computation."""
-  eval_fn = _eval_fn(r.exp.model)
-  batches = _Progress(r.exp.batches(split, train=False), f'{name or split.name} ({r.ckpt.kind})',
-                      progress)
-  loss, ppl = loop.evaluate_loss(r.exp, r.trainable, r.frozen, batches, eval_fn)
+  data = r.exp.batches(split, train=False)
+  batches = _Progress(data, f'{name or split.name} ({r.ckpt.kind})', progress)
+  if len(data.tasks) > 1:
+    return task_perplexity(r.exp, r.trainable, r.frozen, batches, data.tasks) | {
+        'images': len(split)}
+  loss, ppl = loop.evaluate_loss(r.exp, r.trainable, r.frozen, batches, _eval_fn(r.exp.model))
   return {'loss': loss, 'perplexity': ppl, 'images': len(split)}
+
+
+def task_perplexity(exp: loop.Experiment, trainable, frozen, data, tasks) -> dict[str, Any]:
+  """{loss, perplexity, tokens, tasks: {task: {loss, perplexity, tokens}}} over one pass of
+  evaluation batches whose `tasks` index into `tasks`; losses are per target token, and the
+  overall loss is the token-weighted mean of the tasks' (the same sums, grouped by task)."""
+  eval_fn = _task_eval_fn(exp.model, len(tasks))
+  batch_sharding = sharding.batch_sharding(exp.mesh)
+  loss_T, tokens_T = np.zeros(len(tasks)), np.zeros(len(tasks))
+  for batch in data.epoch(0):
+    device = loop._device_batch(exp, batch) | {  # noqa: SLF001 - training's own batch placement
+        'tasks': jax.make_array_from_process_local_data(batch_sharding, batch['tasks'])}
+    out = jax.device_get(eval_fn(trainable, frozen, device))
+    loss_T += np.asarray(out['loss_sum'], np.float64)
+    tokens_T += np.asarray(out['tokens'], np.float64)
+  per_task = {task: _ppl(s, n) for task, s, n in zip(tasks, loss_T, tokens_T)}
+  return _ppl(loss_T.sum(), tokens_T.sum()) | {'tasks': per_task}
+
+
+def _ppl(loss_sum: float, tokens: float) -> dict[str, float]:
+  loss = float(loss_sum) / max(float(tokens), 1.0)
+  return {'loss': loss, 'perplexity': math.exp(min(loss, 50.0)), 'tokens': int(tokens)}
+
+
+def _task_sums(trainable, frozen, batch, *, apply_fn, num_tasks: int):
+  """Masked loss sum and token count of each task [T] (rows grouped by batch['tasks'])."""
+  logits_BLV = apply_fn(state_lib.merge(trainable, frozen), batch, train=False, rng=None)
+  mask_BL = batch['loss_mask'].astype(jnp.float32)
+  loss_B = jnp.sum(step_lib.token_losses(logits_BLV, batch['targets']) * mask_BL, axis=1)
+  seg = lambda x_B: jax.ops.segment_sum(x_B, batch['tasks'], num_segments=num_tasks)
+  return {'loss_sum': seg(loss_B), 'tokens': seg(jnp.sum(mask_BL, axis=1))}
+
+
+@functools.lru_cache(maxsize=4)
+def _task_eval_fn(model, num_tasks: int):
+  return jax.jit(functools.partial(_task_sums, apply_fn=vlm.apply_fn(model), num_tasks=num_tasks))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
