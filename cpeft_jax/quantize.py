@@ -38,7 +38,8 @@ import qwix
 FORMATS = {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}
 GRANULARITIES = ('channel', 'block')
 # decoder: the decoder blocks' projections; lm_head: the untied output projection; embed: the
-# input embedding table; vision: the vision encoder's dense kernels (convolutions stay).
+# input embedding table; vision: the vision encoder's dense kernels (its patch convolution and
+# Swin's tiny position-bias MLP, whose 2 inputs no block divides, stay in full precision).
 TARGETS = ('decoder', 'lm_head', 'embed', 'vision')
 SCALE_DTYPES = ('float32', 'bfloat16')
 
@@ -190,7 +191,8 @@ def leaf_kind(path: str, ndim: int, qcfg: QuantConfig) -> str | None:
     return 'array'
   if 'embed' in t and path == 'decoder/embed_tokens/embedding':
     return 'embedding'
-  if 'vision' in t and re.fullmatch(r'encoder/.+/kernel', path) and ndim in (2, 3):
+  if ('vision' in t and re.fullmatch(r'encoder/.+/kernel', path) and ndim in (2, 3)
+      and '/cpb_mlp_' not in path):
     return 'array'
   return None
 

@@ -21,7 +21,7 @@ import os
 import pathlib
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -150,14 +150,16 @@ ARCHITECTURES = {
 
 
 def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_layer: int = -1,
-                drop_cls: bool = True, *, strict: bool = False,
-                seed: int = 0) -> tuple[nn.Module, dict]:
+                drop_cls: bool = True, *, strict: bool = False, seed: int = 0,
+                leaf_fn: Callable | None = None) -> tuple[nn.Module, dict]:
   """A frozen vision encoder and its 'params' tree, from a Hugging Face checkpoint.
 
   `dtype` is that of the weights and of the computation. `feature_layer` indexes transformers'
   `hidden_states` (-1: `last_hidden_state`; see models/vision.py and models/swinv2.py);
   `drop_cls` drops CLIP's class token and does nothing for encoders without one. Call it as
-  `module.apply({'params': params}, pixels_BHWC)` -> [B, N, D].
+  `module.apply({'params': params}, pixels_BHWC)` -> [B, N, D]. `leaf_fn(path, array)`
+  transforms each leaf as soon as it is read, e.g. `quantize.leaf_quantizer(qcfg, 'encoder/')`
+  stores the projections quantized without a full-precision copy of the whole tower.
   """
   directory = resolve(path_or_dir)
   hf = read_config(directory)
@@ -166,7 +168,7 @@ def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_
   if model_type in ARCHITECTURES and ARCHITECTURES[model_type].module is ViT:
     overrides['drop_cls'] = drop_cls
   module = vision_module(hf, **overrides)
-  params, _ = load_params(directory, module, strict=strict, seed=seed)
+  params, _ = load_params(directory, module, strict=strict, seed=seed, leaf_fn=leaf_fn)
   return module, params
 
 
@@ -184,12 +186,13 @@ def architecture(model_type) -> Architecture:
 
 
 def load_params(directory: str | os.PathLike, module: nn.Module, *, strict: bool = False,
-                seed: int = 0) -> tuple[dict, LoadReport]:
-  """The 'params' tree of `module` (in its param_dtype) from a checkpoint directory."""
+                seed: int = 0, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+  """The 'params' tree of `module` (in its param_dtype) from a checkpoint directory; each
+  leaf goes through `leaf_fn(path, array)`, if given, as soon as it is filled."""
   directory = resolve(directory)
   names = architecture(read_config(directory).get('model_type')).names
   return _assemble(open_weights(directory, msgpack=False), module, names, strict, seed,
-                   str(directory))
+                   str(directory), leaf_fn)
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -212,7 +215,7 @@ def _find_prefix(keys, anchor: str, where: str) -> str:
 
 
 def _assemble(source, module: nn.Module, names: NameMap, strict: bool, seed: int,
-              where: str) -> tuple[dict, LoadReport]:
+              where: str, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
   cfg = module.cfg
   pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   init = lambda key: module.init(key, pixels)['params']
@@ -250,7 +253,8 @@ def _assemble(source, module: nn.Module, names: NameMap, strict: bool, seed: int
            'layer skipped.', where, prefix, outside, skipped)
   report = LoadReport(tuple(missing), tuple(unexpected))
   log_report(report, where, strict, what='vision encoder')
-  return fill_leaves(plan, shapes, source, _LAYOUT, init, seed, cfg.param_dtype, where), report
+  return fill_leaves(plan, shapes, source, _LAYOUT, init, seed, cfg.param_dtype, where,
+                     leaf_fn), report
 
 
 # ----------------------------------------------------------------------------- saving
