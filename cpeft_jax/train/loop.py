@@ -134,7 +134,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     directory = catalog.resolve(vision.path)
     encoder, loaded['encoder'] = vision_checkpoints.load_vision(
         directory, dtype=vision.get('dtype', 'float32'),
-        feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True))
+        feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True),
+        leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/'))  # quantized as each tensor loads
     enc_cfg = encoder.cfg
     mean, std = _normalisation(directory, mean, std)
   else:
