@@ -16,6 +16,9 @@ Decoding: greedy unless --num_beams > 1; flags override config.eval.num_beams/ma
 Writes DIR/eval/metrics.json (every split), and per split <split>_metrics.json and
 <split>_captions.json (COCO results format); --heatmaps=K writes the heatmaps of the first K
 generated captions of each split to DIR/eval/heatmaps/.
+A multi-task run (data.tasks such as ('caption', 'qa')) also reports each task's perplexity per
+split (over its target tokens; metrics.json: splits.<split>.tasks.<task>); generated captions
+are for caption-only runs, so it needs --nocaptions.
 """
 
 import functools
@@ -47,6 +50,14 @@ def _config_name() -> str:
   return f'--config={name}' + (f' with overrides {overrides}' if overrides else '')
 
 
+def print_tasks(result) -> None:
+  """Each split's per-task perplexity of a multi-task run (nothing for a single task)."""
+  for split, m in result['splits'].items():
+    for task, t in m.get('tasks', {}).items():
+      print(f"{split}: task {task}: loss {t['loss']:.4f}, perplexity {t['perplexity']:.3f} "
+            f"({t['tokens']} target tokens)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -60,6 +71,10 @@ def main(argv):
   if FLAGS.heatmaps < 0 or (FLAGS.heatmaps and not FLAGS.captions):
     raise app.UsageError(f'--heatmaps={FLAGS.heatmaps}: expected a count >= 0, and heatmaps '
                          'are drawn for generated captions (not with --nocaptions).')
+  tasks = tuple(FLAGS.config.data.get('tasks') or ('caption',))
+  if FLAGS.captions and tasks != ('caption',):
+    raise app.UsageError(f'data.tasks={tasks}: generated captions are scored for caption-only '
+                         'runs; pass --nocaptions (perplexity per task).')
   decoding = captioning.Decoding.from_config(FLAGS.config, num_beams=FLAGS.num_beams,
                                              max_new_tokens=FLAGS.max_new_tokens)
   run = functools.partial(
@@ -67,7 +82,7 @@ def main(argv):
       decoding=decoding, captions=FLAGS.captions, heatmap_count=FLAGS.heatmaps,
       heatmap_layer=FLAGS.heatmap_layer, show=FLAGS.show, config_name=_config_name())
   if not FLAGS.config.get('variants'):
-    run(FLAGS.config, FLAGS.workdir)
+    print_tasks(run(FLAGS.config, FLAGS.workdir))
     return
   # The two-variant demo trained one run per context map in DIR/<variant>: evaluate each and
   # compare them.
@@ -77,7 +92,7 @@ def main(argv):
   for variant in FLAGS.config.variants:
     workdirs.append(os.path.join(FLAGS.workdir, variant))
     print(f'== variant {variant!r} ({workdirs[-1]})')
-    run(demo.variant_config(FLAGS.config, FLAGS.workdir, variant), workdirs[-1])
+    print_tasks(run(demo.variant_config(FLAGS.config, FLAGS.workdir, variant), workdirs[-1]))
   compare.write(workdirs, output=os.path.join(FLAGS.workdir, 'comparison.md'))
 
 

@@ -123,7 +123,7 @@ def experiment(data):
   trainable, frozen = state_lib.split(exp.variables, 'peft')
   rng = np.random.default_rng(0)
   trainable = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), trainable)
-  return exp, trainable, frozen
+  return exp, trainable, frozen, c
 
 
 class _Only:
@@ -143,7 +143,7 @@ def test_per_task_perplexity_recombines_to_overall(data, experiment):
   that task's rows alone; the overall loss equals it on all rows and is the token-weighted
   mean of the tasks'."""
   _, _, val, tok = data
-  exp, trainable, frozen = experiment
+  exp, trainable, frozen, _ = experiment
   mixed = _batches(val, tok, train=False, seq_len=L)
   out = perplexity.task_perplexity(exp, trainable, frozen, mixed, TASKS)
   eval_fn = perplexity._eval_fn(exp.model)
@@ -169,3 +169,28 @@ def test_per_task_perplexity_recombines_to_overall(data, experiment):
   for task in TASKS:
     np.testing.assert_allclose(split_out['tasks'][task]['loss'], out['tasks'][task]['loss'],
                                rtol=1e-6)
+
+
+def test_evaluate_writes_per_task_perplexity(data, experiment, capsys):
+  """evaluate.py's work on a saved multi-task run: metrics.json holds each split's per-task
+  perplexity, equal to task_perplexity of the same weights, and print_tasks prints them."""
+  import json
+  import os
+  import evaluate
+  import orbax.checkpoint as ocp
+  from cpeft_jax.evaluation import captioning
+  d, _, val, tok = data
+  exp, trainable, frozen, c = experiment
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(os.path.join(d, 'best'), trainable)
+  result = captioning.evaluate_workdir(c, d, captions=False)
+  with open(os.path.join(d, 'eval', 'metrics.json')) as f:
+    written = json.load(f)['splits']['validation']
+  want = perplexity.task_perplexity(exp, trainable, frozen, _batches(val, tok, train=False),
+                                    TASKS)
+  for task in TASKS:
+    np.testing.assert_allclose(written['tasks'][task]['loss'], want['tasks'][task]['loss'],
+                               rtol=1e-6)
+    assert written['tasks'][task]['tokens'] == want['tasks'][task]['tokens']
+  evaluate.print_tasks(result)
+  assert f"validation: task qa: loss {want['tasks']['qa']['loss']:.4f}" in capsys.readouterr().out
