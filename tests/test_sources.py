@@ -181,3 +181,18 @@ def test_caption_batches_over_folder(tmp_path):
   rows = [b for b in evaluation.epoch(0)]
   assert len(rows) == 2 and rows[1]['valid'].tolist() == [True, False]
   assert np.concatenate([b['image_ids'][b['valid']] for b in rows]).tolist() == [1, 2, 6]
+
+
+def test_folder_split_is_caption_only(tmp_path):
+  """A user's folder (like COCO) has only the 'caption' task: its texts are (empty prompt,
+  caption) pairs, and asking it for 'qa' names the split and the tasks it has."""
+  split = sources.load('folder', 'train', captions_json=str(_coco(tmp_path)))
+  assert split.tasks == ('caption',)
+  assert split.texts('caption') == [[('', c) for c in caps] for caps in split.captions]
+  with pytest.raises(ValueError, match=r"Split 'folder/train' has no task 'qa'; it has "
+                                       r"\['caption'\]"):
+    split.texts('qa')
+  tok = tokenizer_lib.word_level(split.corpus())
+  with pytest.raises(ValueError, match=r"has no task 'qa'"):
+    pipeline.CaptionBatches(split, tok, batch_size=2, num_image_tokens=4, seq_len=24,
+                            context_map='modality', image_size=16, tasks=('caption', 'qa'))
