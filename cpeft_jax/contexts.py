@@ -366,6 +366,18 @@ def check_context_map(value, tasks: Sequence[str] = ('caption',),
   return mapping
 
 
+def context_of(mapping, kind: str = 'text', task: str = 'caption',
+               tasks: Sequence[str] = ('caption',)) -> int:
+  """The context id a token of `kind` in an example of `task` gets (e.g. the context that
+  generated caption tokens run in), under a preset, a kind map or rules."""
+  if kind not in KIND_NAMES:
+    raise ValueError(f'unknown token kind {kind!r}; expected one of {list(KIND_NAMES)}')
+  if task not in tasks:
+    raise ValueError(f'task {task!r} is not one of {list(tasks)}')
+  kinds_BL = np.array([[KIND_NAMES.index(kind)]], np.int32)
+  return int(sequence_contexts(mapping, kinds_BL, np.array([list(tasks).index(task)]), tasks)[0, 0])
+
+
 def sequence_contexts(mapping, kinds_BL: np.ndarray, task_B: np.ndarray | None = None,
                       tasks: Sequence[str] = ('caption',)) -> np.ndarray:
   """[B, L] context ids of laid-out rows: a preset or kind map looks at each token's kind;

@@ -224,6 +224,9 @@ def test_config_context_map_forms():
       [[0, 1, 0, 0, 0], [2, 3, 2, 2, 2]])
   np.testing.assert_array_equal(contexts.sequence_contexts('modality', kinds_BL),
                                 contexts.context_ids(kinds_BL, 'modality'))
+  assert contexts.context_of(text, 'text', 'qa', ('caption', 'qa')) == 2
+  assert contexts.context_of(text, 'image', 'qa', ('caption', 'qa')) == 3
+  assert contexts.context_of('modality', 'image') == 1 and contexts.context_of('modality') == 0
 
 
 @pytest.mark.parametrize('value, match', [
