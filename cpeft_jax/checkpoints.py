@@ -580,52 +580,100 @@ def log_report(report: LoadReport, where: str, strict: bool, what: str = 'model'
 
 def save_decoder(directory: str | os.PathLike, cfg: DecoderConfig, params,
                  tokenizer=None) -> pathlib.Path:
-  """Writes a Hugging Face Llama checkpoint (config.json + model.safetensors) of `params`.
+  """Writes a Hugging Face checkpoint (config.json + model.safetensors) of `params`.
 
-  The inverse of `load_params` for model_type llama: transformers' LlamaForCausalLM and this
-  project's loader both read it. Written to a temporary name and renamed, so an interrupted
-  save leaves no half-written checkpoint. Fused gate+up projections are split back.
+  The inverse of `load_params`: a Llama checkpoint for arch 'llama', GPT-2 or OPT for theirs;
+  transformers' PyTorch models and this project's loader both read it. Written to a temporary
+  name and renamed, so an interrupted save leaves no half-written checkpoint. Fused pieces go
+  back to transformers' layout (gate+up split, GPT-2's q/k/v joined into c_attn).
   """
   import safetensors.numpy
-  import transformers
-  if cfg.arch != 'llama':
-    raise ValueError(f'save_decoder writes Llama checkpoints; this decoder has arch={cfg.arch!r}.')
-  if cfg.qkv_bias:
+  if cfg.arch == 'llama' and cfg.qkv_bias:
     raise ValueError('save_decoder writes Llama checkpoints, which have no q/k/v biases; '
                      'this decoder has qkv_bias=True.')
+  hf = _hf_config(cfg, tokenizer)
   directory = pathlib.Path(directory)
   tmp = directory.with_name(directory.name + '.tmp')
   tmp.mkdir(parents=True, exist_ok=True)
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
   flat = {k: np.asarray(jax.device_get(v), np.float32) for k, v in flat.items()}
-  if cfg.fused_gate_up:
-    gate, up = np.split(flat.pop('layers/mlp/gate_up_proj/kernel'), 2, axis=-1)
-    flat['layers/mlp/gate_proj/kernel'], flat['layers/mlp/up_proj/kernel'] = gate, up
-  tensors = {}
-  for path, (hf_name, kind) in LLAMA.params.items():
-    if path not in flat:
-      continue
-    value = flat.pop(path)
-    values = [value[i] for i in range(cfg.num_layers)] if '{layer}' in hf_name else [value]
-    for i, v in enumerate(values):
-      tensors[hf_name.format(layer=i)] = np.ascontiguousarray(v.T if kind == LINEAR else v)
-  if flat:
-    raise ValueError(f'save_decoder has no checkpoint name for {sorted(flat)}.')
+  tensors = _checkpoint_tensors(flat, NAME_MAPS[hf.model_type], cfg.num_layers)
   safetensors.numpy.save_file(tensors, str(tmp / SAFETENSORS), metadata={'format': 'pt'})
-  hf = transformers.LlamaConfig(
-      vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-      num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims,
-      intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
-      rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-      **({} if cfg.rope_type == 'default' else {'rope_scaling': _rope_scaling(cfg)}),
-      **({} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
-                                           eos_token_id=tokenizer.eos_token_id,
-                                           pad_token_id=tokenizer.pad_token_id)))
-  hf.architectures = ['LlamaForCausalLM']
   hf.to_json_file(str(tmp / CONFIG))
   if tokenizer is not None:
     tokenizer.save_pretrained(str(tmp))
   return swap_in(tmp, directory)
+
+
+def _checkpoint_tensors(flat: dict[str, np.ndarray], names: NameMap,
+                        num_layers: int) -> dict[str, np.ndarray]:
+  """Flax leaves -> transformers' tensors by the name map read backwards (consumes `flat`)."""
+  tensors, pieces = {}, {}
+  for path, (spec, kind) in names.params.items():
+    if path not in flat:
+      continue
+    value = flat.pop(path)
+    if isinstance(spec, Concat):  # equal parts along the leaf's output axis
+      parts = zip(spec.names, np.split(value, len(spec.names), axis=-1))
+    elif isinstance(spec, Split):  # joined below, once every piece is there
+      pieces.setdefault((spec.name, spec.parts), {})[spec.index] = (value, kind)
+      continue
+    else:
+      parts = [(spec, value)]
+    for name, v in parts:
+      tensors.update(_per_layer(name, v, kind, num_layers))
+  for (name, parts), got in pieces.items():
+    if sorted(got) != list(range(parts)):
+      raise ValueError(f'save_decoder has only pieces {sorted(got)} of {name} (of {parts}).')
+    kind = got[0][1]
+    value = np.concatenate([got[i][0] for i in range(parts)], axis=-1)
+    tensors.update(_per_layer(name, value, kind, num_layers))
+  if flat:
+    raise ValueError(f'save_decoder has no checkpoint name for {sorted(flat)}.')
+  return tensors
+
+
+def _per_layer(name: str, value: np.ndarray, kind: str, num_layers: int):
+  values = [value[i] for i in range(num_layers)] if '{layer}' in name else [value]
+  return {name.format(layer=i): np.ascontiguousarray(v.T if kind == LINEAR else v)
+          for i, v in enumerate(values)}
+
+
+def _hf_config(cfg: DecoderConfig, tokenizer=None):
+  """transformers' config of `cfg` (the inverse of hf_configs.decoder_config)."""
+  import transformers
+  ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id,
+                                          eos_token_id=tokenizer.eos_token_id,
+                                          pad_token_id=tokenizer.pad_token_id)
+  if cfg.arch == 'gpt2':
+    hf = transformers.GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.hidden_size,
+        n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.intermediate_size,
+        activation_function=cfg.activation, layer_norm_epsilon=cfg.layer_norm_eps,
+        tie_word_embeddings=True, **ids)
+    hf.architectures = ['GPT2LMHeadModel']
+  elif cfg.arch == 'opt':
+    if cfg.layer_norm_eps != 1e-5:
+      raise ValueError(f'save_decoder writes OPT checkpoints, whose LayerNorms have eps 1e-5; '
+                       f'this decoder has layer_norm_eps={cfg.layer_norm_eps}.')
+    hf = transformers.OPTConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        ffn_dim=cfg.intermediate_size, max_position_embeddings=cfg.max_positions,
+        activation_function=cfg.activation, do_layer_norm_before=cfg.pre_norm,
+        word_embed_proj_dim=cfg.embed_dim or cfg.hidden_size,
+        tie_word_embeddings=cfg.tie_embeddings, **ids)
+    hf.architectures = ['OPTForCausalLM']
+  else:
+    hf = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.kv_heads, head_dim=cfg.dims,
+        intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        **({} if cfg.rope_type == 'default' else {'rope_scaling': _rope_scaling(cfg)}), **ids)
+    hf.architectures = ['LlamaForCausalLM']
+  return hf
 
 
 def swap_in(tmp: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:

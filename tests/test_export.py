@@ -1,8 +1,8 @@
 """PEFT export/import and merged checkpoints, against PyTorch PEFT and transformers.
 
-The base is a tiny random transformers Llama written by save_pretrained; PyTorch PEFT loads
-our exported adapter onto it (and writes the adapters we import), so every parity check has an
-independent reference.
+The bases are tiny random transformers models written by save_pretrained (a Llama here, and
+test_gpt2_opt's GPT-2 and two OPTs); PyTorch PEFT loads our exported adapter onto them (and
+writes the adapters we import), so every parity check has an independent reference.
 """
 
 import functools
@@ -21,8 +21,9 @@ peft_lib = pytest.importorskip('peft')
 
 from cpeft_jax import adaptors, checkpoints, export  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
-from cpeft_jax.models.llama import Decoder  # noqa: E402
+from cpeft_jax.models.decoders import make_decoder  # noqa: E402
 from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
+from test_gpt2_opt import MASK as LMASK, TOKENS as LTOKENS, saved  # noqa: E402,F401
 
 ALL_MODULES = ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
 
@@ -46,25 +47,25 @@ def random_tables(tables, seed, scale=0.2):
   return jax.tree_util.tree_map_with_path(fill, tables)
 
 
-def logits(cfg, params, tables=None, peft=None, context=0):
-  """Our logits on TOKENS with every token in `context` (the base's without `peft`)."""
-  ctx = jnp.full(TOKENS.shape, context, jnp.int32) if peft is not None else None
-  return np.asarray(_apply(cfg, peft, params, tables, ctx))
+def logits(cfg, params, tables=None, peft=None, context=0, tokens=TOKENS, mask=MASK):
+  """Our logits on `tokens` with every token in `context` (the base's without `peft`)."""
+  ctx = jnp.full(tokens.shape, context, jnp.int32) if peft is not None else None
+  return np.asarray(_apply(cfg, peft, params, tables, ctx, jnp.asarray(tokens), mask))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply(cfg, peft, params, tables, ctx):
+def _apply(cfg, peft, params, tables, ctx, tokens, mask):
   variables = {'params': params}
   if tables is not None:
     variables['adaptors'] = tables
-  return Decoder(cfg, peft).apply(variables, jnp.asarray(TOKENS), attention_mask_BL=MASK,
-                                  context_ids_BL=ctx)
+  return make_decoder(cfg, peft).apply(variables, tokens, attention_mask_BL=mask,
+                                       context_ids_BL=ctx)
 
 
-def torch_logits(model):
+def torch_logits(model, tokens=TOKENS, mask=MASK):
   with torch.no_grad():
-    return model(input_ids=torch.tensor(TOKENS),
-                 attention_mask=torch.tensor(MASK.astype(np.int64))).logits.float().numpy()
+    return model(input_ids=torch.tensor(tokens),
+                 attention_mask=torch.tensor(mask.astype(np.int64))).logits.float().numpy()
 
 
 @pytest.fixture(scope='module')
@@ -236,12 +237,6 @@ def test_what_cannot_be_expressed_is_an_error(base, tmp_path):
     export.export_peft(tmp_path, tables, base.cfg, peft)
   with pytest.raises(ValueError, match=r'BitFit on attn/\w+ cannot be merged'):
     export.merged_params(base.params, tables, base.cfg, peft)
-  if hasattr(base.cfg, 'arch'):
-    import dataclasses
-    opt = dataclasses.replace(base.cfg, arch='opt', activation='gelu', num_kv_heads=None)
-    with pytest.raises(ValueError, match=r"export_peft knows the Llama family's module names; "
-                       r"this decoder has arch='opt'"):
-      export.export_peft(tmp_path, tables, opt, peft)
 
 
 def test_command_line_conversions_round_trip(base, exported, tmp_path):
@@ -261,3 +256,126 @@ def test_command_line_conversions_round_trip(base, exported, tmp_path):
                              atol=1e-4)
   with pytest.raises(ValueError, match='exactly one source'):
     export.convert(str(base.dir), peft_out=str(tmp_path / 'x'))
+
+
+# ----------------------------------------------------------------------------- GPT-2 and OPT
+# `saved` (test_gpt2_opt): a tiny GPT-2, an OPT with project_in/out and a post-norm OPT.
+
+
+def _fresh_hf(saved):
+  """A new transformers model of the base each time: PEFT injects its layers in place."""
+  return type(saved.hf).from_pretrained(saved.dir).eval()
+
+
+def _learned(saved, tables=None, peft=None, context=0):
+  return logits(saved.loaded.config, saved.loaded.params, tables, peft, context, LTOKENS, LMASK)
+
+
+@pytest.mark.parametrize('method, targets, rslora', [('lora', 'q_proj,v_proj', True),
+                                                     ('dora', 'A', False)])
+def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, rslora):
+  """GPT-2's q/k/v LoRAs leave as one c_attn LoRA of rank k*r with a block-diagonal B (k of
+  the 3 adapted: rank 8 for q and v, whose k_proj columns stay zero; 12 for all three)."""
+  cfg = saved.loaded.config
+  peft = PeftConfig(methods=(method,), targets=targets, num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora))
+  tables = random_tables(fresh_tables(cfg, peft), seed=4)
+  export.export_peft(tmp_path, tables, cfg, peft, 1)
+  config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+  if saved.arch == 'gpt2':
+    rank = 8 if targets == 'q_proj,v_proj' else 12
+    assert config['rank_pattern'] == {'c_attn': rank} and config['fan_in_fan_out']
+    names = {'q_proj,v_proj': ['c_attn'], 'A': ['attn.c_proj', 'c_attn']}  # not mlp.c_proj
+  else:
+    assert config['rank_pattern'] == {} and not config['fan_in_fan_out']
+    names = {'q_proj,v_proj': ['q_proj', 'v_proj'], 'A': ['k_proj', 'out_proj', 'q_proj',
+                                                         'v_proj']}
+  assert config['target_modules'] == names[targets]
+  model = peft_lib.PeftModel.from_pretrained(_fresh_hf(saved), tmp_path).eval()
+  want = torch_logits(model, LTOKENS, LMASK)
+  got = _learned(saved, tables, peft, 1)
+  assert np.abs(want - saved.want)[LMASK].max() > 0.05  # the adapter changes the function
+  diff = np.abs(got - want)[LMASK].max()
+  print(f'export parity {saved.arch} ({method}, {targets}, rslora={rslora}): max abs logit '
+        f'diff {diff:.2e}')
+  assert diff <= 1e-4
+  # And back: the block-diagonal c_attn splits into the q/k/v rows it came from.
+  again = export._flat(export.import_peft(tmp_path, fresh_tables(cfg, peft), cfg, peft, 1))
+  for k, v in export._flat(tables).items():
+    np.testing.assert_allclose(again[k][:, 1], v[:, 1], rtol=1e-6, atol=1e-7)
+
+
+def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
+  """PEFT's adapter on every module; GPT-2's rank-r c_attn is q, k, v LoRAs sharing its A (and
+  exported again it is rank r once more: the same tensors as PEFT's)."""
+  from safetensors.numpy import load_file
+  modules = (['c_attn', 'c_proj', 'c_fc'] if saved.arch == 'gpt2' else
+             ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'])
+  torch.manual_seed(0)
+  lora = peft_lib.LoraConfig(r=4, lora_alpha=16, target_modules=modules,
+                             init_lora_weights=False, task_type='CAUSAL_LM')
+  model = peft_lib.get_peft_model(_fresh_hf(saved), lora).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'lora_B' in name:
+        p.normal_(0, 0.3)
+  model.save_pretrained(tmp_path / 'peft')
+  want = torch_logits(model, LTOKENS, LMASK)
+  cfg = saved.loaded.config
+  peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=16.0))
+  tables = export.import_peft(tmp_path / 'peft', fresh_tables(cfg, peft), cfg, peft, 1)
+  diff = np.abs(_learned(saved, tables, peft, 1) - want)[LMASK].max()
+  print(f'import parity {saved.arch}: max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4
+  export.export_peft(tmp_path / 'again', tables, cfg, peft, 1)
+  theirs, ours = (load_file(str(d / export.ADAPTER_WEIGHTS)) for d in (tmp_path / 'peft',
+                                                                        tmp_path / 'again'))
+  assert sorted(ours) == sorted(theirs)
+  for k in theirs:
+    np.testing.assert_array_equal(ours[k], theirs[k])
+
+
+def test_learned_merged_checkpoint_matches_adapted_model(saved, tmp_path):
+  """LoRA + IA3 + BitFit folded into GPT-2 / OPT weights (c_attn re-fused), read by
+  transformers and by our loader."""
+  cfg = saved.loaded.config
+  peft = PeftConfig(methods=('lora', 'ia3', 'bitfit'), targets='all', num_contexts=2,
+                    lora=LoraConfig(rank=4, alpha=8.0))
+  tables = random_tables(fresh_tables(cfg, peft), seed=5)
+  want = _learned(saved, tables, peft, 1)
+  export.save_merged(tmp_path / 'merged', saved.loaded.params, tables, cfg, peft, 1)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged').eval()
+  assert type(hf) is type(saved.hf)
+  diff = np.abs(torch_logits(hf, LTOKENS, LMASK) - want)[LMASK].max()
+  print(f'merged {saved.arch} (lora+ia3+bitfit): max abs logit diff {diff:.2e}')
+  assert diff <= 1e-4
+  assert np.abs(want - saved.want)[LMASK].max() > 0.05
+  assert checkpoints.load_decoder(tmp_path / 'merged', strict=True).config == cfg
+
+
+@pytest.mark.parametrize('saved', ['gpt2'], indirect=True)
+def test_learned_what_does_not_fit_is_an_error(saved, tmp_path):
+  """GPT-2's fused c_attn: what a per-projection model cannot hold is named, nothing changed."""
+  from safetensors.numpy import load_file, save_file
+  cfg = saved.loaded.config
+  qkv = PeftConfig(methods=('lora',), targets='q_proj,k_proj,v_proj', num_contexts=1,
+                   lora=LoraConfig(rank=4, alpha=8.0))
+  export.export_peft(tmp_path / 'qkv', random_tables(fresh_tables(cfg, qkv), seed=6), cfg, qkv)
+  qv = PeftConfig(methods=('lora',), targets='q_proj,v_proj', num_contexts=1,
+                  lora=LoraConfig(rank=4, alpha=8.0))
+  with pytest.raises(ValueError, match=r'(?s)layer 0 attn.c_attn: the adapter changes outputs '
+                     r"of it that the model does not adapt \(it adapts only \['attn/q_proj', "
+                     r"'attn/v_proj'\]\)"):
+    export.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qv), cfg, qv)
+  weights = load_file(str(tmp_path / 'qkv' / export.ADAPTER_WEIGHTS))
+  key = 'base_model.model.transformer.h.1.attn.c_attn.lora_B.weight'
+  weights[key] = np.ones_like(weights[key])  # not block-diagonal: rank 12 for each of q, k, v
+  save_file(weights, str(tmp_path / 'qkv' / export.ADAPTER_WEIGHTS))
+  with pytest.raises(ValueError, match=r'layer 1: attn/k_proj gets a rank-12 update from '
+                     r"attn.c_attn \(12 non-zero columns of lora_B\), more than the model's "
+                     'LoRA rank 4'):
+    export.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qkv), cfg, qkv)
+  dora = PeftConfig(methods=('dora',), targets='q_proj,v_proj', lora=LoraConfig(rank=4))
+  with pytest.raises(ValueError, match=r'DoRA on attn.c_attn covers only some of its outputs'):
+    export.export_peft(tmp_path / 'dora', fresh_tables(cfg, dora), cfg, dora)
