@@ -105,11 +105,11 @@ class CaptionBatches:
     self._check_prompts()
     # Rows are (image, text, task); a caption-only run has today's order of (image, caption).
     if self.train:
-      pairs = [(i, j, t) for t, texts in enumerate(self._texts) for i, pairs in enumerate(texts)
-               for j in range(len(pairs))]
-    else:
-      pairs = [(i, 0, t) for t, texts in enumerate(self._texts) for i, pairs in enumerate(texts)
-               if pairs]
+      pairs = [(i, j, t) for t, texts in enumerate(self._texts) for i, own in enumerate(texts)
+               for j in range(len(own))]
+    else:  # each image's first text of each task
+      pairs = [(i, 0, t) for t, texts in enumerate(self._texts) for i, own in enumerate(texts)
+               if own]
     self._pairs = np.asarray(pairs, np.int64).reshape(-1, 3)[index::count]
     # Every host runs the same number of batches (a collective step waits for all of them):
     # training takes the smallest host share, evaluation pads up to the largest.
