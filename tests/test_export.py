@@ -307,7 +307,8 @@ def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, r
 
 def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
   """PEFT's adapter on every module; GPT-2's rank-r c_attn is q, k, v LoRAs sharing its A (and
-  exported again it is rank r once more: the same tensors as PEFT's)."""
+  exported again it is rank r once more: the same tensors as PEFT's). Then the same through the
+  command line's conversion to a merged checkpoint."""
   from safetensors.numpy import load_file
   modules = (['c_attn', 'c_proj', 'c_fc'] if saved.arch == 'gpt2' else
              ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'])
@@ -334,6 +335,10 @@ def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k])
+  # The command line: PEFT's adapter -> a merged checkpoint that transformers runs as PEFT does.
+  export.convert(str(saved.dir), peft_in=str(tmp_path / 'peft'), merged_out=str(tmp_path / 'hf'))
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
+  assert np.abs(torch_logits(merged, LTOKENS, LMASK) - want)[LMASK].max() <= 1e-4
 
 
 def test_learned_merged_checkpoint_matches_adapted_model(saved, tmp_path):
