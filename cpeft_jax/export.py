@@ -381,6 +381,8 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
         problems.append(f'layer {i} {module}: the adapter changes outputs of it that the model '
                         f'does not adapt (it adapts only {[p.path for p in parts]})')
     for path, got in found.items():
+      if len(got) < len(pieces(path, cfg)):  # a module is missing: already a problem
+        continue
       got.sort(key=lambda g: g[0].ours.start or 0)  # gate before up: our column order
       a_rD = got[0][1]
       if any(not np.array_equal(a, a_rD) for _, a, _, _ in got[1:]):
