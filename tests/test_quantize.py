@@ -1,6 +1,6 @@
 """The quantized frozen base: qwix formats' round-trip bounds, logits against the
-full-precision model, adaptors training on a frozen int4 base, generation, and per-tensor
-checkpoint loading against quantizing the whole tree."""
+full-precision model, adaptors training on a frozen int4 base (decoder and vision tower),
+generation, and per-tensor checkpoint loading against quantizing the whole tree."""
 
 import types
 
@@ -15,12 +15,13 @@ from cpeft_jax import quantize as qz
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import layout
 from cpeft_jax.evaluation import generate as gen
+from cpeft_jax.models.clip import config_from_hf as clip_config
 from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.vision import ViT
 from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 from qwix._src.core import numerics  # NF4's code book, to derive its error bound
-from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder)
 
 DEC = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128, rope_theta=500.0)
@@ -103,18 +104,25 @@ def test_quantized_logits(decoder, fmt):
 
 
 def test_adaptors_train_on_int4_base():
-  """The train step updates the adaptor tables and connector; the int4 leaves never change."""
+  """A VLM with an int4 CLIP tower and an int4 decoder: the train step updates the adaptor
+  tables and connector while the int4 leaves never change, and greedy captions on the quantized
+  base equal those of its dequantized weights. (test_vision loads a tower tensor by tensor.)"""
   N = 4
   b = layout.layout_captions([[5, 6, 7], [8, 9], [10, 11, 12]], num_image_tokens=N, seq_len=10,
                              bos_id=1, eos_id=2, pad_id=0, context_map='modality')
   b['pixels'] = np.asarray(jax.random.uniform(jax.random.key(3), (3, 16, 16, 3)))
-  model = VisionLanguageModel(PatchEncoder(), DEC, PEFT)
+  qcfg = _qcfg('int4', targets='decoder,vision')
+  tower = clip_config(dict(model_type='clip_vision_model', image_size=16, patch_size=8,
+                           hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4))  # drops the class token: N = 4
+  encoder = ViT(tower)
+  model = VisionLanguageModel(encoder, DEC, PEFT)
   v = jax.jit(model.init)(jax.random.key(0), b['pixels'], b['tokens'], b['kinds'],
                           b['context_ids'])
-  v = dict(v, params=qz.quantize_params(v['params'], _qcfg('int4', targets='decoder,vision')))
+  v = dict(v, params=qz.quantize_params(v['params'], qcfg))
   trainable, frozen = state_lib.split(v, 'peft')
   qpaths = qz.quantized_paths(frozen['params'])
-  assert 'encoder/Dense_0/kernel' in qpaths and 'decoder/layers/mlp/down_proj/kernel' in qpaths
+  assert 'encoder/layers/fc1/kernel' in qpaths and 'decoder/layers/mlp/down_proj/kernel' in qpaths
   before = jax.tree.map(np.array, frozen)
   state = state_lib.TrainState.create(trainable, optax.adam(1e-2))
   step = jax.jit(lambda s, f, batch: step_lib.train_step(s, f, batch, jax.random.key(0),
@@ -131,6 +139,9 @@ def test_adaptors_train_on_int4_base():
   same = jax.tree.map(lambda x, y: x.dtype == y.dtype and np.array_equal(x, y), before,
                       jax.tree.map(np.array, frozen))
   assert all(jax.tree.leaves(same))
+  caption = lambda f: np.asarray(gen.generate(
+      model, state_lib.merge(state.trainable, f), b, max_new_tokens=4, eos_id=2, text_context=0))
+  np.testing.assert_array_equal(caption(frozen), caption(qz.dequantize_params(frozen)))
 
 
 def test_per_tensor_loading_matches_quantizing_the_tree(decoder, tmp_path):

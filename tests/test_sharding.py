@@ -57,6 +57,90 @@ def test_one_device_equals_eight_device_mesh(tmp_path):
         np.testing.assert_allclose(a[key], b[key], rtol=2e-4, err_msg=f'{key} at {a["step"]}')
 
 
+QUANTIZED = '''
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import json, types
+import jax, jax.numpy as jnp, numpy as np, optax
+from absl import logging
+from cpeft_jax import quantize as qz
+from cpeft_jax.adaptors import LoraConfig, PeftConfig
+from cpeft_jax.data import layout
+from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
+from cpeft_jax.train import loop, sharding, state as state_lib, step as step_lib
+from test_vlm import PatchEncoder
+logging.set_verbosity(logging.INFO)  # the log line of each replicated scale axis
+dec = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                    intermediate_size=128)
+model = VisionLanguageModel(PatchEncoder(), dec, PeftConfig(
+    methods=('lora', 'bitfit'), num_contexts=2, lora=LoraConfig(rank=4, alpha=4.0)))
+b = layout.layout_captions([[5, 6, 7], [8, 9], [10, 11, 12], [13]], num_image_tokens=4,
+                           seq_len=10, bos_id=1, eos_id=2, pad_id=0, context_map='modality')
+b['pixels'] = np.asarray(jax.random.uniform(jax.random.key(3), (4, 16, 16, 3)))
+b = {{k: b[k] for k in loop.MODEL_KEYS}}
+v = jax.jit(model.init)(jax.random.key(0), b['pixels'], b['tokens'], b['kinds'], b['context_ids'])
+v['params'] = qz.quantize_params(v['params'], qz.QuantConfig(
+    format='int4', block_size=64, targets='decoder,lm_head,embed,vision'))
+trainable, frozen = state_lib.split(v, 'peft')
+tx = optax.adam(1e-2)
+step = lambda s, f, x: step_lib.train_step(s, f, x, jax.random.key(0), apply_fn=apply_fn(model),
+                                           num_contexts=2)
+def losses(run, state, frozen, batch):
+  out = []
+  for _ in range(3):
+    state, m = run(state, frozen, batch)
+    out.append(float(m['loss']))
+  return out, state.trainable
+one = losses(jax.jit(step), state_lib.TrainState.create(trainable, tx), frozen, b)
+exp = types.SimpleNamespace(config={{}}, mesh=sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)))
+placed = loop.place(exp, trainable, frozen, tx)
+run = jax.jit(step, in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh),
+              out_shardings=(placed.state_sh, placed.replicated))
+eight = losses(run, placed.state, placed.frozen, jax.device_put(b, placed.batch_sh))
+shards = {{}}
+for kp, x in jax.tree_util.tree_flatten_with_path(placed.frozen)[0]:
+  path = sharding._path(kp)
+  if '/qarray/' in path:
+    shards[path] = [str(x.sharding.spec), x.addressable_shards[0].data.shape, str(x.dtype)]
+print(json.dumps(dict(one=one[0], eight=eight[0], shards=shards, diff=max(
+    float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one[1]),
+                                                  jax.tree.leaves(eight[1]))))))
+'''
+
+
+def test_quantized_base_trains_sharded_as_unsharded(tmp_path):
+  """An int4 base (decoder projections, LM head, embeddings, vision) on an 8-device mesh: the
+  4-bit values are split as their kernels, the scales along the axes they share with them, and
+  three train steps give the losses and tables of the same steps on one device."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', QUANTIZED.format(
+      root=ROOT, tests=os.path.join(ROOT, 'tests'))], env=env, capture_output=True, text=True,
+      cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  shards, q = res['shards'], 'params/decoder/layers/{}/kernel/qarray/{}'
+  # [layers, d_in, d_out] int4 values and [layers, d_in / 64, d_out] scales.
+  assert shards[q.format('attn/q_proj', 'qvalue')] == ["P(None, 'fsdp', 'tensor')", [2, 32, 32],
+                                                       'int4']
+  assert shards[q.format('mlp/down_proj', 'qvalue')] == ["P(None, 'tensor', 'fsdp')",
+                                                         [2, 64, 32], 'int4']
+  assert shards[q.format('mlp/down_proj', 'scale')] == ["P(None, 'tensor', 'fsdp')", [2, 1, 32],
+                                                        'float32']
+  # One block along q_proj's 64 inputs: that scale axis stays whole, logged as such.
+  assert shards[q.format('attn/q_proj', 'scale')] == ["P(None, None, 'tensor')", [2, 1, 32],
+                                                      'float32']
+  assert 'q_proj/kernel/qarray/scale dim 1 (1) is not divisible by mesh axis fsdp' in out.stderr
+  assert shards['params/decoder/embed_tokens/embedding/qarray/qvalue'][:2] == [
+      "P('tensor', 'fsdp')", [20, 32]]
+  assert shards['params/decoder/lm_head/kernel/qarray/scale'][:2] == ["P(None, 'tensor')",
+                                                                      [1, 20]]
+  assert shards['params/encoder/Dense_0/kernel/qarray/qvalue'][0] == 'P(None, None)'  # vision
+  np.testing.assert_allclose(res['eight'], res['one'], rtol=2e-4)
+  assert res['one'][-1] < res['one'][0] and res['diff'] < 1e-4, res
+
+
 MESH8 = types.SimpleNamespace(shape={'data': 2, 'fsdp': 2, 'tensor': 2})
 
 
@@ -69,6 +153,14 @@ MESH8 = types.SimpleNamespace(shape={'data': 2, 'fsdp': 2, 'tensor': 2})
     ('adaptors/decoder/layers/attn/q_proj/lora_a', (2, 2, 32, 4), (None, None, None, None)),
     ('params/connector/proj/kernel', (96, 32), (None, None)),
     ('opt_state/0/count', (), ()),
+    # A quantized kernel's values and per-block scales follow the kernel; a scale axis of one
+    # block, or of a block count the mesh axis does not divide, stays whole.
+    ('params/decoder/layers/attn/k_proj/kernel/qarray/qvalue', (2, 32, 16),
+     (None, 'fsdp', 'tensor')),
+    ('params/decoder/layers/attn/k_proj/kernel/qarray/scale', (2, 2, 16),
+     (None, 'fsdp', 'tensor')),
+    ('params/decoder/layers/mlp/down_proj/kernel/qarray/scale', (2, 3, 32),
+     (None, None, 'fsdp')),
 ])
 def test_partition_rules(path, shape, spec):
   rules = sharding.parse_rules(None)

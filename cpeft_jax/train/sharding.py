@@ -9,6 +9,13 @@ o/down row-parallel), adaptor tables follow the tensor split of their base kerne
 everything else is replicated. A rule's axes apply to the *trailing* dimensions of a leaf, so
 one rule covers a kernel with or without the scanned layer axis and a table with its leading
 (layer, context) axes. A dimension that its mesh axis does not divide is left replicated.
+
+A quantized frozen leaf (cpeft_jax/quantize.py) is a small pytree under its kernel's path:
+'.../kernel/qarray/qvalue' (the 4/8-bit values, the kernel's shape) and '.../qarray/scale'
+(the kernel's rank, one scale per output channel and per block of the contracted axis). Both
+follow the kernel's rule: the values are split as the kernel would be, and the scales along
+the same axes, which keeps each device's scales beside its values; a scale axis that its mesh
+axis does not divide (one block, or a block count the axis does not divide) is replicated.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the leading (batch) dimension of every input
 DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
+# The parts of a quantized leaf, matched by the rules as the kernel they stand for.
+_QUANTIZED_PART = re.compile(r'/qarray/(qvalue|scale|zero_point)$')
 
 _COL = r'(q|k|v|gate|up|gate_up)_proj'  # column-parallel: output features over 'tensor'
 _ROW = r'(o|down)_proj'  # row-parallel: input features over 'tensor'
@@ -113,9 +122,13 @@ def _path(keys) -> str:
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) -> P:
-  """The PartitionSpec of one leaf: the first matching rule, aligned to the trailing dims."""
+  """The PartitionSpec of one leaf: the first matching rule, aligned to the trailing dims.
+
+  The values and scales of a quantized kernel take the kernel's rule (see the module's doc).
+  """
+  kernel_path = _QUANTIZED_PART.sub('', path)
   for pattern, axes in rules:
-    if pattern.search(path):
+    if pattern.search(kernel_path):
       break
   else:
     return P()
