@@ -59,35 +59,42 @@ def batches(task: str, tok, num: int, seed: int):
   return out.reshape(num, BATCH, SEQ_LEN)
 
 
-def loss_fn(cfg, peft, params, tables, tokens_BL, ctx_BL, pad: int):
-  """Mean next-token cross-entropy over the non-padding targets."""
+def loss_fn(cfg, peft, params, tables, tokens_BL, ctx_BL, pad: int, weight_B=None):
+  """Mean next-token cross-entropy over the non-padding targets (of the examples weighted 1)."""
   variables = {'params': params} | ({'adaptors': tables} if tables is not None else {})
   logits = Decoder(cfg, peft).apply(variables, tokens_BL, context_ids_BL=ctx_BL,
                                     attention_mask_BL=tokens_BL != pad)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens_BL[:, 1:])
   mask = (tokens_BL[:, 1:] != pad).astype(jnp.float32)
+  if weight_B is not None:
+    mask = mask * weight_B[:, None]
   return (ce * mask).sum() / mask.sum()
+
+
+@functools.lru_cache(maxsize=None)
+def trainer(cfg, peft, pad: int):
+  """(optimizer, jitted step) of a plug-in run; runs of the same shapes share one compilation."""
+  tx = optax.adam(1e-2)
+  zeros = jnp.zeros((BATCH, SEQ_LEN), jnp.int32)
+
+  @jax.jit
+  def step(params, tables, opt, tokens):
+    loss, grads = jax.value_and_grad(
+        lambda t: loss_fn(cfg, peft, params, t, tokens, zeros, pad))(tables)
+    updates, opt = tx.update(grads, opt, tables)
+    return optax.apply_updates(tables, updates), opt, loss
+  return tx, step
 
 
 def train_plugin(task, cfg, params, tok, steps, seed) -> plugins.Plugin:
   """One run: a one-context LoRA on `task`; only the tables train (the base is an argument)."""
   peft = PeftConfig(methods=('lora',), targets='AF', lora=LoraConfig(rank=8, alpha=16.0))
   tables = checkpoints.init_adaptors(cfg, peft, seed)
-  pad = tokenizers.special_ids(tok).pad
-  tx = optax.adam(1e-2)
+  tx, step = trainer(cfg, peft, tokenizers.special_ids(tok).pad)
   data = batches(task, tok, steps, seed=seed + 1)
-  zeros = jnp.zeros((BATCH, SEQ_LEN), jnp.int32)
-
-  @jax.jit
-  def step(tables, opt, tokens):
-    loss, grads = jax.value_and_grad(
-        lambda t: loss_fn(cfg, peft, params, t, tokens, zeros, pad))(tables)
-    updates, opt = tx.update(grads, opt, tables)
-    return optax.apply_updates(tables, updates), opt, loss
-
   opt = tx.init(tables)
   for i in range(steps):
-    tables, opt, loss = step(tables, opt, jnp.asarray(data[i]))
+    tables, opt, loss = step(params, tables, opt, jnp.asarray(data[i]))
     if (i + 1) % 100 == 0:
       print(f'  {task}: step {i + 1} loss {float(loss):.3f}')
   return plugins.extract(tables, peft, 0, {'decoder': plugins.fingerprint(params, cfg)},
@@ -122,21 +129,24 @@ def main(argv):
   evals = {task: jnp.asarray(batches(task, tok, 1, seed=FLAGS.seed + 100 + i)[0])
            for i, task in enumerate(TASKS)}
   zeros = jnp.zeros((BATCH, SEQ_LEN), jnp.int32)
-  loss = functools.partial(loss_fn, base.config)
-  rows = {'base alone': [float(loss(None, base.params, None, evals[t], zeros, pad))
+  loss = jax.jit(functools.partial(loss_fn, base.config), static_argnums=(0, 5))
+  ones = jnp.ones(BATCH)
+  rows = {'base alone': [float(loss(None, base.params, None, evals[t], zeros, pad, ones))
                          for t in TASKS]}
   for p in loaded:
     rows[f'{p.name} plug-in alone'] = [
-        float(loss(p.peft, base.params, p.tables, evals[t], zeros, pad)) for t in TASKS]
-  # One mixed batch: half caption examples (context 0), half QA examples (context 1).
+        float(loss(p.peft, base.params, p.tables, evals[t], zeros, pad, ones)) for t in TASKS]
+  # One mixed batch: half caption examples (context 0), half QA examples (context 1). Every
+  # loss is over the whole batch's shape, the halves picked by weights (one compilation each).
   half = BATCH // 2
   mixed = jnp.concatenate([evals['caption'][:half], evals['qa'][:half]])
   ctx = jnp.asarray(contexts.task_contexts(['caption'] * half + ['qa'] * half, SEQ_LEN,
                                            {'caption': 0, 'qa': 1}))
-  per_task = [float(loss(peft, base.params, tables, mixed[s], ctx[s], pad))
-              for s in (slice(0, half), slice(half, None))]
-  full = [float(loss(p.peft, base.params, p.tables, mixed[s], zeros[s], pad))
-          for p, s in zip(loaded, (slice(0, half), slice(half, None)))]
+  halves = [jnp.asarray(np.arange(BATCH) < half, jnp.float32),
+            jnp.asarray(np.arange(BATCH) >= half, jnp.float32)]
+  per_task = [float(loss(peft, base.params, tables, mixed, ctx, pad, w)) for w in halves]
+  full = [float(loss(p.peft, base.params, p.tables, mixed, zeros, pad, w))
+          for p, w in zip(loaded, halves)]
   print(f'\nvalidation loss per task      {TASKS[0]:>9} {TASKS[1]:>9}')
   for name, values in rows.items():
     print(f'{name:<29} {values[0]:9.3f} {values[1]:9.3f}')
