@@ -1,18 +1,26 @@
 """The quantized frozen base against the bf16 base: parameter memory, train-step time, loss.
 
-    python -m bench.quantize                      # memory + step time, the paper's LLM shape
-    python -m bench.quantize --shape=small        # a quick run
-    python -m bench.quantize --demo --demo_dir=/tmp/qdemo   # + short demo trainings (minutes)
+One command reports all three for the paper's LLM shape (configs/paper_llm150m.py's decoder):
+
+    python -m bench.quantize                      # memory + step time + demo losses (minutes)
+    python -m bench.quantize --shape=small --steps=1 --rounds=1 --seq=32 \
+        --demo_args=contexts=modality,epochs=1,num_train=40,pretrain_epochs=1 \
+        --demo_overrides=optim.warmup_steps=2   # the smallest settings: checks that it runs
+    python -m bench.quantize --nodemo --notime_steps   # memory only (shapes, seconds)
 
 memory: bytes of the decoder's 'params' tree from shapes and dtypes (jax.eval_shape, nothing
-  materialised): the bf16 base against int8/int4/NF4 bases with per-block (64) scales, first
-  with the block projections quantized (embeddings and LM head in bf16, as PEFT's QLoRA
-  leaves them), then with the LM head and input embeddings quantized too.
+  materialised): the bf16 base against int8/int4/NF4 bases with per-block (64) and
+  per-channel scales (float32), first with the block projections quantized (embeddings and LM
+  head in bf16, as PEFT's QLoRA leaves them), then with the LM head and input embeddings
+  quantized too; 4-bit values count as packed (half a byte). The issue's goal (int4 at most
+  0.35x bf16) is checked on the fully quantized int4 base.
 step: one jitted train step (forward, backward for the LoRA tables only, Adam update) of the
-  decoder with context-specific LoRA r=64 on attention and feed-forward, bf16 compute; the
-  cases' timed blocks alternate so that load drifts hit all alike; medians, with the load.
-demo: configs/demo.py:contexts=modality trained the same short way on a bf16 base and on an
-  int4 base (the same stage-0 decoder for both); the final validation loss of each.
+  decoder with context-specific LoRA r=64 on attention and feed-forward, bf16 compute, on the
+  bf16 base and on each of --formats (per-block 64 scales); the cases' timed blocks alternate
+  so that load drifts hit all alike; medians, with the load average. Time it on a quiet machine.
+demo: configs/demo.py (--demo_args) trained the same short way on a bf16 base and on a base in
+  each of --demo_formats (the very same stage-0 decoder for all); the best validation loss and
+  perplexity of each, and the difference to bf16.
 Not a test: nothing asserts a time.
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,9 +57,13 @@ flags.DEFINE_integer('seq', 128, 'Sequence length of the timed train step.')
 flags.DEFINE_integer('rank', 64, 'LoRA rank.')
 flags.DEFINE_integer('steps', 3, 'Timed steps per block.')
 flags.DEFINE_integer('rounds', 3, 'Rounds of blocks (each case once per round).')
-flags.DEFINE_list('formats', ['int8', 'int4'], 'Quantized bases to time against bf16.')
+flags.DEFINE_list('formats', ['int8', 'int4', 'nf4'], 'Quantized bases to time against bf16.')
 flags.DEFINE_bool('time_steps', True, 'Time the train step.')
-flags.DEFINE_bool('demo', False, 'Also train the demo on a bf16 and an int4 base.')
+flags.DEFINE_bool('demo', True, 'Also train the demo on a bf16 base and on --demo_formats.')
+flags.DEFINE_list('demo_formats', ['int4'], 'Quantized bases of the demo trainings.')
+flags.DEFINE_string('demo_targets', 'decoder', 'quantize.targets of the demo trainings.')
+flags.DEFINE_list('demo_overrides', [], 'Config overrides of all demo trainings, e.g. '
+                  'optim.warmup_steps=2 (passed to train.py as --config.KEY=VALUE).')
 flags.DEFINE_string('demo_dir', '/tmp/bench_quantize_demo', 'Workdirs of the demo runs.')
 flags.DEFINE_string('demo_args', 'contexts=modality,epochs=2,num_train=300,pretrain_epochs=2',
                     'configs/demo.py arguments of both demo runs.')
@@ -151,22 +164,27 @@ def step_times():
 
 
 def demo_losses():
-  """Final validation loss of the same short demo training on a bf16 and an int4 base."""
+  """{name: (best validation loss, perplexity, seconds)} of the same short demo training on a
+  bf16 base and on each quantized base of --demo_formats."""
   out = {}
   base_lm = os.path.join(FLAGS.demo_dir, 'bf16', 'base_lm')
   data = os.path.join(FLAGS.demo_dir, 'tfds')
-  for name, fmt in (('bf16', ''), ('int4', 'int4')):
+  for fmt in ['', *FLAGS.demo_formats]:
+    name = fmt or 'bf16'
     args = [sys.executable, 'train.py', f'--config=configs/demo.py:{FLAGS.demo_args}',
             f'--workdir={os.path.join(FLAGS.demo_dir, name)}', f'--config.data.data_dir={data}',
-            '--config.model.dtype=bfloat16', f'--config.quantize.format={fmt}']
-    if name != 'bf16':  # the very same stage-0 decoder as the bf16 run
+            '--config.model.dtype=bfloat16', f'--config.quantize.format={fmt}',
+            f'--config.quantize.targets={FLAGS.demo_targets}',
+            *(f'--config.{o}' for o in FLAGS.demo_overrides)]
+    if fmt:  # the very same stage-0 decoder as the bf16 run
       args.append(f'--config.text_model={base_lm}')
     t0 = time.time()
     res = subprocess.run(args, capture_output=True, text=True)
     if res.returncode:
       raise RuntimeError(f'{" ".join(args)} failed:\n{res.stderr[-3000:]}')
     line = [s for s in res.stdout.splitlines() if s.startswith('best validation loss')][-1]
-    out[name] = (line, time.time() - t0)
+    loss, ppl = re.search(r'best validation loss ([\d.]+), perplexity ([\d.]+)', line).groups()
+    out[name] = (float(loss), float(ppl), time.time() - t0)
   return out
 
 
@@ -176,8 +194,12 @@ def main(argv):
         f'jax {jax.__version__} on {jax.default_backend()}; load average at start '
         f'{os.getloadavg()}')
   print(f'\nparameter memory of the decoder, shape {FLAGS.shape} ({SHAPES[FLAGS.shape]}):')
-  for name, (n, ratio) in memory().items():
+  mem = memory()
+  for name, (n, ratio) in mem.items():
     print(f'  {name:42s} {n / 2**20:9.1f} MiB  {ratio:.3f}x bf16')
+  ratio = mem['int4/block64 [decoder,lm_head,embed]'][1]
+  print(f'  goal int4 <= 0.35x bf16: {"met" if ratio <= 0.35 else "missed"} ({ratio:.3f}x, '
+        'everything but norms quantized, block 64)')
   if FLAGS.time_steps:
     print(f'\ntrain step (LoRA r={FLAGS.rank} AF, 2 contexts, bf16 compute), batch '
           f'{FLAGS.batch} x seq {FLAGS.seq}:')
@@ -186,9 +208,11 @@ def main(argv):
       print(f'  {name:6s} median {t * 1e3:9.1f} ms/step  ({t / med["bf16"]:.3f}x bf16)')
     print(f'  load average at the end {os.getloadavg()}')
   if FLAGS.demo:
-    print(f'\ndemo ({FLAGS.demo_args}), bf16 compute:')
-    for name, (line, secs) in demo_losses().items():
-      print(f'  {name:5s} base: {line} ({secs:.0f} s)')
+    print(f'\ndemo ({FLAGS.demo_args}), bf16 compute, quantize.targets={FLAGS.demo_targets}:')
+    losses = demo_losses()
+    for name, (loss, ppl, secs) in losses.items():
+      print(f'  {name:5s} base: best validation loss {loss:.4f} ({loss - losses["bf16"][0]:+.4f} '
+            f'vs bf16), perplexity {ppl:.3f} ({secs:.0f} s)')
 
 
 if __name__ == '__main__':
