@@ -3,8 +3,11 @@
 `QuantConfig` names a format (int8, int4 or NF4), per-channel or per-block scales and which
 frozen leaves to quantize; `quantize_params` turns a 'params' tree into one whose selected
 leaves are quantized, and `leaf_quantizer` does the same one leaf at a time while a checkpoint
-loads (`checkpoints.load_params(..., leaf_fn=...)`), so no full-precision copy of the whole
-model is ever held. Quantization, dequantization and the matmul are qwix's.
+loads (`checkpoints.load_params(..., leaf_fn=leaf_quantizer(qcfg))` for the decoder,
+`vision_checkpoints.load_vision(..., leaf_fn=leaf_quantizer(qcfg, 'encoder/'))` for the vision
+tower), so no full-precision copy of the whole model is ever held. Quantization,
+dequantization and the matmul are qwix's. On a mesh, a quantized leaf's values and scales
+follow its kernel's partition rule (train/sharding.py).
 
 The model code does not change: a quantized leaf sits where the array was and behaves like it.
   QuantizedKernel   a ContextDense kernel. `x @ kernel.astype(dtype)` runs qwix.dot_general

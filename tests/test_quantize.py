@@ -187,6 +187,10 @@ def test_errors_at_the_boundary():
   with pytest.raises(ValueError, match=r'axis 1 \(48\) is not a multiple of quantize.block_'):
     qz.quantize_leaf(np.zeros((2, 48, 8), np.float32), 'decoder/layers/mlp/up_proj/kernel',
                      qz.QuantConfig(format='int8', block_size=32))
+  with pytest.raises(ValueError, match=r'encoder/stages_0/blocks_0/attn/key/kernel has shape '
+                                       r'\(96, 96\): its axis 0 \(96\) is not a multiple'):
+    qz.leaf_quantizer(qz.QuantConfig(format='int4', targets='vision'), 'encoder/')(
+        'stages_0/blocks_0/attn/key/kernel', np.zeros((96, 96), np.float32))  # Swin-tiny's width
   dora = types.SimpleNamespace(methods=('dora',))  # a PeftConfig's methods, as union
   with pytest.raises(ValueError, match='DoRA'):
     qz.check_peft(qz.QuantConfig(format='int4'), dora)
