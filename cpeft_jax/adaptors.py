@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -456,6 +457,58 @@ def route(context_ids, peft: PeftConfig) -> Routing:
 # ----------------------------------------------------------------------------- grouped math
 
 
+def matmul(x, w):
+  """x [..., D] @ w [D, E] in x's dtype.
+
+  Low-precision operands (bf16) accumulate in float32 and round once at the end, forward and
+  backward: that is what every backend's bf16 kernels compute, and on XLA:CPU it is also the
+  fast path (a bf16 x bf16 -> bf16 dot, or the float32 dot that autodiff's transpose of a
+  mixed-precision dot becomes, runs about 2x slower there; see bench/). `w` may be a quantized
+  kernel (quantize.QuantizedKernel), which multiplies through `@`.
+  """
+  if x.dtype == jnp.float32 or not isinstance(w, jax.Array | np.ndarray):
+    return x @ w
+  return _lowp_matmul(x, w.astype(x.dtype), x.dtype)
+
+
+def matmul_f32(x, w):
+  """x @ w with a float32 result straight from the accumulator (e.g. the LM head's logits)."""
+  if x.dtype == jnp.float32:
+    return x @ w.astype(jnp.float32)
+  return _lowp_matmul(x, w.astype(x.dtype), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lowp_matmul(x, w, out_dtype):
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _lowp_matmul_fwd(x, w, out_dtype):
+  return _lowp_matmul(x, w, out_dtype), (x, w)
+
+
+def _lowp_matmul_bwd(out_dtype, res, g):
+  x, w = res
+  g = g.astype(x.dtype)  # cotangents in the compute dtype, as autocast's backward has them
+  dx = jnp.matmul(g, _transposed(w), preferred_element_type=jnp.float32).astype(x.dtype)
+  x_TD, g_TE = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dw = jnp.matmul(_transposed(x_TD), g_TE, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw  # dw of a frozen kernel is never used, and XLA drops its dot
+
+
+def _transposed(a_MN):
+  """a.T (the last two axes swapped), laid out row-major on XLA:CPU. There a bf16 dot with a
+  transposed operand (which XLA folds a plain `.T` into) runs as a float32 dot at half the
+  speed of a row-major one, more than the transpose costs (bench/); elsewhere it is free."""
+  t = jnp.swapaxes(a_MN, -1, -2)
+  if jax.default_backend() != 'cpu':
+    return t
+  return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
 def _select(table_RD, routing: Routing, dtype, fill: float):
   """Per-token row of a vector table: [T, D]; `fill` for tokens without an adaptor."""
   R = routing.num_rows
@@ -540,13 +593,14 @@ def lora_delta(x_TD, a_RDr, b_RrE, routing: Routing):
   R = routing.num_rows
   row_T = routing.row_T
   if routing.strategy == 'dense':
-    h_Tr = x_TD @ a_RDr[0]
+    h_Tr = matmul(x_TD, a_RDr[0])
     h_Tr = jnp.where((row_T == 0)[:, None], h_Tr, 0)
-    return h_Tr @ b_RrE[0]
+    return matmul(h_Tr, b_RrE[0])
   if routing.strategy == 'onehot':
     onehot_TR = jax.nn.one_hot(row_T, R, dtype=x_TD.dtype)
-    h_TRr = jnp.einsum('td,cdr->tcr', x_TD, a_RDr) * onehot_TR[:, :, None]
-    return jnp.einsum('tcr,cre->te', h_TRr, b_RrE)
+    (T, D), (_, r, E) = x_TD.shape, b_RrE.shape
+    h_TRr = matmul(x_TD, a_RDr.transpose(1, 0, 2).reshape(D, R * r)).reshape(T, R, r)
+    return matmul((h_TRr * onehot_TR[:, :, None]).reshape(T, R * r), b_RrE.reshape(R * r, E))
   if routing.strategy == 'grouped':
     n_tiles = routing.tile_row_N.shape[0]
     tile = routing.token_P.shape[0] // n_tiles
@@ -656,7 +710,7 @@ class ContextDense(nn.Module):
             if self.use_bias else None)
     x = x.astype(dtype)
     if self.peft is None or not self.adapt.any:
-      y = x @ kernel.astype(dtype)
+      y = matmul(x, kernel.astype(dtype))
       return y if bias is None else y + bias.astype(dtype)
 
     peft, adapt, R = self.peft, self.adapt, self.peft.num_rows
@@ -674,14 +728,14 @@ class ContextDense(nn.Module):
       s_RD = _mask_rows(table('ia3', nn.initializers.ones, (R, d_in)),
                         adapt.rows_with('ia3', peft), 1.0)
       xb_TD = x_TD * _select(s_RD, routing, dtype, 1.0)
-    y_TE = xb_TD @ kernel.astype(dtype)
+    y_TE = matmul(xb_TD, kernel.astype(dtype))
     delta_TE = None
     if adapt.dora:  # g * (x W + s x A B), the bias left out as in PEFT
       delta_TE, g_TE, xl_TD = self._low_rank(x_TD, kernel, routing, table, uniform)
       if xl_TD is x_TD:
         y_TE = y_TE * g_TE
       else:  # PEFT recomputes the base on the dropped-out input: x W + (g - 1) x_d W
-        y_TE = y_TE + (g_TE - 1) * (xl_TD @ kernel.astype(dtype))
+        y_TE = y_TE + (g_TE - 1) * (matmul(xl_TD, kernel.astype(dtype)))
       delta_TE = delta_TE * g_TE
     if bias is not None:
       y_TE = y_TE + bias.astype(dtype)

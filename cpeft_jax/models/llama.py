@@ -67,6 +67,10 @@ class DecoderConfig:
   fused_gate_up: bool = False
   residual_dropout: float = 0.0
   remat: bool = False
+  # Layers as straight-line code (their parameters still stacked [num_layers, ...]): on XLA:CPU
+  # a layer loop round-trips its bf16 values through float32, which costs more than the longer
+  # compile (bench/: 12 layers, paper shape, 1.3x faster train step, 30% less memory).
+  unroll_layers: bool = True
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   rope_type: str = 'default'
@@ -342,6 +346,20 @@ class DenseMlp(_Sub):
     return self.dense(down, cfg.hidden_size, True)(h, routing)
 
 
+class Head(nn.Module):
+  """The untied LM head (params `kernel` [D, V], as nn.Dense): float32 logits straight from the
+  accumulator of a compute-dtype matmul (adaptors.matmul_f32), which the loss wants anyway."""
+  features: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BLD):
+    kernel = self.param('kernel', nn.initializers.normal(0.02), (x_BLD.shape[-1], self.features),
+                        self.param_dtype)
+    return adaptors.matmul_f32(x_BLD.astype(self.dtype), kernel)
+
+
 def make_norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
   """Llama's RMSNorm, or the LayerNorm (scale, bias) of GPT-2 and OPT."""
   if cfg.arch == 'llama':
@@ -408,12 +426,11 @@ class Decoder(nn.Module):
     self.layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
-        length=cfg.num_layers)(cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
+        length=cfg.num_layers, unroll=cfg.num_layers if cfg.unroll_layers else 1)(
+            cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
     self.norm = make_norm(cfg) if cfg.pre_norm else None
     if not cfg.tie_embeddings:
-      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=DTYPES[cfg.dtype],
-                              param_dtype=DTYPES[cfg.param_dtype],
-                              kernel_init=nn.initializers.normal(0.02))
+      self.lm_head = Head(cfg.vocab_size, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype])
 
   @property
   def num_contexts(self) -> int:
@@ -515,7 +532,7 @@ class Decoder(nn.Module):
     if return_hidden:
       return x_BLD
     if self.cfg.tie_embeddings:
-      logits = x_BLD @ self.embed_tokens.embedding.astype(x_BLD.dtype).T
+      logits = adaptors.matmul_f32(x_BLD, self.embed_tokens.embedding.astype(x_BLD.dtype).T)
     else:
       logits = self.lm_head(x_BLD)
     return logits.astype(jnp.float32)

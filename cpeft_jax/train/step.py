@@ -91,7 +91,10 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
 
   zeros = jax.tree.map(jnp.zeros_like, state.trainable)
   init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((C,)), jnp.zeros((C,)))
-  (g, s, n, s_C, n_C), _ = jax.lax.scan(body, init, (micro, rngs))
+  if micro_steps == 1:  # no loop: XLA:CPU round-trips a loop's bf16 values through float32
+    (g, s, n, s_C, n_C), _ = body(init, jax.tree.map(lambda x: x[0], (micro, rngs)))
+  else:
+    (g, s, n, s_C, n_C), _ = jax.lax.scan(body, init, (micro, rngs))
   n = jnp.maximum(n, 1.0)
   grads = jax.tree.map(lambda x: x / n, g)
   new_state = state.apply_gradients(grads)
