@@ -45,8 +45,9 @@ ROW_AXIS = {'lora_a': -3, 'lora_b': -3, 'ia3': -2, 'bitfit': -2, 'dora_m': -2}
 LEAF_METHODS = {'lora_a': ('lora', 'dora'), 'lora_b': ('lora', 'dora'), 'ia3': ('ia3',),
                 'bitfit': ('bitfit',), 'dora_m': ('dora',)}
 _SAMPLES = 8  # values sampled per base tensor for the fingerprint
-# Config fields that do not change what the base computes (precision, memory, regularisation).
-_NOT_ARCHITECTURE = ('dtype', 'param_dtype', 'remat', 'residual_dropout')
+# Config fields that do not change what the base computes (precision, memory, regularisation,
+# how the layers are laid out for the compiler).
+_NOT_ARCHITECTURE = ('dtype', 'param_dtype', 'remat', 'residual_dropout', 'unroll_layers')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,13 +66,17 @@ class Plugin:
 def fingerprint(params, config=None) -> dict[str, Any]:
   """What identifies a frozen base: its architecture and a few statistics of every tensor.
 
-  'config' hashes the config dataclass (precision and memory fields left out); 'tensors' holds,
-  per leaf path, its shape, mean, rms and a few strided values. Statistics (not byte hashes)
-  so that the same base loaded in bfloat16 or float32 still matches.
+  'config' hashes the config dataclass (precision and memory fields left out, and fields at
+  their default, so that a field added to the class later keeps old plug-ins valid);
+  'tensors' holds, per leaf path, its shape, mean, rms and a few strided values. Statistics
+  (not byte hashes) so that the same base loaded in bfloat16 or float32 still matches.
   """
   arch = None
   if config is not None:
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_ARCHITECTURE}
+    defaults = {f.name: f.default for f in dataclasses.fields(config)
+                if f.default is not dataclasses.MISSING}
+    fields = {k: v for k, v in dataclasses.asdict(config).items()
+              if k not in _NOT_ARCHITECTURE and not (k in defaults and v == defaults[k])}
     arch = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
   stats = jax.device_get(_stats(flat))  # one compiled call for the whole tree
@@ -396,21 +401,37 @@ def from_workdir(workdir: str, context: int, *, checkpoint: str = 'best', name: 
   or a directory saved like DIR/best), with the fingerprints of the decoder, encoder and
   connector the run used. The model is rebuilt from DIR/config.json as evaluation rebuilds it.
   """
+  return from_run(restore_run(workdir, checkpoint), context, name=name, meta=meta)
+
+
+def restore_run(workdir: str, checkpoint: str = 'best'):
+  """A training run rebuilt from DIR/config.json with its `checkpoint` weights
+  (evaluation.perplexity.Restored), to take one or more plug-ins from."""
   import ml_collections
   from cpeft_jax.evaluation import perplexity
   path = os.path.join(workdir, 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir.')
   config = ml_collections.ConfigDict(json.loads(pathlib.Path(path).read_text()))
-  r = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=path)
+  restored = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=path)
+  restored.workdir = os.path.abspath(workdir)
+  return restored
+
+
+def from_run(r, context: int, *, name: str = '', meta: Mapping[str, Any] | None = None) -> Plugin:
+  """Context `context`'s plug-in of a run restored by `restore_run`."""
+  config = r.exp.config
   tables = r.trainable.get('adaptors')
   if not tables:
-    raise ValueError(f'The run in {workdir} trained no adaptor tables (peft.methods='
+    raise ValueError(f'The run in {r.workdir} trained no adaptor tables (peft.methods='
                      f'{r.exp.model.peft.methods}, train.mode={config.train.mode!r}).')
   params = r.variables['params']
   bases = model_bases(params, r.exp.model.decoder_cfg, getattr(r.exp.model.encoder, 'cfg', None))
-  info = {'workdir': os.path.abspath(workdir), 'checkpoint': r.ckpt.kind, 'step': r.ckpt.step,
-          'context': context, 'context_map': config.data.get('context_map'),
+  context_map = config.data.get('context_map')
+  if hasattr(context_map, 'to_dict'):  # rules as a ConfigDict
+    context_map = context_map.to_dict()
+  info = {'workdir': r.workdir, 'checkpoint': r.ckpt.kind, 'step': r.ckpt.step,
+          'context': context, 'context_map': context_map,
           **dict(meta or {})}
   return extract(tables, r.exp.model.peft, context, bases, name=name, meta=info)
 

@@ -105,6 +105,7 @@ def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, asse
 
 def test_finetune_keeps_frozen_plugin_rows_bit_identical(recipe, assembled):
   config = recipe.config('assemble', freeze='caption')
+  config.train.plugins = True  # and write each context's plug-in of the result
   out = loop.train_and_evaluate(config, recipe.dir('vqa'))
   assert out['steps'] > 0 and np.isfinite(out['val_loss'])
   with ocp.StandardCheckpointer() as ckpt:
@@ -121,6 +122,11 @@ def test_finetune_keeps_frozen_plugin_rows_bit_identical(recipe, assembled):
       else:
         moved.append(not np.array_equal(now, np.asarray(row)))
   assert any(moved)  # the QA rows did train
+  written = {t: plugins.load(os.path.join(recipe.dir('vqa'), 'plugins', str(c)))
+             for c, t in enumerate(('caption', 'qa'))}
+  jax.tree.map(np.testing.assert_array_equal, written['caption'].tables,
+               plugged['caption'].tables)
+  assert written['qa'].peft == plugged['qa'].peft and written['qa'].meta['step'] == out['steps']
   # The connector is part of the plug-ins' base: still the one they were trained with.
   jax.tree.map(np.testing.assert_array_equal, best['params']['connector'],
                assembled[0].variables['params']['connector'])

@@ -244,7 +244,7 @@ def optimizer(config: ml_collections.ConfigDict, optim: state_lib.OptimConfig,
   tx = state_lib.optimizer(optim)
   frozen = tuple(int(c) for c in config.train.get('freeze_contexts') or ())
   if frozen:
-    rows = peft.rows if peft.methods else ()
+    rows = _adapted(peft)
     unknown = sorted(set(frozen) - set(rows))
     if unknown:
       raise ValueError(f'train.freeze_contexts={frozen}: contexts {unknown} have no adaptor rows '
@@ -452,9 +452,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
       logging.error('Export to %s/export failed (%s); retry with python -m '
                     'cpeft_jax.train.export --workdir=%s', workdir, e, workdir)
+  if lead and config.train.get('plugins') and meta['best_val_loss'] is not None:
+    write_plugins(workdir, exp.model.peft)
   best = meta['best_val_loss']
   return {'val_loss': best, 'val_ppl': math.exp(best) if best is not None else float('nan'),
           'steps': int(jax.device_get(state.step))}
+
+
+def _adapted(peft: adaptors.PeftConfig) -> tuple[int, ...]:
+  """The contexts that have an adaptor group (some method in their spec)."""
+  return tuple(c for c, spec in zip(peft.rows, peft.row_specs) if spec.methods)
+
+
+def write_plugins(workdir: str, peft: adaptors.PeftConfig) -> list[str]:
+  """train.plugins: every adapted context's plug-in of the best weights, DIR/plugins/<context>
+  (as `python -m cpeft_jax.plugins --workdir=DIR --context=N` writes it)."""
+  run = plugins.restore_run(workdir)
+  out = []
+  for c in _adapted(peft):
+    out.append(str(plugins.save(os.path.join(workdir, 'plugins', str(c)),
+                                plugins.from_run(run, c, name=f'context {c}'))))
+  logging.info('plug-ins of the best weights: %s', out)
+  return out
 
 
 @dataclasses.dataclass
