@@ -79,9 +79,13 @@ b = layout.layout_captions([[5, 6, 7], [8, 9], [10, 11, 12], [13]], num_image_to
                            seq_len=10, bos_id=1, eos_id=2, pad_id=0, context_map='modality')
 b['pixels'] = np.asarray(jax.random.uniform(jax.random.key(3), (4, 16, 16, 3)))
 b = {{k: b[k] for k in loop.MODEL_KEYS}}
-v = jax.jit(model.init)(jax.random.key(0), b['pixels'], b['tokens'], b['kinds'], b['context_ids'])
-v['params'] = qz.quantize_params(v['params'], qz.QuantConfig(
-    format='int4', block_size=64, targets='decoder,lm_head,embed,vision'))
+shapes = jax.eval_shape(model.init, jax.random.key(0), b['pixels'], b['tokens'], b['kinds'],
+                        b['context_ids'])
+rng = np.random.default_rng(0)  # random values (norm scales near 1): no init to compile
+v = jax.tree_util.tree_map_with_path(lambda kp, s: jnp.asarray(
+    sharding._path(kp).endswith('/scale') + 0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+qcfg = qz.QuantConfig(format='int4', block_size=64, targets='decoder,lm_head,embed,vision')
+v['params'] = jax.jit(lambda p: qz.quantize_params(p, qcfg))(v['params'])
 trainable, frozen = state_lib.split(v, 'peft')
 tx = optax.adam(1e-2)
 step = lambda s, f, x: step_lib.train_step(s, f, x, jax.random.key(0), apply_fn=apply_fn(model),
