@@ -54,7 +54,6 @@ def get_config(arg=None):
   c = demo.get_config(f'contexts=agnostic,method={a.method},rank={a.rank},epochs={epochs},'
                       f'num_train={a.num_train},pretrain_epochs={a.pretrain_epochs}')
   c.seed = a.seed  # one seed for every stage: it initialises the shared encoder and connector
-  c.data.seq_len = 88  # BOS + 64 image tokens + up to 22 text tokens + EOS
   c.data.tasks = TASKS if a.stage == 'assemble' else (a.stage,)
   c.pretrain.tasks = TASKS  # the shared base and its vocabulary cover both tasks' texts
   c.train.freeze_connector = True

@@ -108,7 +108,8 @@ def main(argv):
   tok = tokenizers.word_level([example(t, rng) for t in TASKS for _ in range(2000)])
   cfg = DecoderConfig(vocab_size=len(tok), hidden_size=64, num_layers=2, num_heads=4,
                       intermediate_size=128)
-  params = Decoder(cfg).init(jax.random.key(FLAGS.seed), jnp.zeros((1, 1), jnp.int32))['params']
+  init = jax.jit(Decoder(cfg).init)  # one compilation, not one per operation
+  params = init(jax.random.key(FLAGS.seed), jnp.zeros((1, 1), jnp.int32))['params']
   # A random base stands in for a pre-trained one. Its output head is scaled up: after the final
   # RMSNorm, logits are bounded by the head's norm, and at init scale (std 0.02) they could
   # never be confident, whatever the adaptors learn.

@@ -20,15 +20,16 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo_vqa  # noqa: E402
-from cpeft_jax import checkpoints, plugins  # noqa: E402
+from cpeft_jax import checkpoints, configlib, plugins  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.evaluation import perplexity  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
+from cpeft_jax.models.llama import Decoder  # noqa: E402
 from cpeft_jax.train import loop  # noqa: E402
 
 
 def tiny(arg):
-  c = demo_vqa.get_config(f'{arg},num_train=16,pretrain_epochs=1,rank=4,epochs=1')
+  c = demo_vqa.get_config(f'{arg},num_train=16,rank=4,epochs=1')
   c.data.demo.num_validation = 8
   c.data.seq_len = 48  # BOS + 16 image tokens + text + EOS
   c.vision.patch_size = 16
@@ -54,9 +55,20 @@ class Recipe:
     return tiny(','.join([f'stage={stage}'] + [f'{k}={v}' for k, v in more.items()]))
 
 
+def random_base(config, workdir):
+  """A random decoder with the vocabulary of both tasks in workdir/base_lm, where the caption
+  stage would pre-train one (it keeps one that is there): the recipe without stage 0's cost."""
+  split = loop.open_split(config, workdir, 'train')
+  tok = tokenizer_lib.word_level(split.corpus(demo_vqa.TASKS))
+  cfg = configlib.DecoderConfig.from_dict(dict(config.model, vocab_size=len(tok)))
+  params = jax.jit(Decoder(cfg).init)(jax.random.key(0), np.zeros((1, 1), np.int32))['params']
+  checkpoints.save_decoder(os.path.join(workdir, 'base_lm'), cfg, params, tok)
+
+
 @pytest.fixture(scope='module')
 def recipe(tmp_path_factory):
   r = Recipe(str(tmp_path_factory.mktemp('recipe')))
+  random_base(r.config('caption'), r.dir('caption'))
   for task in ('caption', 'qa'):  # separate runs; qa shares the caption run's base
     out = loop.train_and_evaluate(r.config(task), r.dir(task))
     assert np.isfinite(out['val_loss'])
@@ -96,11 +108,15 @@ def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, asse
   np.testing.assert_array_equal(batch['context_ids'].max(1), tasks_B)
   got = _logits(exp.model, exp.variables, exp, batch)
   mask = batch['attention_mask'].astype(bool)
-  for t, task in enumerate(('caption', 'qa')):
+  want = []
+  for task in ('caption', 'qa'):
     run = perplexity.restore(recipe.config(task), recipe.dir(task))  # the task's own run
-    want = _logits(run.exp.model, run.variables, exp, batch, np.zeros_like(batch['context_ids']))
+    want.append(_logits(run.exp.model, run.variables, exp, batch,
+                        np.zeros_like(batch['context_ids'])))
+  assert np.abs(want[0] - want[1])[mask].max() > 1e-2  # the two plug-ins differ
+  for t in (0, 1):
     rows = tasks_B == t
-    np.testing.assert_allclose(got[rows][mask[rows]], want[rows][mask[rows]], atol=1e-5)
+    np.testing.assert_allclose(got[rows][mask[rows]], want[t][rows][mask[rows]], atol=1e-5)
 
 
 def test_finetune_keeps_frozen_plugin_rows_bit_identical(recipe, assembled):
