@@ -3,10 +3,11 @@ separate runs on one frozen base, assembled into one model and fine-tuned on a m
 
     python train.py --config=configs/demo_vqa.py:stage=caption --workdir=runs/caption
     python train.py --config=configs/demo_vqa.py:stage=qa,base=runs/caption --workdir=runs/qa
-    python -m cpeft_jax.plugins --workdir=runs/caption --context=0 --name=caption --out=runs/p/caption
-    python -m cpeft_jax.plugins --workdir=runs/qa --context=0 --name=qa --out=runs/p/qa
-    python train.py --config=configs/demo_vqa.py:stage=assemble,base=runs/caption,caption_plugin=runs/p/caption,qa_plugin=runs/p/qa --workdir=runs/vqa
-    python evaluate.py --config=configs/demo_vqa.py:stage=assemble,base=runs/caption,caption_plugin=runs/p/caption,qa_plugin=runs/p/qa --workdir=runs/vqa --nocaptions
+    python -m cpeft_jax.plugins --workdir=runs/caption --context=0 --out=runs/p/caption
+    python -m cpeft_jax.plugins --workdir=runs/qa --context=0 --out=runs/p/qa
+    A=stage=assemble,base=runs/caption,caption_plugin=runs/p/caption,qa_plugin=runs/p/qa
+    python train.py --config=configs/demo_vqa.py:$A --workdir=runs/vqa
+    python evaluate.py --config=configs/demo_vqa.py:$A --workdir=runs/vqa --nocaptions
 
 Stages (the `stage` arg):
 - caption: captions of the scenes, every token in context 0. It also pre-trains the shared base
@@ -22,6 +23,8 @@ Stages (the `stage` arg):
 The connector is frozen at its seed's initialisation in every stage (`train.freeze_connector`):
 a plug-in's tables were trained on what the connector fed the decoder, so it is part of the
 base the plug-ins share, like the frozen random patch encoder.
+`train.plugins=True` (`--config.train.plugins`) also writes each context's plug-in of a run's
+best weights to DIR/plugins/<context> when it ends.
 Other args: method, rank, epochs (0: the stage's default), num_train, pretrain_epochs, seed.
 """
 
@@ -57,6 +60,7 @@ def get_config(arg=None):
   c.data.tasks = TASKS if a.stage == 'assemble' else (a.stage,)
   c.pretrain.tasks = TASKS  # the shared base and its vocabulary cover both tasks' texts
   c.train.freeze_connector = True
+  c.train.plugins = False  # True: DIR/plugins/<context> at the end of the run
   c.connector.dropout = 0.0
   c.peft.lora.alpha = float(2 * a.rank)
   if a.base:

@@ -43,6 +43,7 @@ def tiny(arg):
 @dataclasses.dataclass
 class Recipe:
   root: str
+  runs: dict = dataclasses.field(default_factory=dict)
 
   def dir(self, name):
     return os.path.join(self.root, name)
@@ -79,7 +80,8 @@ def recipe(tmp_path_factory):
       text=True, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
   assert res.returncode == 0, res.stderr[-2000:]
   assert "plug-in 'caption': context 0" in res.stdout
-  plugins.save(r.dir('p_qa'), plugins.from_workdir(r.dir('qa'), 0, name='qa'))
+  r.runs = {'qa': plugins.restore_run(r.dir('qa'))}  # the run rebuilt with its best weights
+  plugins.save(r.dir('p_qa'), plugins.from_run(r.runs['qa'], 0, name='qa'))
   return r
 
 
@@ -109,8 +111,8 @@ def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, asse
   got = _logits(exp.model, exp.variables, exp, batch)
   mask = batch['attention_mask'].astype(bool)
   want = []
-  for task in ('caption', 'qa'):
-    run = perplexity.restore(recipe.config(task), recipe.dir(task))  # the task's own run
+  for task in ('caption', 'qa'):  # each task's own run, restored
+    run = recipe.runs.get(task) or perplexity.restore(recipe.config(task), recipe.dir(task))
     want.append(_logits(run.exp.model, run.variables, exp, batch,
                         np.zeros_like(batch['context_ids'])))
   assert np.abs(want[0] - want[1])[mask].max() > 1e-2  # the two plug-ins differ
@@ -175,3 +177,24 @@ def test_two_tasks_example_runs_and_its_assembly_matches_each_plugin(tmp_path):
   np.testing.assert_allclose(v['assembled, mixed batch'], alone, atol=2e-3)
   assert v['caption plug-in alone'][0] < v['base alone'][0]
   assert v['qa plug-in alone'][1] < v['base alone'][1]
+
+
+@pytest.mark.parametrize('arg,message', [
+    ('stage=qa', r'stage=qa needs base=<the caption run'),
+    ('stage=assemble,base=x,qa_plugin=q', r'stage=assemble needs caption_plugin=DIR'),
+    ('stage=caption,freeze=caption', r"freeze='caption'; expected one task .* with stage=assemble"),
+    ('stage=vqa', r"stage='vqa'; expected one of \('caption', 'qa', 'assemble'\)"),
+])
+def test_demo_vqa_config_errors_name_the_argument(arg, message):
+  with pytest.raises(ValueError, match=message):
+    demo_vqa.get_config(arg)
+
+
+def test_freezing_a_context_without_adaptors_is_an_error():
+  from cpeft_jax.adaptors import PeftConfig
+  from cpeft_jax.train import state as state_lib
+  config = tiny('stage=caption')
+  config.train.freeze_contexts = (1,)
+  with pytest.raises(ValueError, match=r'train.freeze_contexts=\(1,\): contexts \[1\] have no '
+                     r'adaptor rows \(this model adapts contexts \(0,\)\)'):
+    loop.optimizer(config, state_lib.OptimConfig(), PeftConfig(methods=('lora',), targets='AF'))
