@@ -422,7 +422,7 @@ class Decoder(nn.Module):
                                  param_dtype=DTYPES[cfg.param_dtype])
     block = self.block
     if cfg.remat:
-      block = nn.remat(block, prevent_cse=False)
+      block = nn.remat(block, prevent_cse=not cfg.unroll_layers)  # CSE is only safe in a loop
     self.layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
