@@ -2,7 +2,9 @@
 
     python train.py --config=configs/demo.py --workdir=/tmp/demo [--config.peft.lora.rank=8]
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's latest checkpoint. A run can start from
+adaptor plug-ins trained in other runs (config peft.plugins; train.freeze_contexts keeps some
+fixed): configs/demo_vqa.py walks through it.
 
 Multi-host (TPU pods, GPU clusters): run the same command on every host with --distributed
 (implied when JAX_COORDINATOR_ADDRESS is set); jax.distributed.initialize() then finds the
