@@ -132,6 +132,10 @@ def test_generated_captions_cover_each_image_once(workdir):
     assert c.text == r.exp.tokenizer.decode(c.tokens, skip_special_tokens=True).strip()
   assert captioning.max_new_tokens(r, captioning.Decoding()) == 80 - 1 - 16 + 1  # budget + EOS
   assert captioning.text_context(config) == 0  # 'modality': text is context 0
+  rules = config.copy_and_resolve_references()
+  rules.data.context_map = 'kind=image:1;task=caption:3;task=qa:2;*:0'
+  rules.data.tasks = ('caption', 'qa')
+  assert captioning.text_context(rules) == 3  # caption text under rules that see the task
 
 
 @pytest.mark.parametrize('flags, match', [

@@ -66,8 +66,10 @@ def max_new_tokens(r: Restored, decoding: Decoding) -> int:
 
 
 def text_context(config) -> int:
-  """The adaptor context of caption tokens under the config's context map."""
-  return contexts.validate(config.data.context_map)['text']
+  """The adaptor context of generated caption tokens under the config's context map (a preset,
+  a kind map, or rules that may also look at the task)."""
+  tasks = tuple(config.data.get('tasks', ('caption',)))
+  return contexts.context_of(config.data.context_map, 'text', 'caption', tasks)
 
 
 def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',
