@@ -133,7 +133,7 @@ def test_generated_captions_cover_each_image_once(workdir):
   assert captioning.max_new_tokens(r, captioning.Decoding()) == 80 - 1 - 16 + 1  # budget + EOS
   assert captioning.text_context(config) == 0  # 'modality': text is context 0
   rules = config.copy_and_resolve_references()
-  rules.data.context_map = 'kind=image:1;task=caption:3;task=qa:2;*:0'
+  rules.data.context_map = 'kind=text&task=caption:3;kind=text&task=qa:2;*:0'
   rules.data.tasks = ('caption', 'qa')
   assert captioning.text_context(rules) == 3  # caption text under rules that see the task
 
