@@ -222,17 +222,31 @@ def _quantize(x, qtype, channels, tiled, scale_dtype):
 
 
 def quantize_leaf(x, path: str, qcfg: QuantConfig):
-  """The quantized form of one leaf, or the leaf itself where `qcfg` keeps it."""
+  """The quantized form of one leaf, or the leaf itself where `qcfg` keeps it.
+
+  A host (numpy) leaf stacked over layers [L, ...] is quantized one layer at a time (its scales
+  are per layer anyway, so the result is the same): while a checkpoint loads, only one layer's
+  full-precision copy exists beside the loader's buffer, not a second copy of the whole leaf.
+  """
   kind = leaf_kind(path, np.ndim(x), qcfg)
   if kind is None or is_quantized(x):
     return x
   channels, tiled = _axes(np.shape(x), kind, qcfg, path)
+  if isinstance(x, np.ndarray) and x.ndim >= 3 and 0 in channels:
+    inner = ({a - 1: b for a, b in tiled.items()}, tuple(c - 1 for c in channels if c))
+    layers = [_quantize_array(x[i], *inner[::-1], qcfg) for i in range(x.shape[0])]
+    q = jax.tree.map(lambda *parts: jnp.stack(parts), *layers)
+  else:
+    q = _quantize_array(x, channels, tiled, qcfg)
+  return QuantizedKernel(q) if kind == 'kernel' else QuantizedArray(q)
+
+
+def _quantize_array(x, channels, tiled, qcfg: QuantConfig) -> qwix.QArray:
   # qwix takes the scale's dtype from the array: quantize in float32 at least, then store.
   x = jnp.asarray(x)
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  q = _quantize(x, FORMATS[qcfg.format], channels, tuple(sorted(tiled.items())),
-                jnp.dtype(qcfg.scale_dtype))
-  return QuantizedKernel(q) if kind == 'kernel' else QuantizedArray(q)
+  return _quantize(x, FORMATS[qcfg.format], channels, tuple(sorted(tiled.items())),
+                   jnp.dtype(qcfg.scale_dtype))
 
 
 def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig) -> dict:
@@ -249,7 +263,10 @@ def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str
 
   `prefix` places the checkpoint's paths inside the VLM's 'params' ('decoder/' for a decoder).
   """
-  return lambda path, x: quantize_leaf(jnp.asarray(x), prefix + path, qcfg)
+  def leaf_fn(path, x):
+    q = quantize_leaf(x, prefix + path, qcfg)
+    return jnp.asarray(x) if q is x else q
+  return leaf_fn
 
 
 def dequantize_params(params: Mapping[str, Any], dtype=None) -> dict:

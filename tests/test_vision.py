@@ -276,15 +276,19 @@ QUANT_RTOL = {'clip': 0.01, 'swinv2': 0.15}
 
 
 @pytest.mark.parametrize('name', ['clip', 'swinv2'])
-def test_quantized_tower_loads_tensor_by_tensor(ckpts, name):
+def test_quantized_tower_loads_tensor_by_tensor(ckpts, name, monkeypatch):
   """quantize.targets='vision' quantizes the projections as each tensor is read: when the next
   tensor arrives, no earlier projection survives in full precision (neither the loader's buffer
-  nor a jax copy of it); the features stay close to the full-precision tower's and equal those
-  of its dequantized weights."""
+  nor a jax copy of it), and a leaf stacked over layers goes to the device one layer at a time;
+  the features stay close to the full-precision tower's and equal those of its dequantized
+  weights."""
   import weakref
 
   from cpeft_jax import quantize as qz
   directory, pixels, _, _ = ckpts[name]
+  quantized_shapes, quantize_one = [], qz._quantize
+  monkeypatch.setattr(qz, '_quantize',
+                      lambda x, *a: quantized_shapes.append(x.shape) or quantize_one(x, *a))
   qcfg = qz.QuantConfig(format='int8', block_size=16, targets='vision')
   quantizer = qz.leaf_quantizer(qcfg, 'encoder/')
   before = {id(a) for a in jax.live_arrays()}
@@ -309,6 +313,8 @@ def test_quantized_tower_loads_tensor_by_tensor(ckpts, name):
              and np.ndim(flax.traverse_util.flatten_dict(full, sep='/')[p]) in (2, 3)
              and 'cpb_mlp' not in p]  # the projections (not the patch conv, nor Swin's cpb MLP)
   assert len(done) == len(kernels) >= 6
+  assert {len(s) for s in quantized_shapes} == {2}  # [d_in, d_out]: one layer at a time
+  assert len(quantized_shapes) == sum(np.prod(w.shape[:-2]) for _, w, _ in done)
   whole = qz.quantize_params({'encoder': full}, qcfg)['encoder']  # quantizing the loaded tree
   for x, y in zip(jax.tree.leaves(qparams), jax.tree.leaves(whole)):
     assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
