@@ -63,12 +63,15 @@ def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
   st = state_lib.TrainState.create(trainable, tx)
   opt_leaves = jax.tree.leaves(st.opt_state)
   assert sum(x.size for x in opt_leaves if x.ndim) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
-  step = jax.jit(step_lib.train_step, static_argnames=('apply_fn', 'micro_steps', 'num_contexts'))
+  step = jax.jit(step_lib.train_step,
+                 static_argnames=('apply_fn', 'micro_steps', 'num_contexts', 'num_tasks'))
+  batch = {**batch, 'tasks': jnp.arange(batch['tokens'].shape[0]) % 2}  # rows of two tasks
   s1, m1 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=1,
-                num_contexts=3)
+                num_contexts=3, num_tasks=2)
   s2, m2 = step(st, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=2,
-                num_contexts=3)
+                num_contexts=3, num_tasks=2)
   np.testing.assert_allclose(m1['loss'], m2['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m1['loss_task'], m2['loss_task'], rtol=1e-6)
   _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m2)
   # Update-to-weight ratio per context row: ||row of (new - old)|| / ||row of old||.
   rows = lambda tree, r: np.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)[:, r])))
@@ -109,6 +112,17 @@ def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
     sums[ctx[b, t]] += np.log(np.exp(z - z.max()).sum()) + z.max() - z[tgt[b, t]]
     counts[ctx[b, t]] += 1
   assert counts[1] > 0 and counts[0] > 0 and counts[2] == 0  # the last image token is context 1
+  # Per task: every masked position's loss added to its row's task.
+  task_sums, task_counts = np.zeros(2), np.zeros(2)
+  for b, t in zip(*np.nonzero(mask)):
+    z = logits[b, t]
+    task_sums[batch['tasks'][b]] += np.log(np.exp(z - z.max()).sum()) + z.max() - z[tgt[b, t]]
+    task_counts[batch['tasks'][b]] += 1
+  assert task_counts.min() > 0
+  np.testing.assert_array_equal(m['tokens_task'], task_counts)
+  np.testing.assert_allclose(m['loss_task'], task_sums / task_counts, rtol=1e-5)
+  np.testing.assert_allclose((m['loss_task'] * m['tokens_task']).sum() / task_counts.sum(),
+                             m['loss'], rtol=1e-6)
   np.testing.assert_array_equal(m['tokens_ctx'], counts)
   np.testing.assert_allclose(m['loss_ctx'][:2], sums[:2] / counts[:2], rtol=1e-5)
   # Per-context losses weighted by their token counts recombine to the step's loss.

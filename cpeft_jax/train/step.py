@@ -68,21 +68,29 @@ def row_grad_norms(grads) -> jax.Array | None:
 
 
 def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: ApplyFn,
-               micro_steps: int = 1, num_contexts: int = 0):
-  """One optimizer update over `batch`; gradients only for the trainable tree."""
+               micro_steps: int = 1, num_contexts: int = 0, num_tasks: int = 0):
+  """One optimizer update over `batch`; gradients only for the trainable tree.
+
+  With `num_contexts`, the metrics hold each context's loss and tokens (and each table row's
+  gradient norm and update-to-weight ratio); with `num_tasks`, each task's loss and tokens
+  (batch['tasks'] [B]: each row's task index).
+  """
   B = batch['targets'].shape[0]
   if B % micro_steps:
     raise ValueError(f'batch size {B} is not divisible by micro_steps={micro_steps}.')
   micro = jax.tree.map(lambda x: x.reshape(micro_steps, B // micro_steps, *x.shape[1:]), batch)
   rngs = jax.random.split(rng, micro_steps)
-  C = max(num_contexts, 1)
+  C, K = max(num_contexts, 1), max(num_tasks, 1)
 
   def sums(trainable, mb, r):
     loss_BL, mask_BL = _masked_losses(apply_fn, state_lib.merge(trainable, frozen), mb,
                                       train=True, rng=r)
     s_C, n_C = context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
         jnp.zeros((C,)), jnp.zeros((C,)))
-    return jnp.sum(loss_BL), (jnp.sum(mask_BL), s_C, n_C)
+    task_BL = jnp.broadcast_to(mb['tasks'][:, None], loss_BL.shape) if num_tasks else None
+    s_K, n_K = context_sums(loss_BL, mask_BL, task_BL, K) if num_tasks else (
+        jnp.zeros((K,)), jnp.zeros((K,)))
+    return jnp.sum(loss_BL), (jnp.sum(mask_BL), s_C, n_C, s_K, n_K)
 
   def body(carry, xs):
     g_acc, *acc = carry
@@ -90,15 +98,18 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
     return (jax.tree.map(jnp.add, g_acc, g), *(a + b for a, b in zip(acc, (s, *aux)))), None
 
   zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-  init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((C,)), jnp.zeros((C,)))
+  init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((C,)), jnp.zeros((C,)),
+          jnp.zeros((K,)), jnp.zeros((K,)))
   if micro_steps == 1:  # no loop: XLA:CPU round-trips a loop's bf16 values through float32
-    (g, s, n, s_C, n_C), _ = body(init, jax.tree.map(lambda x: x[0], (micro, rngs)))
+    (g, s, n, s_C, n_C, s_K, n_K), _ = body(init, jax.tree.map(lambda x: x[0], (micro, rngs)))
   else:
-    (g, s, n, s_C, n_C), _ = jax.lax.scan(body, init, (micro, rngs))
+    (g, s, n, s_C, n_C, s_K, n_K), _ = jax.lax.scan(body, init, (micro, rngs))
   n = jnp.maximum(n, 1.0)
   grads = jax.tree.map(lambda x: x / n, g)
   new_state = state.apply_gradients(grads)
   metrics = {'loss': s / n, 'tokens': n, 'grad_norm': optax.tree.norm(grads)}
+  if num_tasks:
+    metrics.update(loss_task=s_K / jnp.maximum(n_K, 1.0), tokens_task=n_K)
   if num_contexts:
     metrics.update(loss_ctx=s_C / jnp.maximum(n_C, 1.0), tokens_ctx=n_C)
     rows = row_grad_norms(grads)
