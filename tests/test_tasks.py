@@ -94,6 +94,30 @@ def test_evaluation_gives_each_image_once_per_task(data):
   assert (last['loss_mask'][~last['valid']] == 0).all()
 
 
+def test_invocations_move_the_rest_of_a_row_to_their_context(data):
+  """data.invocations: from the first 'answer :' of a row on, its tokens are in context 4;
+  the tokens before keep the rules' ids (checked by a plain scan of each row)."""
+  _, train, _, tok = data
+  plain, invoked = _batches(train, tok), _batches(train, tok, invocations={'answer :': 4})
+  seq = tok('answer :', add_special_tokens=False)['input_ids']
+  switched = 0
+  for a, b in zip(plain.epoch(0), invoked.epoch(0)):
+    for row in range(4):
+      tokens, want = list(a['tokens'][row]), a['context_ids'][row].copy()
+      starts = [p for p in range(L - len(seq) + 1) if tokens[p:p + len(seq)] == seq
+                and a['attention_mask'][row, p:p + len(seq)].all()]
+      if starts:
+        want[starts[0]:] = np.where(a['attention_mask'][row, starts[0]:], 4,
+                                    want[starts[0]:])
+        switched += 1
+      np.testing.assert_array_equal(b['context_ids'][row], want)
+  assert switched > 0  # every QA row asks for an answer
+  with pytest.raises(ValueError, match='gives context 4 two texts'):
+    _batches(train, tok, invocations={'answer :': 4, 'question :': 4})
+  with pytest.raises(ValueError, match='has no text'):
+    _batches(train, tok, invocations={' ': 4})
+
+
 def test_task_errors_at_the_boundary(data, tmp_path):
   _, train, _, tok = data
   with pytest.raises(ValueError, match=r"has no task 'vqa'; it has \['caption', 'qa'\]"):

@@ -93,6 +93,10 @@ class CaptionBatches:
   boundary: bool = False
   host: tuple[int, int] = (0, 1)  # (index, count) for multi-host runs
   tasks: tuple[str, ...] = ('caption',)  # batch['tasks'] holds indices into this
+  # Invocation-triggered contexts {text: context id}: in a row, the tokens from the first
+  # occurrence of a text's tokens onwards move to its context (contexts.invocation_contexts);
+  # the tokens before it keep the context map's ids.
+  invocations: Mapping[str, int] | None = None
 
   def __post_init__(self):
     index, count = self.host
@@ -101,6 +105,7 @@ class CaptionBatches:
     self.tasks = check_tasks(self.tasks)
     self.context_map = contexts.check_context_map(self.context_map, self.tasks)
     self._ids = tokenizer_lib.special_ids(self.tokenizer)
+    self._invocations = self._encode_invocations(dict(self.invocations or {}))
     self._texts = [self.split.texts(task) for task in self.tasks]
     self._check_prompts()
     # Rows are (image, text, task); a caption-only run has today's order of (image, caption).
@@ -155,7 +160,29 @@ class CaptionBatches:
     out['image_ids'] = self.split.image_ids[rows[:, 0]]
     out['valid'] = np.arange(self.batch_size) < valid
     out['tasks'] = rows[:, 2].astype(np.int32)
+    if self._invocations:
+      keep = max(self._invocations) + 1  # a marker: no invocation before this token
+      inv_BL = contexts.invocation_contexts(out['tokens'], self._invocations, keep,
+                                            attention_mask_BL=out['attention_mask'])
+      out['context_ids'] = np.where(inv_BL != keep, inv_BL, out['context_ids']).astype(np.int32)
     return out
+
+  def _encode_invocations(self, texts: dict) -> dict[int, tuple[int, ...]]:
+    """{context id: token ids} of the {text: context id} invocations, checked."""
+    if not texts:
+      return {}
+    bad = {t: c for t, c in texts.items() if not isinstance(t, str) or not t.strip()}
+    if bad:
+      raise ValueError(f'data.invocations maps texts to context ids; {bad} has no text')
+    ids = tokenizer_lib.encode(self.tokenizer, list(texts))
+    by_context = {}
+    for (text, ctx), seq in zip(texts.items(), ids):
+      if ctx in by_context:
+        raise ValueError(f'data.invocations gives context {ctx} two texts; one per context')
+      if not seq:
+        raise ValueError(f'data.invocations text {text!r} has no tokens')
+      by_context[ctx] = seq
+    return contexts.check_invocations(by_context, max(by_context) + 1)
 
   def _check_prompts(self):
     """Every prompt leaves room for a target token (checked once, not when a batch meets it)."""
