@@ -61,8 +61,12 @@ class Experiment:
         context_map=c.data.context_map, image_size=self.image_size, mean=self.image_mean,
         std=self.image_std, train=train, seed=c.seed,
         augment=pipeline.AugmentConfig(**c.data.augment), boundary=c.connector.boundary_tokens,
-        host=(jax.process_index(), jax.process_count()), tasks=tuple(c.data.get('tasks',
-                                                                                ('caption',))))
+        host=(jax.process_index(), jax.process_count()), tasks=self.tasks,
+        invocations=dict(c.data.get('invocations') or {}))
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    return tuple(self.config.data.get('tasks', ('caption',)))
 
 
 def _tokenizer(config, workdir, train_split):
@@ -326,7 +330,8 @@ MODEL_KEYS = ('pixels', 'tokens', 'targets', 'kinds', 'context_ids', 'attention_
 def _device_batch(exp: Experiment, batch):
   """Global arrays split over ('data', 'fsdp') from each host's rows of the batch."""
   s = sharding.batch_sharding(exp.mesh)
-  return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k])) for k in MODEL_KEYS}
+  return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k]))
+          for k in MODEL_KEYS + ('tasks',) if k in batch}
 
 
 def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:
@@ -378,9 +383,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   apply = vlm.apply_fn(exp.model)
   rows = exp.model.peft.rows if exp.model.peft.methods else ()
   num_contexts = exp.model.peft.num_contexts
+  tasks = exp.tasks if len(exp.tasks) > 1 else ()  # per-task losses of a multi-task run
   step_fn = jax.jit(
       functools.partial(step_lib.train_step, apply_fn=apply, micro_steps=config.train.micro_steps,
-                        num_contexts=num_contexts),
+                        num_contexts=num_contexts, num_tasks=len(tasks)),
       in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh, placed.replicated),
       out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,))
   eval_fn = jax.jit(functools.partial(step_lib.eval_step, apply_fn=apply),
@@ -404,7 +410,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         state, m = step_fn(state, frozen, _device_batch(exp, batch),
                            jax.random.fold_in(rng, epoch * steps_per_epoch + k))
         if pending is not None:  # pull step n-1's metrics after dispatching step n
-          last = _check(jax.device_get(pending[1]), pending[0], rows)
+          last = _check(jax.device_get(pending[1]), pending[0], rows, tasks)
           bar.update(1)
           bar.set_postfix(loss=f'{last["loss"]:.3f}', refresh=False)
           if pending[0] % config.train.log_every == 0:
@@ -416,13 +422,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         meta.update(epoch=epoch, batch=k + 1)
         if stop['signal'] is not None or (config.train.checkpoint_every and
                                           pending[0] % config.train.checkpoint_every == 0):
-          last = _check(jax.device_get(pending[1]), pending[0], rows)  # never save a NaN state
+          # never save a NaN state
+          last = _check(jax.device_get(pending[1]), pending[0], rows, tasks)
           checkpointing.save(mgr, state, meta)
           if stop['signal'] is not None:
             raise SystemExit(f'Stopped by signal {stop["signal"]} at step {pending[0]}; '
                              'checkpoint saved, rerun the same command to resume.')
       if pending is not None:
-        last = _check(jax.device_get(pending[1]), pending[0], rows)
+        last = _check(jax.device_get(pending[1]), pending[0], rows, tasks)
         bar.update(1)
       bar.close()
       val_loss, val_ppl = evaluate_loss(exp, state.trainable, frozen, eval_data, eval_fn)
@@ -510,13 +517,16 @@ def _rates(m, step_s, seq_tokens):
           'tokens_per_s': seq_tokens / step_s}
 
 
-def _check(m, step, rows=()):
-  """Host floats of a step's metrics (per-context arrays flattened); raises on a NaN loss."""
+def _check(m, step, rows=(), tasks=()):
+  """Host floats of a step's metrics (per-context and per-task arrays flattened); raises on a
+  NaN loss."""
   out = {}
   for k, v in m.items():
     v = np.asarray(v)
     if k.endswith('_row'):  # grad_norm_row, update_ratio_row: one figure per context row
       out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in zip(rows, v)})
+    elif k.endswith('_task'):  # loss_task, tokens_task: one figure per task
+      out.update({f'{k[:-5]}/{t}': float(x) for t, x in zip(tasks, v)})
     elif k.endswith('_ctx'):
       out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in enumerate(v)})
     else:
