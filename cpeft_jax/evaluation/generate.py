@@ -96,14 +96,15 @@ def _check(vocab_size, peft, max_new_tokens, eos_id, pad_id, text_context, num_b
 
 
 def _scanned(cfg):
-  """The decoder config for one-token steps: layers in a loop. Unrolled, every step would copy
-  each layer's weights out of their stack (bench/: 1.2x slower generation on XLA:CPU)."""
+  """The decoder config for generation: layers in a loop. Unrolled, the prefill and every
+  one-token step copy each layer's weights out of their stack (bench/: 1.2x slower generation
+  on XLA:CPU); a loop's dynamic slices cost less there."""
   return dataclasses.replace(cfg, unroll_layers=False)
 
 
 @functools.lru_cache(maxsize=16)
 def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
-  stepper = model.clone(decoder_cfg=_scanned(model.decoder_cfg))
+  model = model.clone(decoder_cfg=_scanned(model.decoder_cfg))
 
   @jax.jit
   def run(variables, pixels, tokens_BP, kinds_BP, ctx_BP, text_context):
@@ -112,9 +113,9 @@ def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams,
     logits_BPV, cache = model.apply(variables, pixels, tokens_BP, kinds_BP, ctx_BP, cache=cache)
 
     def step(tokens_B, positions_B, cache):
-      logits, cache = stepper.apply(variables, tokens_B[:, None],
-                                    jnp.full_like(tokens_B, text_context)[:, None], cache,
-                                    positions_B[:, None], method=VisionLanguageModel.decode)
+      logits, cache = model.apply(variables, tokens_B[:, None],
+                                  jnp.full_like(tokens_B, text_context)[:, None], cache,
+                                  positions_B[:, None], method=VisionLanguageModel.decode)
       return logits[:, 0], cache
     positions_B = jnp.full((B,), prompt_len, jnp.int32)
     return _search(step, logits_BPV[:, -1], cache, positions_B, max_new_tokens, eos_id, pad_id,
@@ -124,7 +125,7 @@ def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams,
 
 @functools.lru_cache(maxsize=16)
 def _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
-  stepper = model.clone(cfg=_scanned(model.cfg))
+  model = model.clone(cfg=_scanned(model.cfg))
 
   @jax.jit
   def run(variables, tokens_BP, ctx_BP, mask_BP, text_context):
@@ -136,9 +137,9 @@ def _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, length_pen
                                     cache=cache)
 
     def step(tokens_B, positions_B, cache):
-      logits, cache = stepper.apply(variables, tokens_B[:, None],
-                                    context_ids_BL=jnp.full_like(tokens_B, text_context)[:, None],
-                                    positions_BL=positions_B[:, None], cache=cache)
+      logits, cache = model.apply(variables, tokens_B[:, None],
+                                  context_ids_BL=jnp.full_like(tokens_B, text_context)[:, None],
+                                  positions_BL=positions_B[:, None], cache=cache)
       return logits[:, 0], cache
     return _search(step, logits_BPV[:, -1], cache, positions_BP[:, -1] + 1, max_new_tokens,
                    eos_id, pad_id, num_beams, length_penalty)
