@@ -67,10 +67,11 @@ class DecoderConfig:
   fused_gate_up: bool = False
   residual_dropout: float = 0.0
   remat: bool = False
-  # Layers as straight-line code (their parameters still stacked [num_layers, ...]): on XLA:CPU
-  # a layer loop round-trips its bf16 values through float32, which costs more than the longer
-  # compile (bench/: 12 layers, paper shape, 1.3x faster train step, 30% less memory).
-  unroll_layers: bool = True
+  # Layers as straight-line code (their parameters still stacked [num_layers, ...]). None: when
+  # computing in bf16/fp16, where XLA:CPU's layer loop round-trips every value through float32,
+  # which costs more than the longer compile (bench/: paper shape, bf16 train step 1.2x faster
+  # on one core); in float32 the loop is as fast or faster and compiles sooner.
+  unroll_layers: bool | None = None
   dtype: str = 'float32'
   param_dtype: str = 'float32'
   rope_type: str = 'default'
@@ -421,12 +422,13 @@ class Decoder(nn.Module):
                                  embedding_init=nn.initializers.normal(0.02),
                                  param_dtype=DTYPES[cfg.param_dtype])
     block = self.block
+    unroll = cfg.unroll_layers if cfg.unroll_layers is not None else cfg.dtype != 'float32'
     if cfg.remat:
-      block = nn.remat(block, prevent_cse=not cfg.unroll_layers)  # CSE is only safe in a loop
+      block = nn.remat(block, prevent_cse=not unroll)  # CSE is only safe in a loop
     self.layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
-        length=cfg.num_layers, unroll=cfg.num_layers if cfg.unroll_layers else 1)(
+        length=cfg.num_layers, unroll=cfg.num_layers if unroll else 1)(
             cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
     self.norm = make_norm(cfg) if cfg.pre_norm else None
     if not cfg.tie_embeddings:
