@@ -67,11 +67,12 @@ def main(argv):
     return
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
+  from cpeft_jax.data import pipeline
   from cpeft_jax.evaluation import captioning
   if FLAGS.heatmaps < 0 or (FLAGS.heatmaps and not FLAGS.captions):
     raise app.UsageError(f'--heatmaps={FLAGS.heatmaps}: expected a count >= 0, and heatmaps '
                          'are drawn for generated captions (not with --nocaptions).')
-  tasks = tuple(FLAGS.config.data.get('tasks') or ('caption',))
+  tasks = pipeline.config_tasks(FLAGS.config)
   if FLAGS.captions and tasks != ('caption',):
     raise app.UsageError(f'data.tasks={tasks}: generated captions are scored for caption-only '
                          'runs; pass --nocaptions (perplexity per task).')

@@ -50,6 +50,18 @@ def check_tasks(tasks) -> tuple[str, ...]:
   return tasks
 
 
+def config_tasks(config) -> tuple[str, ...]:
+  """A config's data.tasks (default: captions only), in order: batch['tasks'] indexes them."""
+  return tuple(config.data.get('tasks', ('caption',)))
+
+
+def base_tasks(config) -> tuple[str, ...]:
+  """The tasks whose texts build the word-level vocabulary and pre-train the demo's decoder:
+  pretrain.tasks (a base shared by runs on different tasks), else data.tasks."""
+  pretrain = config.get('pretrain') or {}
+  return tuple(pretrain.get('tasks') or config.data.get('tasks') or ('caption',))
+
+
 def augment(image_HW3: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:
   """A randomly flipped, cropped and jittered copy (uint8, same size)."""
   img = image_HW3

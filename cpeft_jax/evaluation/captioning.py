@@ -20,7 +20,7 @@ import PIL.Image
 import tqdm
 
 from cpeft_jax import contexts
-from cpeft_jax.data import layout
+from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import captions as captions_lib
 from cpeft_jax.evaluation import generate as generate_lib
@@ -68,8 +68,8 @@ def max_new_tokens(r: Restored, decoding: Decoding) -> int:
 def text_context(config) -> int:
   """The adaptor context of generated caption tokens under the config's context map (a preset,
   a kind map, or rules that may also look at the task)."""
-  tasks = tuple(config.data.get('tasks', ('caption',)))
-  return contexts.context_of(config.data.context_map, 'text', 'caption', tasks)
+  return contexts.context_of(config.data.context_map, 'text', 'caption',
+                             pipeline.config_tasks(config))
 
 
 def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',

@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tqdm
-
 import optax
+import tqdm
 
 from cpeft_jax import (adaptors, catalog, checkpoints, configlib, plugins, quantize,
                        vision_checkpoints)
@@ -66,7 +65,7 @@ class Experiment:
 
   @property
   def tasks(self) -> tuple[str, ...]:
-    return tuple(self.config.data.get('tasks', ('caption',)))
+    return pipeline.config_tasks(self.config)
 
 
 def _tokenizer(config, workdir, train_split):
@@ -76,19 +75,12 @@ def _tokenizer(config, workdir, train_split):
   if config.tokenizer == 'word_level' and config.text_model:
     return tokenizer_lib.load(config.text_model)  # a checkpoint brings its own tokenizer
   if config.tokenizer == 'word_level':  # the texts of every task the base is trained for
-    tok = tokenizer_lib.word_level(train_split.corpus(_base_tasks(config)))
+    tok = tokenizer_lib.word_level(train_split.corpus(pipeline.base_tasks(config)))
   else:
     tok = tokenizer_lib.load(config.tokenizer)
   if jax.process_index() == 0:
     tok.save_pretrained(saved)
   return tok
-
-
-def _base_tasks(config) -> tuple[str, ...]:
-  """The tasks whose texts build the word-level vocabulary and pre-train the demo's decoder:
-  pretrain.tasks (a base shared by runs on different tasks), else data.tasks."""
-  pretrain = config.get('pretrain') or {}
-  return tuple(pretrain.get('tasks') or config.data.get('tasks') or ('caption',))
 
 
 def _mesh(config) -> jax.sharding.Mesh:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from cpeft_jax import checkpoints, vision_checkpoints
-from cpeft_jax.data import layout
+from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data.demo import examples as demo_examples
 from cpeft_jax.data.demo import scenes
 from cpeft_jax.data import tokenizer as tokenizer_lib
@@ -46,9 +46,8 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
   cfg = DecoderConfig.from_dict(model)
   train_model = Decoder(cfg, deterministic=False)
   ids = tokenizer_lib.special_ids(tok)
-  tasks = config.pretrain.get('tasks') or config.data.get('tasks') or ('caption',)
   texts = [f'{prompt} {target}' if prompt else target  # every task's texts (QA: 'q ? a')
-           for task in tasks for pairs in split.texts(task) for prompt, target in pairs]
+           for task in pipeline.base_tasks(config) for pairs in split.texts(task) for prompt, target in pairs]
   tokens = tokenizer_lib.encode(tok, texts)
   seq_len = config.data.seq_len - num_image_tokens
   data = layout.layout_captions(tokens, num_image_tokens=0, seq_len=seq_len, bos_id=ids.bos,
