@@ -21,7 +21,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -29,7 +28,7 @@ import tqdm
 
 from cpeft_jax import checkpoints
 from cpeft_jax.models import vlm
-from cpeft_jax.train import loop, sharding
+from cpeft_jax.train import loop
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
@@ -134,11 +133,9 @@ def task_perplexity(exp: loop.Experiment, trainable, frozen, data, tasks) -> dic
   evaluation batches whose `tasks` index into `tasks`; losses are per target token, and the
   overall loss is the token-weighted mean of the tasks' (the same sums, grouped by task)."""
   eval_fn = _task_eval_fn(exp.model, len(tasks))
-  batch_sharding = sharding.batch_sharding(exp.mesh)
   loss_T, tokens_T = np.zeros(len(tasks)), np.zeros(len(tasks))
   for batch in data.epoch(0):
-    device = loop._device_batch(exp, batch) | {  # noqa: SLF001 - training's own batch placement
-        'tasks': jax.make_array_from_process_local_data(batch_sharding, batch['tasks'])}
+    device = loop._device_batch(exp, batch)  # noqa: SLF001 - training's own batch placement
     out = jax.device_get(eval_fn(trainable, frozen, device))
     loss_T += np.asarray(out['loss_sum'], np.float64)
     tokens_T += np.asarray(out['tokens'], np.float64)
@@ -153,11 +150,10 @@ def _ppl(loss_sum: float, tokens: float) -> dict[str, float]:
 
 def _task_sums(trainable, frozen, batch, *, apply_fn, num_tasks: int):
   """Masked loss sum and token count of each task [T] (rows grouped by batch['tasks'])."""
-  logits_BLV = apply_fn(state_lib.merge(trainable, frozen), batch, train=False, rng=None)
-  mask_BL = batch['loss_mask'].astype(jnp.float32)
-  loss_B = jnp.sum(step_lib.token_losses(logits_BLV, batch['targets']) * mask_BL, axis=1)
-  seg = lambda x_B: jax.ops.segment_sum(x_B, batch['tasks'], num_segments=num_tasks)
-  return {'loss_sum': seg(loss_B), 'tokens': seg(jnp.sum(mask_BL, axis=1))}
+  loss_BL, mask_BL = step_lib.masked_losses(apply_fn, state_lib.merge(trainable, frozen), batch,
+                                            train=False, rng=None)
+  loss_T, tokens_T = step_lib.task_sums(loss_BL, mask_BL, batch['tasks'], num_tasks)
+  return {'loss_sum': loss_T, 'tokens': tokens_T}
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,7 +29,8 @@ def token_losses(logits_BLV, targets_BL):
   return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
 
 
-def _masked_losses(apply_fn, variables, batch, *, train, rng):
+def masked_losses(apply_fn, variables, batch, *, train, rng):
+  """(token losses [B, L] with the loss mask applied, the loss mask [B, L] as float32)."""
   logits_BLV = apply_fn(variables, batch, train=train, rng=rng)
   mask_BL = batch['loss_mask'].astype(jnp.float32)
   return token_losses(logits_BLV, batch['targets']) * mask_BL, mask_BL
@@ -38,7 +39,7 @@ def _masked_losses(apply_fn, variables, batch, *, train, rng):
 def loss_sums(apply_fn: ApplyFn, variables, batch: Mapping[str, jax.Array], *, train: bool,
               rng=None):
   """(sum of masked token losses, number of masked tokens)."""
-  loss_BL, mask_BL = _masked_losses(apply_fn, variables, batch, train=train, rng=rng)
+  loss_BL, mask_BL = masked_losses(apply_fn, variables, batch, train=train, rng=rng)
   return jnp.sum(loss_BL), jnp.sum(mask_BL)
 
 
@@ -47,6 +48,12 @@ def context_sums(loss_BL, mask_BL, context_ids_BL, num_contexts: int):
   ids = context_ids_BL.reshape(-1)
   seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_contexts)
   return seg(loss_BL), seg(mask_BL)
+
+
+def task_sums(loss_BL, mask_BL, tasks_B, num_tasks: int):
+  """(loss sum [K], token count [K]) of the masked positions of each row's task (tasks_B [B])."""
+  return context_sums(loss_BL, mask_BL, jnp.broadcast_to(tasks_B[:, None], loss_BL.shape),
+                      num_tasks)
 
 
 def row_grad_norms(grads) -> jax.Array | None:
@@ -83,12 +90,11 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
   C, K = max(num_contexts, 1), max(num_tasks, 1)
 
   def sums(trainable, mb, r):
-    loss_BL, mask_BL = _masked_losses(apply_fn, state_lib.merge(trainable, frozen), mb,
+    loss_BL, mask_BL = masked_losses(apply_fn, state_lib.merge(trainable, frozen), mb,
                                       train=True, rng=r)
     s_C, n_C = context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
         jnp.zeros((C,)), jnp.zeros((C,)))
-    task_BL = jnp.broadcast_to(mb['tasks'][:, None], loss_BL.shape) if num_tasks else None
-    s_K, n_K = context_sums(loss_BL, mask_BL, task_BL, K) if num_tasks else (
+    s_K, n_K = task_sums(loss_BL, mask_BL, mb['tasks'], K) if num_tasks else (
         jnp.zeros((K,)), jnp.zeros((K,)))
     return jnp.sum(loss_BL), (jnp.sum(mask_BL), s_C, n_C, s_K, n_K)
 
