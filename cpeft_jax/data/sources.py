@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import functools
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 
