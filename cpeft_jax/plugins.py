@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpeft_jax.adaptors import LoraConfig, PeftConfig
+from cpeft_jax.adaptors import PeftConfig
 
 FORMAT = 'cpeft-plugin/1'
 PLUGIN_CONFIG, PLUGIN_TABLES = 'plugin.json', 'tables.safetensors'
