@@ -6,6 +6,7 @@ the logits at a position do not depend on the buffer's later slots.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -111,6 +112,19 @@ def test_cached_logits_equal_non_cached(vlm):
   prefill, cache0 = apply(v, b['pixels'], b['tokens'][:, :P], b['kinds'][:, :P],
                           b['context_ids'][:, :P], cache=KVCache.create(DEC, 3, L))
   np.testing.assert_allclose(prefill, want[:, :P], atol=1e-5)
+  last2, _ = jax.jit(functools.partial(model.apply, logits_to_keep=2))(
+      v, b['pixels'], b['tokens'][:, :P], b['kinds'][:, :P], b['context_ids'][:, :P],
+      cache=KVCache.create(DEC, 3, L))
+  np.testing.assert_allclose(last2, want[:, P - 2:P], atol=1e-5)
+  # A cache held per layer (a decoding loop's state) reads and extends as the stacked one.
+  split = cache0.per_layer()
+  assert len(split.key_NBGMK) == DEC.num_layers and split.key_NBGMK[0].shape == (3, 2, L, 8)
+  a, cache_a = decode(b['tokens'][:, P:P + 2], b['context_ids'][:, P:P + 2], split)
+  z, cache_z = decode(b['tokens'][:, P:P + 2], b['context_ids'][:, P:P + 2], cache0)
+  np.testing.assert_array_equal(a, z)
+  np.testing.assert_array_equal(cache_a.key_NBGMK, cache_z.key_NBGMK)
+  np.testing.assert_array_equal(np.stack(split.take(np.asarray([2, 0])).value_NBGMK),
+                                cache0.take(np.asarray([2, 0])).value_NBGMK)
   # Then the rest of the rows (captions, EOS, padding) fed in chunks of 1, 2 and 4 tokens.
   got, cache = [prefill], cache0
   for start, stop in ((P, P + 1), (P + 1, P + 3), (P + 3, L)):
@@ -263,3 +277,5 @@ def test_bad_arguments_name_the_value(vlm, text_lm):
   with pytest.raises(ValueError, match='pad on the left only'):
     gen.generate_text(model, v, tokens, attention_mask_BP=mask[:, ::-1], max_new_tokens=T,
                       eos_id=2, text_context=0)
+  with pytest.raises(ValueError, match='logits_to_keep must be an int >= 0'):
+    model.apply(v, tokens, logits_to_keep=-1)

@@ -142,8 +142,8 @@ def test_keys_values_before_the_invocation_are_the_base_models(models):
   # Padding slots are never read (a fully masked query's output is arbitrary): skip them.
   for r, start in enumerate(STARTS):
     before = MASK[r] & (np.arange(P) < start)
-    for name in ('key_NBMGK', 'value_NBMGK'):
-      a, f = np.asarray(getattr(adapted, name))[:, r], np.asarray(getattr(fresh, name))[:, r]
+    for name in ('key_NBGMK', 'value_NBGMK'):
+      a, f = _slots_last(getattr(adapted, name))[:, r], _slots_last(getattr(fresh, name))[:, r]
       np.testing.assert_allclose(a[:, before], f[:, before], atol=1e-6, rtol=0)
       diff_M = np.abs(a - f).max(axis=(0, 2, 3))
       assert (diff_M[start:] > 1e-3).all(), (r, name, diff_M)
@@ -156,9 +156,14 @@ def test_keys_values_before_the_invocation_are_the_base_models(models):
                                    attention_mask_BL=MASK[:, P0:],
                                    positions_BL=_positions(MASK)[:, P0:], cache=cache)
   np.testing.assert_array_equal(reused.valid_BM, adapted.valid_BM)
-  for name in ('key_NBMGK', 'value_NBMGK'):
-    np.testing.assert_allclose(np.asarray(getattr(reused, name))[:, MASK],
-                               np.asarray(getattr(adapted, name))[:, MASK], atol=1e-5, rtol=0)
+  for name in ('key_NBGMK', 'value_NBGMK'):
+    np.testing.assert_allclose(_slots_last(getattr(reused, name))[:, MASK],
+                               _slots_last(getattr(adapted, name))[:, MASK], atol=1e-5, rtol=0)
+
+
+def _slots_last(cache_NBGMK):
+  """A cache's keys or values as [layers, B, M, G, K], slots next to the batch axis."""
+  return np.asarray(cache_NBGMK).transpose(0, 1, 3, 2, 4)
 
 
 def _full_forward(model, v, ctx):

@@ -154,22 +154,24 @@ def _prefiller(model, base_context):
 
 @functools.lru_cache(maxsize=16)
 def _continuer(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
+  model = model.clone(cfg=gen._unrolled(model.cfg))
+
   @jax.jit
   def run(variables, cache, tokens_BS, ctx_BS, mask_BS):
     B = tokens_BS.shape[0]
     # Positions count non-padding tokens only (as generate_text with left padding).
     seen_B = jnp.sum(cache.valid_BM, 1, dtype=jnp.int32)
     positions_BS = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BS, 1) - 1, 0).astype(jnp.int32)
-    logits_BSV, cache = model.apply(variables, tokens_BS, context_ids_BL=ctx_BS,
-                                    attention_mask_BL=mask_BS, positions_BL=positions_BS,
-                                    cache=cache)
+    apply = gen.stepper(model.apply, variables, ('layers',), model.cfg.num_layers)
+    logits_B1V, cache = apply(tokens_BS, context_ids_BL=ctx_BS, attention_mask_BL=mask_BS,
+                              positions_BL=positions_BS, cache=cache, logits_to_keep=1)
     gen_ctx_B = ctx_BS[:, -1]
 
     def step(tokens_N, positions_N, cache):  # N = B * beams, rows ordered (b, beam)
       ctx_N = jnp.repeat(gen_ctx_B, tokens_N.shape[0] // B)
-      logits, cache = model.apply(variables, tokens_N[:, None], context_ids_BL=ctx_N[:, None],
-                                  positions_BL=positions_N[:, None], cache=cache)
+      logits, cache = apply(tokens_N[:, None], context_ids_BL=ctx_N[:, None],
+                            positions_BL=positions_N[:, None], cache=cache)
       return logits[:, 0], cache
-    return gen._search(step, logits_BSV[:, -1], cache, positions_BS[:, -1] + 1, max_new_tokens,
+    return gen._search(step, logits_B1V[:, -1], cache, positions_BS[:, -1] + 1, max_new_tokens,
                        eos_id, pad_id, num_beams, length_penalty)
   return run

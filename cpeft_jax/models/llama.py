@@ -183,17 +183,20 @@ PROJECTION_NAMES = {'llama': ('o_proj', 'up_proj', 'down_proj'),
 class KVCache:
   """Keys and values of the positions seen so far, for incremental decoding under jit.
 
-  key/value_NBMGK: [layers, B, max_len, kv_heads, head_dim] in the compute dtype (RoPE applied);
-  valid_BM: slots filled by a non-padding token; index: the next slot to fill (one for all rows).
+  key/value_NBGMK: [layers, B, kv_heads, max_len, head_dim] in the compute dtype (RoPE applied),
+  heads before slots so that a query's dots read them without a transpose; valid_BM: slots
+  filled by a non-padding token; index: the next slot to fill (one for all rows).
+  A decoding loop holds the keys and values as tuples of per-layer arrays [B, G, M, K]
+  (`per_layer` / `stacked`), so that no step copies a layer's slice out of the stack.
   """
-  key_NBMGK: jax.Array
-  value_NBMGK: jax.Array
+  key_NBGMK: Any
+  value_NBGMK: Any
   valid_BM: jax.Array
   index: jax.Array
 
   @classmethod
   def create(cls, cfg: DecoderConfig, batch_size: int, max_len: int) -> KVCache:
-    shape = (cfg.num_layers, batch_size, max_len, cfg.kv_heads, cfg.dims)
+    shape = (cfg.num_layers, batch_size, cfg.kv_heads, max_len, cfg.dims)
     zeros = jnp.zeros(shape, DTYPES[cfg.dtype])
     return cls(zeros, zeros, jnp.zeros((batch_size, max_len), bool), jnp.zeros((), jnp.int32))
 
@@ -201,10 +204,25 @@ class KVCache:
   def max_len(self) -> int:
     return self.valid_BM.shape[1]
 
+  def per_layer(self) -> KVCache:
+    """Keys and values as tuples of per-layer arrays (for a decoding loop's state)."""
+    if isinstance(self.key_NBGMK, tuple):
+      return self
+    return self.replace(key_NBGMK=tuple(self.key_NBGMK), value_NBGMK=tuple(self.value_NBGMK))
+
+  def stacked(self) -> KVCache:
+    """Keys and values as [layers, ...] arrays again (what the decoder takes)."""
+    if not isinstance(self.key_NBGMK, tuple):
+      return self
+    return self.replace(key_NBGMK=jnp.stack(self.key_NBGMK),
+                        value_NBGMK=jnp.stack(self.value_NBGMK))
+
   def take(self, rows):
     """The cache of rows `rows` (e.g. repeated for beams, or reordered by beam origin)."""
-    return self.replace(key_NBMGK=jnp.take(self.key_NBMGK, rows, axis=1),
-                        value_NBMGK=jnp.take(self.value_NBMGK, rows, axis=1),
+    axis = 0 if isinstance(self.key_NBGMK, tuple) else 1
+    take = lambda x: jnp.take(x, rows, axis=axis)
+    return self.replace(key_NBGMK=jax.tree.map(take, self.key_NBGMK),
+                        value_NBGMK=jax.tree.map(take, self.value_NBGMK),
                         valid_BM=jnp.take(self.valid_BM, rows, axis=0))
 
 
@@ -279,7 +297,7 @@ class Attention(_Sub):
   def __call__(self, x_BLD, routing, mask, cos, sin, kv=None, index=None):
     """Without `kv`, causal attention within x (mask: [B,1,1,L] padding or None).
 
-    With kv = this layer's cached (keys, values) [B, M, G, K], the new keys and values are
+    With kv = this layer's cached (keys, values) [B, G, M, K], the new keys and values are
     written at slot `index` and the queries attend over the cache (mask: [B,1,L,M], causal and
     padding already folded in); returns (out, updated kv).
     """
@@ -298,14 +316,28 @@ class Attention(_Sub):
       if self.is_mutable_collection(INTERMEDIATES):  # for attention heatmaps only
         self.sow(INTERMEDIATES, 'attention_probs', attention_probs(q, k, mask))
     else:
-      key_BMGK, value_BMGK = kv
-      key_BMGK = jax.lax.dynamic_update_slice_in_dim(key_BMGK, k.astype(key_BMGK.dtype), index, 1)
-      value_BMGK = jax.lax.dynamic_update_slice_in_dim(value_BMGK, v.astype(value_BMGK.dtype),
-                                                       index, 1)
-      out = jax.nn.dot_product_attention(q, key_BMGK.astype(q.dtype), value_BMGK.astype(q.dtype),
-                                         mask=mask)
-      kv = (key_BMGK, value_BMGK)
+      key_BGMK, value_BGMK = kv
+      write = lambda cache, new_BLGK: jax.lax.dynamic_update_slice_in_dim(
+          cache, new_BLGK.transpose(0, 2, 1, 3).astype(cache.dtype), index, 2)
+      kv = (write(key_BGMK, k), write(value_BGMK, v))
+      out = cached_attention(q, *kv, mask)
     return self.dense(out_name, cfg.hidden_size, bias)(out.reshape(B, L, H * K), routing), kv
+
+
+def cached_attention(q_BLHK, key_BGMK, value_BGMK, mask_B1LM):
+  """Softmax attention of L queries over a cache laid out [B, G, M, K] (grouped-query: query
+  head h reads kv head h // (H / G)), as jax.nn.dot_product_attention computes it (scores and
+  softmax in float32) but reading the cache in place: that function wants [B, M, G, K] and a
+  one-token step would transpose the whole cache of every layer."""
+  B, L, H, K = q_BLHK.shape
+  G = key_BGMK.shape[1]
+  q_BGRLK = q_BLHK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum('bgrlk,bgmk->bgrlm', q_BGRLK, key_BGMK.astype(q_BLHK.dtype),
+                      preferred_element_type=jnp.float32) / np.sqrt(K).astype(np.float32)
+  scores = jnp.where(mask_B1LM[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BLHK.dtype)
+  out = jnp.einsum('bgrlm,bgmk->bgrlk', probs, value_BGMK.astype(q_BLHK.dtype))
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 def attention_probs(q_BLHK, k_BLGK, mask=None):
@@ -452,11 +484,15 @@ class Decoder(nn.Module):
     return rope_tables(positions_BL, self.cfg) if self.cfg.arch == 'llama' else (None, None)
 
   def __call__(self, tokens_BL=None, *, embeddings_BLD=None, context_ids_BL=None,
-               attention_mask_BL=None, positions_BL=None, return_hidden=False, cache=None):
+               attention_mask_BL=None, positions_BL=None, return_hidden=False, cache=None,
+               logits_to_keep=0):
     """Logits [B, L, vocab] in float32 (or the final hidden states with return_hidden).
 
     With a `KVCache`, the L positions are the next ones after those cached (slots index ..
     index+L-1; default positions likewise) and the call returns (logits, updated cache).
+    logits_to_keep=k > 0 returns only the last k positions' logits (as transformers' argument
+    of that name): a prompt's prefill needs the last one, and the LM head over every position
+    would cost more than the rest of the prefill.
     """
     cfg = self.cfg
     if (tokens_BL is None) == (embeddings_BLD is None):
@@ -474,7 +510,8 @@ class Decoder(nn.Module):
     routing = (adaptors.route(context_ids_BL, self.peft)
                if self.peft is not None and self.peft.methods else None)
     if cache is not None:
-      return self._cached(x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache)
+      return self._cached(x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache,
+                          logits_to_keep)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     mask_B11L = None
@@ -483,7 +520,7 @@ class Decoder(nn.Module):
     cos, sin = self.rope(positions_BL)
     x_BLD = self.add_positions(x_BLD, positions_BL)
     x_BLD, _ = self.layers(x_BLD, (routing, mask_B11L, cos, sin, None), None)
-    return self._head(x_BLD, return_hidden)
+    return self._head(x_BLD, return_hidden, logits_to_keep)
 
   def _check_positions(self, length, positions_BL):
     """A learned position table has max_positions rows: refuse what would read past it."""
@@ -498,13 +535,15 @@ class Decoder(nn.Module):
                        f'{self.cfg.arch} decoder (model.max_positions={limit}); shorten the '
                        'sequence (or the cache).')
 
-  def _cached(self, x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache):
+  def _cached(self, x_BLD, routing, attention_mask_BL, positions_BL, return_hidden, cache,
+              logits_to_keep=0):
     cfg = self.cfg
     B, L = x_BLD.shape[:2]
     M = cache.max_len
-    if cache.valid_BM.shape[0] != B or cache.key_NBMGK.shape[0] != cfg.num_layers:
+    cache = cache.stacked()
+    if cache.valid_BM.shape[0] != B or cache.key_NBGMK.shape[0] != cfg.num_layers:
       raise ValueError(f'The cache holds {cache.valid_BM.shape[0]} rows of '
-                       f'{cache.key_NBMGK.shape[0]} layers; expected {B} rows (the batch) of '
+                       f'{cache.key_NBGMK.shape[0]} layers; expected {B} rows (the batch) of '
                        f'{cfg.num_layers} layers.')
     if L > M:
       raise ValueError(f'{L} new positions do not fit a cache of max_len={M}.')
@@ -521,15 +560,20 @@ class Decoder(nn.Module):
     cos, sin = self.rope(positions_BL)
     x_BLD = self.add_positions(x_BLD, positions_BL)
     x_BLD, (key, value) = self.layers(x_BLD, (routing, mask_B1LM, cos, sin, index),
-                                      (cache.key_NBMGK, cache.value_NBMGK))
+                                      (cache.key_NBGMK, cache.value_NBGMK))
     cache = KVCache(key, value, valid_BM, index + L)
-    return self._head(x_BLD, return_hidden), cache
+    return self._head(x_BLD, return_hidden, logits_to_keep), cache
 
   def final_hidden(self, x_BLD):
     """The last layer's output as the LM head reads it (final norm; OPT may project out)."""
     return x_BLD if self.norm is None else self.norm(x_BLD)
 
-  def _head(self, x_BLD, return_hidden):
+  def _head(self, x_BLD, return_hidden, logits_to_keep=0):
+    if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+      raise ValueError(f'logits_to_keep must be an int >= 0 (0: every position), got '
+                       f'{logits_to_keep!r}.')
+    if logits_to_keep:
+      x_BLD = x_BLD[:, -logits_to_keep:]
     x_BLD = self.final_hidden(x_BLD)
     if return_hidden:
       return x_BLD

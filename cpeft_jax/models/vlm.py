@@ -60,8 +60,9 @@ class VisionLanguageModel(nn.Module):
     return self.connector(feats_BNV)
 
   def __call__(self, pixels_BHWC, tokens_BL, kinds_BL, context_ids_BL, attention_mask_BL=None,
-               return_hidden=False, cache=None):
-    """Logits [B, L, vocab]; with a decoder `KVCache` (to prefill a prompt), (logits, cache)."""
+               return_hidden=False, cache=None, logits_to_keep=0):
+    """Logits [B, L, vocab]; with a decoder `KVCache` (to prefill a prompt), (logits, cache).
+    logits_to_keep=k > 0: only the last k positions' (see `Decoder`)."""
     image_BND = self.image_embeddings(pixels_BHWC)
     if not isinstance(kinds_BL, jax.core.Tracer):
       counts = np.asarray(kinds_BL == Kind.IMAGE).sum(1)
@@ -73,7 +74,7 @@ class VisionLanguageModel(nn.Module):
     x_BLD = splice(self.decoder.embed(tokens_BL), image_BND, kinds_BL, boundary)
     return self.decoder(embeddings_BLD=x_BLD, context_ids_BL=context_ids_BL,
                         attention_mask_BL=attention_mask_BL, return_hidden=return_hidden,
-                        cache=cache)
+                        cache=cache, logits_to_keep=logits_to_keep)
 
   def decode(self, tokens_BL, context_ids_BL, cache, positions_BL=None):
     """Text tokens after a prefilled prompt (generation steps): (logits, updated cache)."""
