@@ -139,11 +139,13 @@ def frozen_base(spec: 'TrainSpec', shape: Shape, base):
   return base
 
 
-def init_base(shape: Shape, seed: int = 0):
-  """The frozen decoder's 'params' (float32), shared by every case of a run."""
+def init_base(shape: Shape, seed: int = 0, dtype: str = 'float32'):
+  """The frozen decoder's 'params' (float32 draws, stored in `dtype`), shared by every case of
+  a run. A lone PEFT case's process makes its frozen weights in their dtype straight away, as
+  a user's run loads them: the float32 draws are a temporary of this one call."""
   model = Decoder(shape.decoder('float32'))
-  return jax.jit(lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32))['params'])(
-      jax.random.key(seed))
+  init = lambda k: model.init(k, jnp.zeros((1, 1), jnp.int32))['params']
+  return jax.jit(lambda k: jax.tree.map(lambda x: x.astype(dtype), init(k)))(jax.random.key(seed))
 
 
 def _count(tree) -> int:

@@ -47,6 +47,10 @@ flags.DEFINE_enum('frozen_dtype', 'compute', ['compute', 'float32'],
                   'Storage of the PEFT cases\' frozen weights (a knob; see cases.Shape).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
 
+# Memory-only cases: a train case with layer remat (measured in a fresh process, not timed).
+REMAT = '+remat'
+REMAT_CASES = ('lora_c2', 'full')
+
 GOAL_ROWS = (
     # (label, numerator, denominator, bound, kind) with kind 'time' (<= bound) or
     # 'memory'/'speed' (>= bound).
@@ -55,6 +59,7 @@ GOAL_ROWS = (
     ('our LoRA step over transformers+peft, bf16', 'lora_c1', 'peft_bf16', 0.70, 'time'),
     ('our LoRA step over transformers+peft, float32', 'lora_c1_fp32', 'peft_fp32', 0.70, 'time'),
     ('full fine-tuning over Context-LoRA C=2, peak memory', 'full', 'lora_c2', 2.0, 'memory'),
+    ('the same, both with layer remat', 'full' + REMAT, 'lora_c2' + REMAT, 2.0, 'memory'),
     ('our generation over transformers\' generate, tokens/s', 'generate_ours', 'generate_peer',
      2.0, 'speed'),
 )
@@ -74,8 +79,12 @@ def shape() -> cases.Shape:
 
 
 def memory_worker(name: str):
-  """Builds case `name` alone in this fresh process, runs two steps, prints its RSS as JSON."""
+  """Builds case `name` alone in this fresh process, runs two steps, prints its RSS as JSON.
+  A name ending in REMAT is that train case with layer remat."""
   s = shape()
+  case = name[:-len(REMAT)] if name.endswith(REMAT) else name
+  if case != name:
+    s = dataclasses.replace(s, remat=True)
   if name in cases.PEERS:
     import peft  # noqa: F401  (imports before the baseline, like the JAX side's)
     import torch  # noqa: F401
@@ -84,12 +93,13 @@ def memory_worker(name: str):
   if name in cases.PEERS:
     built = cases.build_peer(cases.hf_model(s), s, variants=(name,))[name]
   else:
-    spec, base = cases.OURS[name], cases.init_base(s)
-    frozen = None if spec.mode == 'full' else cases.frozen_base(spec, s, base)
-    if frozen is not None and frozen is not base:
-      del base  # the case holds only what a user's run would
-    built = cases.build_ours(spec, s, None if frozen is not None else base, share_base=False,
-                             frozen=frozen)
+    spec = cases.OURS[case]
+    if spec.mode == 'full':
+      base, frozen = cases.init_base(s), None
+    else:  # the case holds only what a user's run would: its frozen weights, in their dtype
+      dtype = spec.dtype if s.frozen_dtype == 'compute' else 'float32'
+      base, frozen = None, cases.init_base(s, dtype=dtype)
+    built = cases.build_ours(spec, s, base, share_base=False, frozen=frozen)
   built.run()
   built.run()
   print('MEMORY ' + json.dumps({'case': name, 'base_mib': base_mib, 'xla_mib': built.xla_mib,
@@ -165,6 +175,15 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
     rss = f"{m['peak_mib']:.0f} ({m['peak_mib'] - m['base_mib']:.0f})" if m else '-'
     lines.append(f'| {label} | {b.trainable:,} | {t * 1e3:.1f} | {tokens / t:,.0f} | {rel} | '
                  f'{xla} | {rss} |')
+  remat_rows = [n for n in mem if n.endswith(REMAT)]
+  if remat_rows:
+    lines += ['', 'With layer remat (each layer\'s activations recomputed in the backward pass; '
+              'memory only, not timed):', '', '| case | XLA MiB | peak RSS MiB (over imports) |',
+              '|---|---|---|']
+    for name in remat_rows:
+      m = mem[name]
+      lines.append(f"| {cases.OURS[name[:-len(REMAT)]].label}, remat | {m['xla_mib']:.0f} | "
+                   f"{m['peak_mib']:.0f} ({m['peak_mib'] - m['base_mib']:.0f}) |")
   first = {n: b.first_loss for n, b in built.items()}
   if first.get('lora_c1_fp32') is not None and first.get('peft_fp32') is not None:
     lines += ['', f"First-step loss (LoRA B = 0, so the frozen model's loss), float32: ours "
@@ -268,7 +287,8 @@ def main(argv):
   if rss:
     del hf
     log(f'memory: {len(built)} fresh processes')
-    mem = measure_memory(list(built), FLAGS.jobs)
+    extra = [] if FLAGS.remat else [n + REMAT for n in REMAT_CASES if n in built]
+    mem = measure_memory(list(built) + extra, FLAGS.jobs)
   else:
     log('memory: peak RSS not measured (--norss, the default with --quick)')
   text = report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start)

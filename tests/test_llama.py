@@ -152,3 +152,36 @@ def test_bf16_compute_is_close_to_fp32(adapted):
   ref = model.apply(v, tokens, context_ids_BL=ctx)
   rel_rms = float(jnp.sqrt(jnp.mean((out - ref) ** 2) / jnp.mean(ref ** 2)))
   assert 0 < rel_rms < 0.06  # bf16 keeps ~3 significant digits per op
+
+
+def test_layer_loop_reads_frozen_bf16_weights_as_unrolled_layers_do():
+  """bf16 frozen weights in a layer loop (read there as 16-bit integers) give the unrolled
+  layers' logits and adaptor gradients; training them in a loop is refused by name, and
+  float32 weights still train there."""
+  cfg = dataclasses.replace(CFG, dtype='bfloat16', param_dtype='bfloat16', remat=True)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)), jnp.int32)
+  ctx = (tokens % 2).astype(jnp.int32)
+  v = Decoder(cfg, ALL).init(jax.random.key(0), tokens, context_ids_BL=ctx)
+  v['adaptors'] = jax.tree.map(lambda x: x + 0.01, v['adaptors'])  # LoRA B != 0
+  out = {}
+  for unroll in (False, True):
+    model = Decoder(dataclasses.replace(cfg, unroll_layers=unroll), ALL)
+    loss = lambda a, p: model.apply({'params': p, 'adaptors': a}, tokens,
+                                    context_ids_BL=ctx).astype(jnp.float32).mean()
+    out[unroll] = jax.jit(jax.value_and_grad(loss))(v['adaptors'], v['params'])
+  np.testing.assert_allclose(out[False][0], out[True][0], rtol=1e-3)
+  for a, b in zip(jax.tree.leaves(out[False][1]), jax.tree.leaves(out[True][1])):
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=0.05, atol=1e-3)
+  looped = Decoder(dataclasses.replace(cfg, unroll_layers=False), ALL)
+  loss = lambda p, a: looped.apply({'params': p, 'adaptors': a}, tokens,
+                                   context_ids_BL=ctx).astype(jnp.float32).mean()
+  with pytest.raises(ValueError, match='bfloat16 decoder weight .* trained in a layer loop'):
+    jax.grad(loss)(v['params'], v['adaptors'])
+  p32 = jax.tree.map(lambda x: x.astype(jnp.float32), v['params'])
+  g32 = jax.grad(loss)(p32, v['adaptors'])
+  unrolled = Decoder(dataclasses.replace(cfg, unroll_layers=True), ALL)
+  want = jax.grad(lambda p, a: unrolled.apply({'params': p, 'adaptors': a}, tokens,
+                                              context_ids_BL=ctx).astype(jnp.float32).mean())(
+      p32, v['adaptors'])
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3)

@@ -137,3 +137,19 @@ def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
   want = [np.sqrt(sum(float(np.sum(np.square(x[:, r]))) for x in tables)) for r in range(2)]
   np.testing.assert_allclose(m['grad_norm_row'], want, rtol=1e-4)
   assert min(want) > 0
+
+
+def test_token_losses_and_gradient_equal_optax():
+  """The cross-entropy's own backward pass gives optax's loss and gradient (weighted, as the
+  loss mask weights it)."""
+  import optax
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(4 * rng.standard_normal((2, 5, 11)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+  weights = jnp.asarray(rng.random((2, 5)), jnp.float32)
+  ours = lambda x: jnp.sum(step_lib.token_losses(x, targets) * weights)
+  ref = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * weights)
+  np.testing.assert_allclose(step_lib.token_losses(logits, targets),
+                             optax.softmax_cross_entropy_with_integer_labels(logits, targets),
+                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), rtol=1e-5, atol=1e-6)

@@ -68,9 +68,11 @@ class DecoderConfig:
   residual_dropout: float = 0.0
   remat: bool = False
   # Layers as straight-line code (their parameters still stacked [num_layers, ...]). None: when
-  # computing in bf16/fp16, where XLA:CPU's layer loop round-trips every value through float32,
-  # which costs more than the longer compile (bench/: paper shape, bf16 train step 1.2x faster
-  # on one core); in float32 the loop is as fast or faster and compiles sooner.
+  # computing in bf16/fp16 without remat, where XLA:CPU's layer loop round-trips every value
+  # through float32, which costs more than the longer compile (bench/: paper shape, bf16 train
+  # step 1.2x faster on one core); in float32 the loop is as fast or faster and compiles
+  # sooner. With remat the loop stays: XLA schedules unrolled layers' recomputation so that it
+  # saves no memory (bench/: the same XLA peak with and without remat).
   unroll_layers: bool | None = None
   dtype: str = 'float32'
   param_dtype: str = 'float32'
@@ -430,6 +432,34 @@ class Block(nn.Module):
     return post(norm2, x_BLD + drop(h)), kv
 
 
+# A layer loop reads frozen 16-bit weights as same-width integers. XLA:CPU widens a loop's
+# bf16/fp16 slices to float32 and hoists that convert out of the loop, so the whole stack of
+# frozen weights gained a float32 copy (bench/: paper shape, bf16 base with remat, 453 MiB of a
+# LoRA step's 1717). A bitcast costs nothing and integers are sliced as they are.
+_BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16), np.dtype(np.float16): np.dtype(np.int16)}
+_FLOATS = {bits: float_ for float_, bits in _BITS.items()}
+
+
+@jax.custom_jvp
+def _as_bits(x):
+  return jax.lax.bitcast_convert_type(x, _BITS[x.dtype]) if x.dtype in _BITS else x
+
+
+@_as_bits.defjvp
+def _as_bits_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents  # only called for a differentiated weight
+  if x.dtype not in _BITS:
+    return x, t
+  raise ValueError(f'A {x.dtype} decoder weight of shape {x.shape} is being trained in a layer '
+                   'loop, which reads 16-bit weights as integers (they are meant to be frozen '
+                   'there); train float32 weights (param_dtype=float32) or set '
+                   'DecoderConfig.unroll_layers=True.')
+
+
+def _from_bits(x):
+  return jax.lax.bitcast_convert_type(x, _FLOATS[x.dtype]) if x.dtype in _FLOATS else x
+
+
 class Decoder(nn.Module):
   """Token ids or input embeddings plus context ids in, logits out.
 
@@ -454,14 +484,20 @@ class Decoder(nn.Module):
                                  embedding_init=nn.initializers.normal(0.02),
                                  param_dtype=DTYPES[cfg.param_dtype])
     block = self.block
-    unroll = cfg.unroll_layers if cfg.unroll_layers is not None else cfg.dtype != 'float32'
-    if cfg.remat:
-      block = nn.remat(block, prevent_cse=not unroll)  # CSE is only safe in a loop
-    self.layers = nn.scan(
+    unroll = (cfg.unroll_layers if cfg.unroll_layers is not None
+              else cfg.dtype != 'float32' and not cfg.remat)
+    in_loop = not unroll and not self.is_initializing()
+    if in_loop:  # (inside remat: its residuals are then the loop's integer slices)
+      block = nn.map_variables(block, 'params', lambda t: jax.tree.map(_from_bits, t))
+    if cfg.remat:  # outside a loop, XLA could merge the recomputation with the forward pass
+      block = nn.remat(block, prevent_cse=unroll)
+    layers = nn.scan(
         block, variable_axes={'params': 0, adaptors.ADAPTORS: 0, INTERMEDIATES: 0},
         split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast, 0),
-        length=cfg.num_layers, unroll=cfg.num_layers if unroll else 1)(
-            cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
+        length=cfg.num_layers, unroll=cfg.num_layers if unroll else 1)
+    if in_loop:
+      layers = nn.map_variables(layers, 'params', lambda t: jax.tree.map(_as_bits, t))
+    self.layers = layers(cfg, self.peft, tuple(sorted(targets.items())), self.deterministic)
     self.norm = make_norm(cfg) if cfg.pre_norm else None
     if not cfg.tie_embeddings:
       self.lm_head = Head(cfg.vocab_size, DTYPES[cfg.dtype], DTYPES[cfg.param_dtype])

@@ -25,8 +25,29 @@ from cpeft_jax.train import state as state_lib
 ApplyFn = Callable[..., jax.Array]
 
 
+@jax.custom_vjp
 def token_losses(logits_BLV, targets_BL):
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+  """Cross-entropy per position, as optax.softmax_cross_entropy_with_integer_labels (a test),
+  with a backward pass that keeps only the logits and their log-sum-exp: the gradient
+  softmax - onehot is the one [B, L, V] array it makes (autodiff of the optax loss also keeps
+  the log-softmax, another float32 copy of the logits; bench/: 196 MiB at the paper shape)."""
+  return _token_losses_fwd(logits_BLV, targets_BL)[0]
+
+
+def _token_losses_fwd(logits_BLV, targets_BL):
+  lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  picked_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  return lse_BL - picked_BL, (logits_BLV, lse_BL, targets_BL)
+
+
+def _token_losses_bwd(res, g_BL):
+  logits_BLV, lse_BL, targets_BL = res
+  onehot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype)
+  dlogits_BLV = (jnp.exp(logits_BLV - lse_BL[..., None]) - onehot_BLV) * g_BL[..., None]
+  return dlogits_BLV, None
+
+
+token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
 def masked_losses(apply_fn, variables, batch, *, train, rng):
