@@ -18,6 +18,10 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from cpeft_jax import xla_flags
+
+xla_flags.set_training_defaults()  # before anything starts JAX
+
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file (get_config(arg)).')
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Directory for checkpoints and metrics.')
 flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() before any JAX work. '

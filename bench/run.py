@@ -27,7 +27,14 @@ import time
 
 from absl import app, flags
 
-from bench import cases, harness
+from cpeft_jax import xla_flags
+
+# Train steps run under the XLA flags train.py sets; generation runs in a process of its own
+# under the user's flags, as evaluate.py does (see cpeft_jax/xla_flags.py).
+USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
+xla_flags.set_training_defaults()
+
+from bench import cases, harness  # noqa: E402  (starts JAX, after the flags)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('quick', False, 'The small shape instead of the paper\'s LLM shape.')
@@ -46,6 +53,7 @@ flags.DEFINE_bool('remat', False, 'Rematerialise each decoder layer in the backw
 flags.DEFINE_enum('frozen_dtype', 'compute', ['compute', 'float32'],
                   'Storage of the PEFT cases\' frozen weights (a knob; see cases.Shape).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
+flags.DEFINE_bool('generation_worker', False, 'Internal: time generation, print it as JSON.')
 
 # Memory-only cases: a train case with layer remat (measured in a fresh process, not timed).
 REMAT = '+remat'
@@ -104,6 +112,38 @@ def memory_worker(name: str):
   built.run()
   print('MEMORY ' + json.dumps({'case': name, 'base_mib': base_mib, 'xla_mib': built.xla_mib,
                                 'peak_mib': harness.peak_rss_mib()}), flush=True)
+
+
+def generation_worker():
+  """Times our generation and (with --peer) transformers' generate, prints them as JSON."""
+  s = shape()
+  base = cases.init_base(s)
+  hf = None
+  if FLAGS.peer:
+    from cpeft_jax import checkpoints
+    with tempfile.TemporaryDirectory() as tmp:
+      checkpoints.save_decoder(os.path.join(tmp, 'llama'), s.decoder('float32'), base)
+      hf = cases.hf_model(s, os.path.join(tmp, 'llama'))
+  built, info = cases.build_generation(s, base, hf)
+  times = harness.interleave({k: b.run for k, b in built.items()}, FLAGS.steps, FLAGS.rounds)
+  print('GENERATION ' + json.dumps({'times': times, 'info': info}), flush=True)
+
+
+def measure_generation(peer: bool) -> tuple[dict, dict]:
+  """(times, info) of `generation_worker`, run under the user's own XLA flags."""
+  env = dict(os.environ)
+  env.pop('XLA_FLAGS')
+  if USER_XLA_FLAGS is not None:
+    env['XLA_FLAGS'] = USER_XLA_FLAGS
+  cmd = [sys.executable, '-m', 'bench.run', '--generation_worker', f'--peer={peer}',
+         f'--steps={FLAGS.steps}', f'--rounds={FLAGS.rounds}'] + (
+             ['--quick'] if FLAGS.quick else [])
+  p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  for line in p.stdout.splitlines():
+    if line.startswith('GENERATION '):
+      out = json.loads(line[len('GENERATION '):])
+      return out['times'], out['info']
+  raise RuntimeError(f'The generation process failed (exit {p.returncode}): {p.stderr[-3000:]}')
 
 
 def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
@@ -228,10 +268,12 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
 
 def main(argv):
   del argv
-  if FLAGS.memory_case:
-    return memory_worker(FLAGS.memory_case)
   if FLAGS.steps is None:
     FLAGS.steps = 2 if FLAGS.quick else 3
+  if FLAGS.memory_case:
+    return memory_worker(FLAGS.memory_case)
+  if FLAGS.generation_worker:
+    return generation_worker()
   unknown = sorted(set(FLAGS.cases) - set(cases.OURS))
   if unknown:
     raise app.UsageError(f'--cases names {unknown}; expected some of {list(cases.OURS)}.')
@@ -259,10 +301,8 @@ def main(argv):
   if peer_skip:
     log(f'transformers + peft peer skipped: {peer_skip}')
 
-  log('generation: building')
-  gen_built, gen_info = cases.build_generation(s, base, hf)
-  gen_times = harness.interleave({k: b.run for k, b in gen_built.items()}, FLAGS.steps,
-                                 FLAGS.rounds)
+  log('generation: timing in a process of its own')
+  gen_times, gen_info = measure_generation(hf is not None)
   log(f'generation: {gen_times} {gen_info}')
 
   def build(name):

@@ -1,0 +1,30 @@
+"""The XLA flags train.py sets before JAX starts: added to the user's, never overriding them."""
+
+import subprocess
+import sys
+
+from cpeft_jax import xla_flags
+
+
+def test_training_defaults_join_the_users_flags_and_keep_their_values():
+  env = {}
+  assert xla_flags.set_training_defaults(env) == ' '.join(xla_flags.TRAINING)
+  env = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
+  assert env['XLA_FLAGS'].split() + list(xla_flags.TRAINING) == xla_flags.set_training_defaults(
+      env).split()
+  name = xla_flags.TRAINING[0].split('=')[0]
+  env = {'XLA_FLAGS': f'{name}=true'}
+  assert xla_flags.set_training_defaults(env) == f'{name}=true'
+
+
+def test_train_py_sets_them_before_jax_starts():
+  """Importing train.py (which loads its default config, and with it JAX) sets the flags while
+  XLA can still read them, keeping the user's (here: a 3-device CPU platform)."""
+  code = ('import os, sys; sys.argv = ["train.py"]; import train, jax; '
+          'print(os.environ["XLA_FLAGS"]); print(jax.device_count())')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
+                       env={'PATH': '', 'JAX_PLATFORMS': 'cpu',
+                            'XLA_FLAGS': '--xla_force_host_platform_device_count=3'})
+  flags, devices = out.stdout.split('\n')[:2]
+  assert flags.split() == ['--xla_force_host_platform_device_count=3', *xla_flags.TRAINING]
+  assert devices == '3'
