@@ -52,7 +52,8 @@ def get_config(arg=None):
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
-                 rope_theta=10000.0, residual_dropout=0.1, dtype='float32')
+                 rope_theta=10000.0, residual_dropout=0.1, dtype='float32',
+                 remat=False)  # True: recompute each layer in the backward pass
   c.connector = dict(kind='linear', dropout=0.1, pre_norm=False, boundary_tokens=False)
   # The frozen base in 8 or 4 bits (cpeft_jax/quantize.py): --config.quantize.format=int4.
   c.quantize = dict(format='', granularity='block', block_size=64, targets='decoder')

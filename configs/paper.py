@@ -66,7 +66,8 @@ def get_config(arg=None):
                   drop_cls=True, dtype='bfloat16')  # frozen: weights and compute in bf16
   # text_model's config.json decides the decoder's shape; these set its numerics. Mixed
   # precision: bf16 compute, float32 weights (adaptor tables and connector are float32 too).
-  c.model = dict(dtype='bfloat16', param_dtype='float32', residual_dropout=0.1)
+  c.model = dict(dtype='bfloat16', param_dtype='float32', residual_dropout=0.1,
+                 remat=False)  # True: recompute each layer in the backward pass
   c.connector = dict(kind='linear', dropout=0.1, pre_norm=False, boundary_tokens=False)
   c.peft = dict(
       methods=methods, targets=a.targets.replace(';', ','),

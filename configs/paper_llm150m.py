@@ -22,7 +22,7 @@ def get_config(arg=None):
   c.model = dict(vocab_size=50272, hidden_size=768, num_layers=12, num_heads=12,
                  intermediate_size=3072, fused_gate_up=True, rope_theta=10000.0,
                  rms_norm_eps=1e-6, tie_embeddings=False, residual_dropout=0.1,
-                 dtype='bfloat16', param_dtype='float32')
+                 dtype='bfloat16', param_dtype='float32', remat=False)
   methods = () if a.method == 'none' else tuple(a.method.split('+'))
   c.peft = dict(
       methods=methods,
