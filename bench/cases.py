@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -228,17 +230,18 @@ def hf_config(shape: Shape):
       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
-def hf_model(shape: Shape, checkpoint_dir=None):
-  """transformers' LlamaForCausalLM in float32: our weights when `checkpoint_dir` is given."""
+def hf_model(shape: Shape, base=None):
+  """transformers' LlamaForCausalLM in float32: our weights `base` when given (written by
+  save_decoder and loaded back, as a user loads a checkpoint), else random ones."""
   import torch
   import transformers
   torch.set_num_threads(harness.cores())
-  if checkpoint_dir is not None:
-    model = transformers.LlamaForCausalLM.from_pretrained(str(checkpoint_dir),
-                                                          torch_dtype=torch.float32)
-  else:
-    model = transformers.LlamaForCausalLM(hf_config(shape))
-  return model.eval()
+  if base is None:
+    return transformers.LlamaForCausalLM(hf_config(shape)).eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    checkpoints.save_decoder(os.path.join(tmp, 'llama'), shape.decoder('float32'), base)
+    return transformers.LlamaForCausalLM.from_pretrained(os.path.join(tmp, 'llama'),
+                                                         torch_dtype=torch.float32).eval()
 
 
 def build_peer(model, shape: Shape, variants=('peft_fp32', 'peft_bf16')) -> dict[str, Built]:

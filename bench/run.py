@@ -22,7 +22,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app, flags
@@ -118,15 +117,20 @@ def generation_worker():
   """Times our generation and (with --peer) transformers' generate, prints them as JSON."""
   s = shape()
   base = cases.init_base(s)
-  hf = None
-  if FLAGS.peer:
-    from cpeft_jax import checkpoints
-    with tempfile.TemporaryDirectory() as tmp:
-      checkpoints.save_decoder(os.path.join(tmp, 'llama'), s.decoder('float32'), base)
-      hf = cases.hf_model(s, os.path.join(tmp, 'llama'))
-  built, info = cases.build_generation(s, base, hf)
+  built, info = cases.build_generation(s, base, cases.hf_model(s, base) if FLAGS.peer else None)
   times = harness.interleave({k: b.run for k, b in built.items()}, FLAGS.steps, FLAGS.rounds)
   print('GENERATION ' + json.dumps({'times': times, 'info': info}), flush=True)
+
+
+def worker(args: list[str], tag: str, env=None) -> tuple[dict | None, str]:
+  """Runs `python -m bench.run ARGS` in a fresh process: (the JSON it printed after TAG, '')
+  or, if it printed none, (None, why)."""
+  cmd = [sys.executable, '-m', 'bench.run', *args] + (['--quick'] if FLAGS.quick else [])
+  p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  for line in p.stdout.splitlines():
+    if line.startswith(tag + ' '):
+      return json.loads(line[len(tag) + 1:]), ''
+  return None, f'exit {p.returncode}: {p.stderr[-3000:]}'
 
 
 def measure_generation(peer: bool) -> tuple[dict, dict]:
@@ -135,30 +139,22 @@ def measure_generation(peer: bool) -> tuple[dict, dict]:
   env.pop('XLA_FLAGS')
   if USER_XLA_FLAGS is not None:
     env['XLA_FLAGS'] = USER_XLA_FLAGS
-  cmd = [sys.executable, '-m', 'bench.run', '--generation_worker', f'--peer={peer}',
-         f'--steps={FLAGS.steps}', f'--rounds={FLAGS.rounds}'] + (
-             ['--quick'] if FLAGS.quick else [])
-  p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-  for line in p.stdout.splitlines():
-    if line.startswith('GENERATION '):
-      out = json.loads(line[len('GENERATION '):])
-      return out['times'], out['info']
-  raise RuntimeError(f'The generation process failed (exit {p.returncode}): {p.stderr[-3000:]}')
+  out, why = worker(['--generation_worker', f'--peer={peer}', f'--steps={FLAGS.steps}',
+                     f'--rounds={FLAGS.rounds}'], 'GENERATION', env)
+  if out is None:
+    raise RuntimeError(f'The generation process failed ({why})')
+  return out['times'], out['info']
 
 
 def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
   """Peak RSS per case, each in a fresh process (two at a time: no timing runs meanwhile)."""
   def one(name):
-    cmd = [sys.executable, '-m', 'bench.run', f'--memory_case={name}',
-           f'--strategy={FLAGS.strategy}', f'--tile={FLAGS.tile}',
-           f'--frozen_dtype={FLAGS.frozen_dtype}', f'--remat={FLAGS.remat}'] + (
-               ['--quick'] if FLAGS.quick else [])
-    p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    for line in p.stdout.splitlines():
-      if line.startswith('MEMORY '):
-        return name, json.loads(line[len('MEMORY '):])
-    log(f'memory of {name} failed (exit {p.returncode}): {p.stderr[-2000:]}')
-    return name, None
+    out, why = worker([f'--memory_case={name}', f'--strategy={FLAGS.strategy}',
+                       f'--tile={FLAGS.tile}', f'--frozen_dtype={FLAGS.frozen_dtype}',
+                       f'--remat={FLAGS.remat}'], 'MEMORY')
+    if out is None:
+      log(f'memory of {name} failed ({why})')
+    return name, out
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
     return {n: m for n, m in pool.map(one, names) if m is not None}
 
@@ -292,10 +288,7 @@ def main(argv):
     except ImportError as e:
       peer_skip = f'not installed: {e}'
     else:
-      from cpeft_jax import checkpoints
-      with tempfile.TemporaryDirectory() as tmp:
-        checkpoints.save_decoder(os.path.join(tmp, 'llama'), s.decoder('float32'), base)
-        hf = cases.hf_model(s, os.path.join(tmp, 'llama'))
+      hf = cases.hf_model(s, base)
   else:
     peer_skip = '--nopeer'
   if peer_skip:

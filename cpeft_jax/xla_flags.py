@@ -1,8 +1,8 @@
 """XLA flags the training command line sets before JAX starts (this module imports no JAX).
 
 XLA reads XLA_FLAGS once, when its first backend starts, so `train.py` calls
-`set_training_defaults()` before anything imports jax. A flag the user's own XLA_FLAGS already
-names is left as the user set it.
+`set_training_defaults()` at import, before its config (which imports jax) is loaded and before
+any computation. A flag the user's own XLA_FLAGS already names is left as the user set it.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def stepper(apply, variables, path, num_layers):
   def step(*args, cache, **kw):
     rebuilt = {col: put(tree, path, jax.tree.map(lambda *xs: jnp.stack(xs), *pieces[col]))
                if col in pieces else tree for col, tree in variables.items()}
-    logits, cache = apply(rebuilt, *args, cache=cache.stacked(), **kw)
+    logits, cache = apply(rebuilt, *args, cache=cache, **kw)  # the decoder stacks the cache
     return logits, cache.per_layer()
   return step
 
