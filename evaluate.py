@@ -87,8 +87,8 @@ def main(argv):
     return
   # The two-variant demo trained one run per context map in DIR/<variant>: evaluate each and
   # compare them.
+  from cpeft_jax import demo
   from cpeft_jax.evaluation import compare
-  from cpeft_jax.train import demo
   workdirs = []
   for variant in FLAGS.config.variants:
     workdirs.append(os.path.join(FLAGS.workdir, variant))

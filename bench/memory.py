@@ -48,6 +48,7 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   rss0 = _rss_mb()
   from cpeft_jax import configlib
   from cpeft_jax.models.llama import Decoder, DecoderConfig
+  from cpeft_jax import trainable as trainable_lib
   from cpeft_jax.train import state as state_lib
   from cpeft_jax.train import step as step_lib
   if model == 'demo':
@@ -83,7 +84,7 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   nctx = peft.num_contexts if peft else 0
 
   def make(variables):
-    trainable, frozen = state_lib.split(variables, 'peft' if mode == 'peft' else 'full')
+    trainable, frozen = trainable_lib.split(variables, 'peft' if mode == 'peft' else 'full')
     return state_lib.TrainState.create(trainable, tx), frozen
 
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply, num_contexts=nctx),

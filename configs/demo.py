@@ -3,7 +3,7 @@
     python train.py --config=configs/demo.py --workdir=/tmp/demo
     python train.py --config=configs/demo.py:method=ia3,contexts=agnostic --workdir=...
 
-With no `contexts` argument this is the two-variant demo (cpeft_jax/train/demo.py): stage 0
+With no `contexts` argument this is the two-variant demo (cpeft_jax/demo.py): stage 0
 pre-trains its base models, since it has none to download (a tiny CLIP vision tower on the
 scenes' labels, a tiny Llama-style decoder on the caption text; both saved as Hugging Face
 checkpoints and loaded frozen like real ones), then context-agnostic and context-specific

@@ -63,19 +63,20 @@ def shape_problems(want: Mapping[str, Any], got: Mapping[str, Any], *, got_name:
 
 
 def require_same_shapes(want, got, what: str, *, got_name: str = 'the saved tensors',
-                        want_name: str = 'the model', hint: str = '',
+                        want_name: str = 'the model', hint: str = '', note: str = '',
                         error: type[Exception] = ValueError) -> None:
   """Raises `error` naming every difference when two trees (or {path: shape} maps) disagree.
 
   `want` and `got` are nested trees of arrays or flat {path: shape} maps; `what` names the
-  thing checked ("The checkpoint DIR") and `hint` a likely cause, appended in parentheses.
+  thing checked ("The checkpoint DIR"), `hint` a likely cause (in parentheses) and `note` more
+  context, appended after the list.
   """
   want_shapes = want if _is_shape_map(want) else shapes(want)
   got_shapes = got if _is_shape_map(got) else shapes(got)
   problems = shape_problems(want_shapes, got_shapes, got_name=got_name, want_name=want_name)
   if problems:
     raise error(f'{what} does not fit {want_name}'
-                f'{f" ({hint})" if hint else ""}: mismatched tensors: {"; ".join(problems)}.')
+                f'{f" ({hint})" if hint else ""}: mismatched tensors: {"; ".join(problems)}.{note}')
 
 
 def _is_shape_map(tree) -> bool:

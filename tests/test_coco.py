@@ -105,22 +105,22 @@ def test_coco_missing_split_or_data_dir_is_a_clear_error(data_dir, tmp_path):
 
 def test_coco_batches_and_a_forward_pass_with_loss(data_dir, tmp_path):
   from configs import demo
-  from cpeft_jax.train import loop, step
+  from cpeft_jax import experiment, losses
   config = demo.get_config('pretrain_epochs=0')
   config.data.update(dataset='coco_captions', data_dir=data_dir, train_split='train',
                      eval_split='val')
   config.vision.image_size = 32
   config.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
   config.train.batch_size, config.eval.batch_size = 2, 2
-  train = loop.open_split(config, str(tmp_path), 'train')
-  exp = loop.build(config, str(tmp_path), train)
+  train = experiment.open_split(config, str(tmp_path), 'train')
+  exp = experiment.build(config, str(tmp_path), train)
   data = exp.batches(train, train=True)
   assert len(data) == 6 * 3 // 2  # one example per (image, caption) pair
   batch = next(iter(data.epoch(0)))
   assert batch['pixels'].shape == (2, 32, 32, 3)
   assert batch['tokens'].shape == (2, config.data.seq_len)
-  out = jax.jit(lambda v, b: step.eval_step(v, {}, b, apply_fn=_apply(exp)))(
-      exp.variables, loop._device_batch(exp, batch))
+  out = jax.jit(lambda v, b: losses.eval_step(v, {}, b, apply_fn=_apply(exp)))(
+      exp.variables, experiment.device_batch(exp, batch))
   loss = float(out['loss_sum']) / float(out['tokens'])
   assert np.isfinite(loss) and float(out['tokens']) == batch['loss_mask'].sum()
   # An untrained model is close to uniform over the vocabulary.

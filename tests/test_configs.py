@@ -15,9 +15,9 @@ from cpeft_jax.data import pipeline, sources  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
 from cpeft_jax.models.connector import ConnectorConfig  # noqa: E402
-from cpeft_jax.train import loop  # noqa: E402
+from cpeft_jax import experiment, losses  # noqa: E402
+from cpeft_jax import trainable as trainable_lib  # noqa: E402
 from cpeft_jax.train import state as state_lib  # noqa: E402
-from cpeft_jax.train import step as step_lib  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -39,7 +39,7 @@ def test_every_grid_config_converts(arg):
   ConnectorConfig.from_dict(c.connector)
   configlib.decoder_config(c)  # numerics only: text_model's config.json gives the shape
   pipeline.AugmentConfig(**c.data.augment)
-  assert c.train.mode in state_lib.TRAINABLE
+  assert c.train.mode in trainable_lib.TRAINABLE
   method = dict(kv.split('=') for kv in arg.split(','))['method']
   if method in ('none', 'full'):
     assert peft.methods == () and c.train.mode == {'none': 'connector', 'full': 'full'}[method]
@@ -122,7 +122,7 @@ def _config(arg, tiny):
 ])
 def test_grid_entries_build_and_run(arg, tiny, tmp_path):
   c = _config(arg, tiny)
-  exp = loop.build(c, str(tmp_path), tiny['split'])
+  exp = experiment.build(c, str(tmp_path), tiny['split'])
   assert (exp.num_image_tokens, exp.image_size) == (16, 32)  # from the encoder's config
   assert exp.image_mean == IMAGENET_MEAN and exp.image_std == IMAGENET_STD
   data = exp.batches(tiny['split'], train=True)
@@ -135,13 +135,13 @@ def test_grid_entries_build_and_run(arg, tiny, tmp_path):
                     (exp.variables['params']['decoder'], dec.params)):
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
-  trainable, frozen = state_lib.split(exp.variables, c.train.mode)
+  trainable, frozen = trainable_lib.split(exp.variables, c.train.mode)
   tops = {f'{k}/{m}' for k, v in trainable.items() for m in v}
   assert tops == {'none': {'params/connector'}, 'full': {'params/connector', 'params/decoder'}
                   }.get(arg.split(',')[0][7:], {'params/connector', 'adaptors/decoder'})
   assert 'encoder' in frozen['params']
-  batch = {k: v for k, v in data.batch(0, 0).items() if k in loop.MODEL_KEYS}
-  out = step_lib.eval_step(trainable, frozen, batch, apply_fn=vlm.apply_fn(exp.model))
+  batch = {k: v for k, v in data.batch(0, 0).items() if k in experiment.BATCH_KEYS}
+  out = losses.eval_step(trainable, frozen, batch, apply_fn=vlm.apply_fn(exp.model))
   loss = float(out['loss_sum'] / out['tokens'])
   assert np.isfinite(loss) and loss > 0
 
@@ -150,17 +150,17 @@ def test_lora_rank_above_the_width_is_refused(tiny, tmp_path):
   c = _config('method=lora,rank=64,targets=A', tiny)
   with pytest.raises(ValueError, match=r'peft.lora.rank=64 is larger than the adapted projection '
                                        r'layers/attn/\w+ \(32 -> 32\).*expected a rank <= 32'):
-    loop.build(c, str(tmp_path), tiny['split'])
+    experiment.build(c, str(tmp_path), tiny['split'])
 
 
 def test_hf_vision_needs_a_path(tiny, tmp_path):
   c = _config('method=none', tiny)
   c.vision.path = ''
   with pytest.raises(ValueError, match=r"vision.kind='hf' needs vision.path"):
-    loop.build(c, str(tmp_path), tiny['split'])
+    experiment.build(c, str(tmp_path), tiny['split'])
   c.vision.kind = 'clip'
   with pytest.raises(ValueError, match=r"vision.kind='clip'; expected 'patch' or 'hf'"):
-    loop.build(c, str(tmp_path), tiny['split'])
+    experiment.build(c, str(tmp_path), tiny['split'])
 
 
 def test_vision_model_names_an_encoder_with_the_catalogs_settings(tiny, tmp_path):
@@ -168,18 +168,18 @@ def test_vision_model_names_an_encoder_with_the_catalogs_settings(tiny, tmp_path
   c = _config('method=none', tiny)
   c.vision = {'dtype': 'float32'}
   c.vision_model = tiny['swin']  # a local path: the loader's defaults
-  assert dict(loop.vision_config(c)) == dict(kind='hf', path=tiny['swin'], feature_layer=-1,
+  assert dict(experiment.vision_config(c)) == dict(kind='hf', path=tiny['swin'], feature_layer=-1,
                                              drop_cls=True, dtype='float32')
-  exp = loop.build(c, str(tmp_path), tiny['split'])
+  exp = experiment.build(c, str(tmp_path), tiny['split'])
   assert (exp.num_image_tokens, exp.image_size) == (16, 32)
   name = 'openai/clip-vit-base-patch32'
   c.vision_model = name
   want = catalog.VISION[name]
-  got = loop.vision_config(c)
+  got = experiment.vision_config(c)
   assert (got.path, got.feature_layer, got.drop_cls) == (name, want.feature_layer, want.drop_cls)
   # Presets not in this machine's cache: the error says what they are and how to fetch them.
   with pytest.raises(FileNotFoundError, match=r'clip-vit-base-patch32.*catalog preset: clip'):
-    loop.build(c, str(tmp_path), tiny['split'])
+    experiment.build(c, str(tmp_path), tiny['split'])
   c.vision_model, c.text_model = tiny['swin'], 'HuggingFaceTB/SmolLM2-135M'
   with pytest.raises(FileNotFoundError, match=r'SmolLM2-135M.*catalog preset: llama'):
-    loop.build(c, str(tmp_path), tiny['split'])
+    experiment.build(c, str(tmp_path), tiny['split'])

@@ -289,7 +289,7 @@ def _tiny_demo_config():
 def two_variants(tmp_path_factory):
   """The demo's whole command on a tiny config: (config, workdir, results, printed text)."""
   import contextlib
-  from cpeft_jax.train import demo as demo_run
+  from cpeft_jax import demo as demo_run
   config, workdir = _tiny_demo_config(), tmp_path_factory.mktemp('demo_run')
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
@@ -337,7 +337,7 @@ def test_demo_stage0_tower_learned_its_labels(two_variants):
 
 def test_demo_rerun_skips_finished_stages(two_variants):
   import contextlib
-  from cpeft_jax.train import demo as demo_run
+  from cpeft_jax import demo as demo_run
   config, workdir, results, _ = two_variants
   stamps = {p: p.stat().st_mtime_ns for p in workdir.rglob('*') if p.is_file()}
   out = io.StringIO()
@@ -354,7 +354,7 @@ def test_demo_rerun_skips_finished_stages(two_variants):
     (lambda c: c.update(text_model='/some/llama'), 'pre-trains its own base models'),
 ])
 def test_demo_config_errors_before_any_stage(tmp_path, change, match):
-  from cpeft_jax.train import demo as demo_run
+  from cpeft_jax import demo as demo_run
   config = _tiny_demo_config()
   change(config)
   with pytest.raises(ValueError, match=match):

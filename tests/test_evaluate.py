@@ -18,7 +18,8 @@ sys.path.insert(0, ROOT)
 from configs import demo  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.evaluation import captioning, compare, perplexity  # noqa: E402
-from cpeft_jax.train import checkpointing, loop  # noqa: E402
+from cpeft_jax import runs  # noqa: E402
+from cpeft_jax.train import checkpointing, trainer  # noqa: E402
 from cpeft_jax.train import state as state_lib  # noqa: E402
 from test_train_loop import tiny  # noqa: E402
 
@@ -29,7 +30,7 @@ TINY_ARG = 'epochs=1,num_train=24,rank=4,pretrain_epochs=2,contexts=modality'  #
 def workdir(tmp_path_factory):
   """One trained epoch (15 steps; checkpoints at steps 14 and 15, best at 15)."""
   path = str(tmp_path_factory.mktemp('evaluate') / 'run')
-  loop.train_and_evaluate(tiny(1), path)
+  trainer.train_and_evaluate(tiny(1), path)
   return path
 
 
@@ -63,7 +64,7 @@ def test_restores_trainable_tree_of_a_step_as_checkpointing_does(workdir):
   with ocp.StandardCheckpointer() as ckpt:
     best = ckpt.restore(os.path.join(workdir, 'best'))
   managed = os.path.join(workdir, 'checkpoints')
-  mine = perplexity.restore_trainable(perplexity.Checkpoint('latest', managed, 14),
+  mine = runs.restore_trainable(runs.Checkpoint('latest', managed, 14),
                                       jax.tree.map(ocp.utils.to_shape_dtype_struct, best))
   optim = state_lib.OptimConfig.from_dict(tiny(1).optim)
   state = state_lib.TrainState.create(best, state_lib.optimizer(optim))
@@ -80,7 +81,7 @@ def test_restores_trainable_tree_of_a_step_as_checkpointing_does(workdir):
 def test_config_that_does_not_fit_the_checkpoint(workdir, change, named):
   config = tiny(1)
   change(config)
-  with pytest.raises(perplexity.CheckpointMismatch, match='does not fit') as e:
+  with pytest.raises(runs.CheckpointMismatch, match='does not fit') as e:
     perplexity.evaluate(config, workdir, config_name='configs/x.py', progress=False)
   msg = str(e.value)
   assert os.path.join(workdir, 'best') in msg and 'configs/x.py' in msg and named in msg
@@ -89,18 +90,18 @@ def test_config_that_does_not_fit_the_checkpoint(workdir, change, named):
 
 def test_missing_checkpoints(workdir, tmp_path):
   best, managed = tmp_path / 'best', tmp_path / 'checkpoints'
-  for kind in perplexity.CHECKPOINTS:
+  for kind in runs.CHECKPOINTS:
     with pytest.raises(FileNotFoundError, match='No checkpoint in workdir') as e:
-      perplexity.find_checkpoint(str(tmp_path), kind)
+      runs.find_checkpoint(str(tmp_path), kind)
     assert str(best) in str(e.value) and str(managed) in str(e.value)
   os.symlink(os.path.join(workdir, 'checkpoints'), managed)  # steps but no best weights yet
   with pytest.raises(FileNotFoundError, match='--checkpoint=latest'):
-    perplexity.find_checkpoint(str(tmp_path), 'best')
+    runs.find_checkpoint(str(tmp_path), 'best')
   with pytest.raises(ValueError, match="Unknown --checkpoint value 'bestest'"):
-    perplexity.find_checkpoint(workdir, 'bestest')
+    runs.find_checkpoint(workdir, 'bestest')
   with pytest.raises(FileNotFoundError, match='holds no orbax checkpoint'):
-    perplexity.find_checkpoint(workdir, os.path.join(workdir, 'tokenizer'))
-  path = perplexity.find_checkpoint(workdir, os.path.join(workdir, 'best'))
+    runs.find_checkpoint(workdir, os.path.join(workdir, 'tokenizer'))
+  path = runs.find_checkpoint(workdir, os.path.join(workdir, 'best'))
   assert path.kind == 'path' and path.step == 15
 
 
@@ -119,7 +120,7 @@ def _flat(d, prefix=''):
 
 def test_generated_captions_cover_each_image_once(workdir):
   config = tiny(1)
-  r = perplexity.restore(config, workdir)
+  r = runs.restore(config, workdir)
   split = perplexity.open_splits(config, workdir)['validation']
   decoding = captioning.Decoding.from_config(config, max_new_tokens=5)
   out = captioning.generate_split(r, split, decoding, progress=False)

@@ -22,10 +22,10 @@ sys.path.insert(0, ROOT)
 from configs import demo_vqa  # noqa: E402
 from cpeft_jax import checkpoints, configlib, plugins  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
-from cpeft_jax.evaluation import perplexity  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
 from cpeft_jax.models.llama import Decoder  # noqa: E402
-from cpeft_jax.train import loop  # noqa: E402
+from cpeft_jax import experiment, runs  # noqa: E402
+from cpeft_jax.train import trainer  # noqa: E402
 
 
 def tiny(arg):
@@ -59,7 +59,7 @@ class Recipe:
 def random_base(config, workdir):
   """A random decoder with the vocabulary of both tasks in workdir/base_lm, where the caption
   stage would pre-train one (it keeps one that is there): the recipe without stage 0's cost."""
-  split = loop.open_split(config, workdir, 'train')
+  split = experiment.open_split(config, workdir, 'train')
   tok = tokenizer_lib.word_level(split.corpus(demo_vqa.TASKS))
   cfg = configlib.DecoderConfig.from_dict(dict(config.model, vocab_size=len(tok)))
   params = jax.jit(Decoder(cfg).init)(jax.random.key(0), np.zeros((1, 1), np.int32))['params']
@@ -71,7 +71,7 @@ def recipe(tmp_path_factory):
   r = Recipe(str(tmp_path_factory.mktemp('recipe')))
   random_base(r.config('caption'), r.dir('caption'))
   for task in ('caption', 'qa'):  # separate runs; qa shares the caption run's base
-    out = loop.train_and_evaluate(r.config(task), r.dir(task))
+    out = trainer.train_and_evaluate(r.config(task), r.dir(task))
     assert np.isfinite(out['val_loss'])
   # The caption plug-in through the command line, the QA one through the library.
   res = subprocess.run(
@@ -80,8 +80,8 @@ def recipe(tmp_path_factory):
       text=True, env=dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu'))
   assert res.returncode == 0, res.stderr[-2000:]
   assert "plug-in 'caption': context 0" in res.stdout
-  r.runs = {'qa': plugins.restore_run(r.dir('qa'))}  # the run rebuilt with its best weights
-  plugins.save(r.dir('p_qa'), plugins.from_run(r.runs['qa'], 0, name='qa'))
+  r.runs = {'qa': runs.restore_run(r.dir('qa'))}  # the run rebuilt with its best weights
+  plugins.save(r.dir('p_qa'), runs.plugin_from_run(r.runs['qa'], 0, name='qa'))
   return r
 
 
@@ -89,15 +89,15 @@ def _logits(model, variables, exp, batch, context_ids=None):
   batch = dict(batch)
   if context_ids is not None:
     batch['context_ids'] = context_ids
-  return np.asarray(jax.jit(vlm.apply_fn(model))(variables, loop._device_batch(exp, batch)))
+  return np.asarray(jax.jit(vlm.apply_fn(model))(variables, experiment.device_batch(exp, batch)))
 
 
 @pytest.fixture(scope='module')
 def assembled(recipe):
   """The assembly run's experiment as built (before any fine-tuning), and its train split."""
   config = recipe.config('assemble')
-  split = loop.open_split(config, recipe.dir('vqa0'), 'train')
-  return loop.build(config, recipe.dir('vqa0'), split), split
+  split = experiment.open_split(config, recipe.dir('vqa0'), 'train')
+  return experiment.build(config, recipe.dir('vqa0'), split), split
 
 
 def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, assembled):
@@ -112,7 +112,7 @@ def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, asse
   mask = batch['attention_mask'].astype(bool)
   want = []
   for task in ('caption', 'qa'):  # each task's own run, restored
-    run = recipe.runs.get(task) or perplexity.restore(recipe.config(task), recipe.dir(task))
+    run = recipe.runs.get(task) or runs.restore(recipe.config(task), recipe.dir(task))
     want.append(_logits(run.exp.model, run.variables, exp, batch,
                         np.zeros_like(batch['context_ids'])))
   assert np.abs(want[0] - want[1])[mask].max() > 1e-2  # the two plug-ins differ
@@ -124,7 +124,7 @@ def test_assembled_plugins_reproduce_each_run_on_its_tasks_examples(recipe, asse
 def test_finetune_keeps_frozen_plugin_rows_bit_identical(recipe, assembled):
   config = recipe.config('assemble', freeze='caption')
   config.train.plugins = True  # and write each context's plug-in of the result
-  out = loop.train_and_evaluate(config, recipe.dir('vqa'))
+  out = trainer.train_and_evaluate(config, recipe.dir('vqa'))
   assert out['steps'] > 0 and np.isfinite(out['val_loss'])
   with ocp.StandardCheckpointer() as ckpt:
     best = ckpt.restore(os.path.join(recipe.dir('vqa'), 'best'))
@@ -160,7 +160,7 @@ def test_plugin_on_another_base_is_refused_before_training(recipe):
   config.text_model = recipe.dir('other_base')
   with pytest.raises(ValueError, match=r'Plug-in .*p_caption .*context 0.*base \'decoder\'.*'
                      r'trained on another base.*down_proj'):
-    loop.build(config, recipe.dir('wrong'), None)
+    experiment.build(config, recipe.dir('wrong'), None)
 
 
 def test_two_tasks_example_runs_and_its_assembly_matches_each_plugin(tmp_path):
@@ -197,4 +197,4 @@ def test_freezing_a_context_without_adaptors_is_an_error():
   config.train.freeze_contexts = (1,)
   with pytest.raises(ValueError, match=r'train.freeze_contexts=\(1,\): contexts \[1\] have no '
                      r'adaptor rows \(this model adapts contexts \(0,\)\)'):
-    loop.optimizer(config, state_lib.OptimConfig(), PeftConfig(methods=('lora',), targets='AF'))
+    trainer.optimizer(config, state_lib.OptimConfig(), PeftConfig(methods=('lora',), targets='AF'))

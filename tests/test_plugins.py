@@ -161,7 +161,7 @@ def test_frozen_contexts_stay_fixed_and_the_rest_trains_as_alone(base):
     return optax.apply_updates(tables, updates), opt
 
   # Reference: the same optimizer on row 1 alone, row 0 a constant.
-  take = lambda t, r: plugins._take_row(t, r)
+  take = lambda t, r: plugins.take_row(t, r)
   put = lambda row1: plugins.assemble([plugins.Plugin(peft, take(tables0, 0), {}),
                                        plugins.Plugin(peft, row1, {})])[1]
   ref_tx = optax.adamw(0.05, weight_decay=0.1)

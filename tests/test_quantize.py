@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from cpeft_jax import checkpoints
+from cpeft_jax import checkpoints, losses
+from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import quantize as qz
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import layout
@@ -120,7 +121,7 @@ def test_adaptors_train_on_int4_base():
   v = jax.jit(model.init)(jax.random.key(0), b['pixels'], b['tokens'], b['kinds'],
                           b['context_ids'])
   v = dict(v, params=qz.quantize_params(v['params'], qcfg))
-  trainable, frozen = state_lib.split(v, 'peft')
+  trainable, frozen = trainable_lib.split(v, 'peft')
   qpaths = qz.quantized_paths(frozen['params'])
   assert 'encoder/layers/fc1/kernel' in qpaths and 'decoder/layers/mlp/down_proj/kernel' in qpaths
   before = jax.tree.map(np.array, frozen)
@@ -140,7 +141,7 @@ def test_adaptors_train_on_int4_base():
                       jax.tree.map(np.array, frozen))
   assert all(jax.tree.leaves(same))
   caption = lambda f: np.asarray(gen.generate(
-      model, state_lib.merge(state.trainable, f), b, max_new_tokens=4, eos_id=2, text_context=0))
+      model, trainable_lib.merge(state.trainable, f), b, max_new_tokens=4, eos_id=2, text_context=0))
   np.testing.assert_array_equal(caption(frozen), caption(qz.dequantize_params(frozen)))
 
 

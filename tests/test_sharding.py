@@ -10,14 +10,14 @@ import types
 import numpy as np
 import pytest
 
-from cpeft_jax.train import sharding
+from cpeft_jax import sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = '''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 from test_train_loop import tiny
-from cpeft_jax.train import loop
+from cpeft_jax.train import trainer
 import jax
 from absl import logging
 logging.set_verbosity(logging.INFO if {info} else logging.WARNING)  # INFO: the sharding log
@@ -26,7 +26,7 @@ c.data.data_dir = {data!r}
 c.eval.batch_size = 8
 c.mesh = {mesh!r}
 print('devices', jax.device_count())
-loop.train_and_evaluate(c, {workdir!r})
+trainer.train_and_evaluate(c, {workdir!r})
 '''
 
 
@@ -68,7 +68,9 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import layout
 from cpeft_jax.models.llama import DecoderConfig
 from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
-from cpeft_jax.train import loop, sharding, state as state_lib, step as step_lib
+from cpeft_jax import experiment, sharding, trees
+from cpeft_jax import trainable as trainable_lib
+from cpeft_jax.train import state as state_lib, step as step_lib, trainer
 from test_vlm import PatchEncoder
 logging.set_verbosity(logging.INFO)  # the log line of each replicated scale axis
 dec = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -78,15 +80,15 @@ model = VisionLanguageModel(PatchEncoder(), dec, PeftConfig(
 b = layout.layout_captions([[5, 6, 7], [8, 9], [10, 11, 12], [13]], num_image_tokens=4,
                            seq_len=10, bos_id=1, eos_id=2, pad_id=0, context_map='modality')
 b['pixels'] = np.asarray(jax.random.uniform(jax.random.key(3), (4, 16, 16, 3)))
-b = {{k: b[k] for k in loop.MODEL_KEYS}}
+b = {{k: b[k] for k in experiment.BATCH_KEYS}}
 shapes = jax.eval_shape(model.init, jax.random.key(0), b['pixels'], b['tokens'], b['kinds'],
                         b['context_ids'])
 rng = np.random.default_rng(0)  # random values (norm scales near 1): no init to compile
 v = jax.tree_util.tree_map_with_path(lambda kp, s: jnp.asarray(
-    sharding._path(kp).endswith('/scale') + 0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
+    trees.path_str(kp).endswith('/scale') + 0.1 * rng.standard_normal(s.shape), s.dtype), shapes)
 qcfg = qz.QuantConfig(format='int4', block_size=64, targets='decoder,lm_head,embed,vision')
 v['params'] = jax.jit(lambda p: qz.quantize_params(p, qcfg))(v['params'])
-trainable, frozen = state_lib.split(v, 'peft')
+trainable, frozen = trainable_lib.split(v, 'peft')
 tx = optax.adam(1e-2)
 step = lambda s, f, x: step_lib.train_step(s, f, x, jax.random.key(0), apply_fn=apply_fn(model),
                                            num_contexts=2)
@@ -98,13 +100,13 @@ def losses(run, state, frozen, batch):
   return out, state.trainable
 one = losses(jax.jit(step), state_lib.TrainState.create(trainable, tx), frozen, b)
 exp = types.SimpleNamespace(config={{}}, mesh=sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)))
-placed = loop.place(exp, trainable, frozen, tx)
+placed = trainer.place(exp, trainable, frozen, tx)
 run = jax.jit(step, in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh),
               out_shardings=(placed.state_sh, placed.replicated))
 eight = losses(run, placed.state, placed.frozen, jax.device_put(b, placed.batch_sh))
 shards = {{}}
 for kp, x in jax.tree_util.tree_flatten_with_path(placed.frozen)[0]:
-  path = sharding._path(kp)
+  path = trees.path_str(kp)
   if '/qarray/' in path:
     shards[path] = [str(x.sharding.spec), x.addressable_shards[0].data.shape, str(x.dtype)]
 print(json.dumps(dict(one=one[0], eight=eight[0], shards=shards, diff=max(
@@ -230,11 +232,11 @@ jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize('localhost:{port}', num_processes=2, process_id={i})
 import types
 import numpy as np
-from cpeft_jax.train import loop, sharding
+from cpeft_jax import experiment, sharding
 exp = types.SimpleNamespace(mesh=sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
 rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
-batch = {{k: rows[{i} * 4:({i} + 1) * 4] for k in loop.MODEL_KEYS}}  # this host's rows
-x = loop._device_batch(exp, batch)['tokens']
+batch = {{k: rows[{i} * 4:({i} + 1) * 4] for k in experiment.BATCH_KEYS}}  # this host's rows
+x = experiment.device_batch(exp, batch)['tokens']
 w = jax.jit(lambda a: (a * np.arange(8)[:, None]).sum(), out_shardings=sharding.replicated(exp.mesh))
 print('global', x.shape, int(w(x)))
 '''

@@ -1,6 +1,7 @@
 """Tasks in the data: mixed caption/QA batches, rules-based context ids from the pipeline, and
 per-task perplexity that recombines to the overall one."""
 
+import functools
 import math
 
 import jax
@@ -13,9 +14,10 @@ from cpeft_jax.contexts import Kind
 from cpeft_jax.data import pipeline, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.data.demo import builder
+from cpeft_jax import experiment as experiment_lib
+from cpeft_jax import runs
+from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.evaluation import perplexity
-from cpeft_jax.train import loop
-from cpeft_jax.train import state as state_lib
 
 TASKS = ('caption', 'qa')
 RULES = 'kind=image:1;task=qa:2;kind=image&task=qa:3;*:0'
@@ -143,8 +145,8 @@ def experiment(data):
   c.peft.num_contexts = contexts.num_contexts(RULES)
   c.eval.batch_size = 4
   tok.save_pretrained(d + '/tokenizer')  # build() reloads a workdir's tokenizer
-  exp = loop.build(c, d, train)
-  trainable, frozen = state_lib.split(exp.variables, 'peft')
+  exp = experiment_lib.build(c, d, train)
+  trainable, frozen = trainable_lib.split(exp.variables, 'peft')
   rng = np.random.default_rng(0)
   trainable = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), trainable)
   return exp, trainable, frozen, c
@@ -163,15 +165,16 @@ class _Only:
 
 
 def test_per_task_perplexity_recombines_to_overall(data, experiment):
-  """Each task's loss equals training's validation loss (loop.evaluate_loss over eval_step) on
+  """Each task's loss equals training's validation loss (perplexity.mean_loss over eval_step) on
   that task's rows alone; the overall loss equals it on all rows and is the token-weighted
   mean of the tasks'."""
   _, _, val, tok = data
   exp, trainable, frozen, _ = experiment
   mixed = _batches(val, tok, train=False, seq_len=L)
   out = perplexity.task_perplexity(exp, trainable, frozen, mixed, TASKS)
-  eval_fn = perplexity._eval_fn(exp.model)
-  reference = lambda d: loop.evaluate_loss(exp, trainable, frozen, d, eval_fn)[0]
+  eval_fn = functools.partial(perplexity.jitted_eval_step(exp.model), trainable, frozen)
+  put = functools.partial(experiment_lib.device_batch, exp)
+  reference = lambda d: perplexity.mean_loss(d, eval_fn, put)[0]
   tokens = {t: 0 for t in TASKS}
   for batch in mixed.epoch(0):
     for t in range(len(TASKS)):
@@ -187,7 +190,7 @@ def test_per_task_perplexity_recombines_to_overall(data, experiment):
   np.testing.assert_allclose(out['perplexity'], math.exp(weighted), rtol=1e-6)
   assert abs(out['tasks']['caption']['loss'] - out['tasks']['qa']['loss']) > 1e-3
   # evaluate.py's path: a restored multi-task run reports the same per task.
-  r = perplexity.Restored(exp, perplexity.Checkpoint('path', '-', None), trainable, frozen)
+  r = runs.Restored(exp, runs.Checkpoint('path', '-', None), trainable, frozen)
   split_out = perplexity.split_perplexity(r, val, progress=False)
   assert split_out['images'] == len(val)
   for task in TASKS:

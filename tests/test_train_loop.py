@@ -14,7 +14,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo  # noqa: E402
-from cpeft_jax.train import loop  # noqa: E402
+from cpeft_jax import experiment  # noqa: E402
+from cpeft_jax import trainable as trainable_lib  # noqa: E402
+from cpeft_jax.train import trainer  # noqa: E402
 
 
 def tiny(epochs, **kw):
@@ -41,7 +43,7 @@ def test_learns_and_resumes_exactly(tmp_path):
   shared_data = str(tmp_path / 'tfds')
   straight = tiny(3)
   straight.data.data_dir = shared_data
-  out = loop.train_and_evaluate(straight, str(tmp_path / 'a'))
+  out = trainer.train_and_evaluate(straight, str(tmp_path / 'a'))
   lines = [json.loads(l) for l in open(tmp_path / 'a' / 'metrics.jsonl')]
   evals = [l for l in lines if 'val_loss' in l]
   assert len(evals) == 3 and out['steps'] == 45  # 24 images x 5 captions / 8 per batch x 3
@@ -57,10 +59,10 @@ def test_learns_and_resumes_exactly(tmp_path):
   first = tiny(1)
   first.data.data_dir = shared_data
   first.optim.total_steps = 45
-  loop.train_and_evaluate(first, str(tmp_path / 'b'))
+  trainer.train_and_evaluate(first, str(tmp_path / 'b'))
   again = tiny(3)
   again.data.data_dir = shared_data
-  out_b = loop.train_and_evaluate(again, str(tmp_path / 'b'))
+  out_b = trainer.train_and_evaluate(again, str(tmp_path / 'b'))
   assert out_b['steps'] == 45
   a, b = _best(tmp_path / 'a'), _best(tmp_path / 'b')
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
@@ -80,14 +82,13 @@ def test_learns_and_resumes_exactly(tmp_path):
   # The adaptor-only export (written after training) rebuilds the same model: same logits.
   from cpeft_jax.models import vlm
   from cpeft_jax.train import export
-  from cpeft_jax.train import state as state_lib
   info = json.load(open(tmp_path / 'a' / 'export' / 'export.json'))
   assert info['source'] == 'best' and info['bytes'] < 100_000
   exp_e, v_e = export.load(str(tmp_path / 'a' / 'export'))
-  exp_a = loop.build(straight, str(tmp_path / 'a'), None)
-  v_a = state_lib.merge(a, state_lib.split(exp_a.variables, 'peft')[1])
-  val = loop.open_split(straight, str(tmp_path / 'a'), 'validation')
-  batch = loop._device_batch(exp_a, next(exp_a.batches(val, train=False).epoch(0)))
+  exp_a = experiment.build(straight, str(tmp_path / 'a'), None)
+  v_a = trainable_lib.merge(a, trainable_lib.split(exp_a.variables, 'peft')[1])
+  val = experiment.open_split(straight, str(tmp_path / 'a'), 'validation')
+  batch = experiment.device_batch(exp_a, next(exp_a.batches(val, train=False).epoch(0)))
   logits_e = jax.jit(vlm.apply_fn(exp_e.model))(v_e, batch)
   logits_a = jax.jit(vlm.apply_fn(exp_a.model))(v_a, batch)
   np.testing.assert_array_equal(logits_e, logits_a)
@@ -140,7 +141,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
   c.data.data_dir = str(tmp_path / 'tfds')
   with pytest.raises(FloatingPointError,
                      match=rf'Loss is nan at step {first_nan}; the last checkpoint'):
-    loop.train_and_evaluate(c, str(tmp_path / 'w'))
+    trainer.train_and_evaluate(c, str(tmp_path / 'w'))
   saved = sorted(int(p.name) for p in (tmp_path / 'w' / 'checkpoints').iterdir()
                  if p.name.isdigit())
   assert saved == [7]  # the NaN state at step 14 is never saved
@@ -149,8 +150,8 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(
 def test_dora_magnitudes_start_at_the_loaded_base_column_norms(tmp_path):
   c = tiny(1)
   c.peft.methods = ('dora',)
-  split = loop.open_split(c, str(tmp_path), c.data.train_split)
-  exp = loop.build(c, str(tmp_path), split)
+  split = experiment.open_split(c, str(tmp_path), c.data.train_split)
+  exp = experiment.build(c, str(tmp_path), split)
   base = exp.variables['params']['decoder']['layers']['attn']['q_proj']['kernel']
   m = exp.variables['adaptors']['decoder']['layers']['attn']['q_proj']['dora_m']
   want = np.sqrt((np.asarray(base, np.float64) ** 2).sum(axis=-2))  # [layers, d_out]
@@ -171,7 +172,7 @@ def test_per_context_specs_train_on_the_demo(tmp_path):
   c.train.update(batch_size=8, log_every=5, checkpoint_every=0)
   c.eval.batch_size = 8
   c.optim.update(warmup_steps=2, learning_rate=3e-3)
-  out = loop.train_and_evaluate(c, str(tmp_path))
+  out = trainer.train_and_evaluate(c, str(tmp_path))
   evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   evals = [e['val_loss'] for e in evals if 'val_loss' in e]
   assert out['steps'] == 30 and evals[-1] < evals[0]

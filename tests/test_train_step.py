@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpeft_jax import losses
+from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 from cpeft_jax.models import vlm
@@ -31,21 +33,21 @@ def test_split_modes(setup):
   for mode, prefixes in (('peft', ('adaptors/', 'params/connector/')),
                          ('connector', ('params/connector/',)),
                          ('full', ('adaptors/', 'params/connector/', 'params/decoder/'))):
-    trainable, frozen = state_lib.split(v, mode)
+    trainable, frozen = trainable_lib.split(v, mode)
     t, f = _paths(trainable), _paths(frozen)
     assert t and all(p.startswith(prefixes) for p in t)
     assert not any(p.startswith(prefixes) for p in f)
     assert _paths(v) == t | f
-    merged = state_lib.merge(trainable, frozen)
+    merged = trainable_lib.merge(trainable, frozen)
     jax.tree.map(np.testing.assert_array_equal, merged, jax.tree.map(lambda x: x, dict(v)))
   with pytest.raises(ValueError, match="train mode 'lora'"):
-    state_lib.split(v, 'lora')
+    trainable_lib.split(v, 'lora')
 
 
 def test_loss_matches_numpy_reference(setup):
   model, v, batch = setup
   apply = vlm.apply_fn(model)
-  s, n = step_lib.loss_sums(apply, v, batch, train=False)
+  s, n = losses.loss_sums(apply, v, batch, train=False)
   logits = np.asarray(apply(v, batch), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
@@ -58,7 +60,7 @@ def test_loss_matches_numpy_reference(setup):
 def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
   model, v, batch = setup
   apply = vlm.apply_fn(model.clone(connector_cfg=model.connector_cfg.__class__(dropout=0.0)))
-  trainable, frozen = state_lib.split(v, 'peft')
+  trainable, frozen = trainable_lib.split(v, 'peft')
   tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-2))
   st = state_lib.TrainState.create(trainable, tx)
   opt_leaves = jax.tree.leaves(st.opt_state)
@@ -130,8 +132,8 @@ def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
                              m['loss'], rtol=1e-6)
   # Per-row gradient norms: row r of every adaptor table ([layers, R, ...]) of the plain gradient.
   # (train=True: the jitted path; this model has no dropout, so it is the eval loss.)
-  g = jax.jit(jax.grad(lambda t, b: step_lib.loss_sums(
-      apply, state_lib.merge(t, frozen), b, train=True, rng=jax.random.key(0))[0]
+  g = jax.jit(jax.grad(lambda t, b: losses.loss_sums(
+      apply, trainable_lib.merge(t, frozen), b, train=True, rng=jax.random.key(0))[0]
       / counts.sum()))(trainable, batch)
   tables = jax.tree.leaves(g['adaptors'])
   want = [np.sqrt(sum(float(np.sum(np.square(x[:, r]))) for x in tables)) for r in range(2)]
@@ -147,9 +149,9 @@ def test_token_losses_and_gradient_equal_optax():
   logits = jnp.asarray(4 * rng.standard_normal((2, 5, 11)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
   weights = jnp.asarray(rng.random((2, 5)), jnp.float32)
-  ours = lambda x: jnp.sum(step_lib.token_losses(x, targets) * weights)
+  ours = lambda x: jnp.sum(losses.token_losses(x, targets) * weights)
   ref = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * weights)
-  np.testing.assert_allclose(step_lib.token_losses(logits, targets),
+  np.testing.assert_allclose(losses.token_losses(logits, targets),
                              optax.softmax_cross_entropy_with_integer_labels(logits, targets),
                              rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(ref)(logits), rtol=1e-5, atol=1e-6)

@@ -19,13 +19,13 @@ import numpy as np
 import PIL.Image
 import tqdm
 
-from cpeft_jax import contexts
+from cpeft_jax import contexts, runs
 from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import captions as captions_lib
 from cpeft_jax.evaluation import generate as generate_lib
-from cpeft_jax.evaluation import heatmaps
-from cpeft_jax.evaluation.perplexity import Restored
+from cpeft_jax.evaluation import heatmaps, perplexity
+from cpeft_jax.runs import Restored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,12 +185,11 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                      config_name: str = 'the given config') -> dict[str, Any]:
   """evaluate.py's work: per split perplexity and (with `captions`) generated captions, their
   COCO metrics and heatmaps, printed and written under DIR/eval; returns metrics.json's dict."""
-  from cpeft_jax.evaluation import perplexity
   decoding = decoding or Decoding.from_config(config)
   if heatmap_count < 0 or (heatmap_count and not captions):
     raise ValueError(f'heatmaps={heatmap_count}: expected a count >= 0, and heatmaps are drawn '
                      'for generated captions (not without captions).')
-  r = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=config_name)
+  r = runs.restore(config, workdir, checkpoint=checkpoint, config_name=config_name)
   if heatmap_count:
     check_layer(r, heatmap_layer)
   data = perplexity.open_splits(config, workdir, splits)

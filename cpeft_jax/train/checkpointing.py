@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.train.state import TrainState
 
 
@@ -55,8 +56,7 @@ def restore(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = No
                        opt_state=tree['opt_state']), dict(out['meta'])
 
 
-BEST = 'best'  # workdir/best: the best-validation trainable tree, workdir/best.json its info
-_BEST_VERSIONS = 'best_versions'
+BEST = workdir_lib.BEST  # the best-validation trainable tree; DIR/best.json its info
 
 
 def save_best(workdir: str, trainable, info: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ def save_best(workdir: str, trainable, info: dict[str, Any]) -> str:
   rename, then older versions are deleted. `best.json` is replaced atomically after the swap.
   """
   workdir = os.path.abspath(workdir)
-  versions = os.path.join(workdir, _BEST_VERSIONS)
+  versions = os.path.join(workdir, workdir_lib.BEST_VERSIONS)
   os.makedirs(versions, exist_ok=True)
   name = f"{int(info['step'])}.{time.time_ns()}"  # never the linked version's name
   target = os.path.join(versions, name)
@@ -81,7 +81,7 @@ def save_best(workdir: str, trainable, info: dict[str, Any]) -> str:
   tmp_link = link + '.tmp-link'
   if os.path.lexists(tmp_link):
     os.remove(tmp_link)
-  os.symlink(os.path.join(_BEST_VERSIONS, name), tmp_link)
+  os.symlink(os.path.join(workdir_lib.BEST_VERSIONS, name), tmp_link)
   os.replace(tmp_link, link)
   tmp_json = os.path.join(workdir, BEST + '.json.tmp')
   with open(tmp_json, 'w') as f:

@@ -15,37 +15,28 @@ import json
 import os
 import shutil
 
-import flax
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import safetensors.numpy
 
-from cpeft_jax.train import checkpointing
+from cpeft_jax import experiment, runs, trees
+from cpeft_jax import trainable as trainable_lib
+from cpeft_jax import workdir as workdir_lib
 
-WEIGHTS, CONFIG, INFO, TOKENIZER = 'trainable.safetensors', 'config.json', 'export.json', 'tokenizer'
+WEIGHTS, INFO = 'trainable.safetensors', 'export.json'
+CONFIG, TOKENIZER = workdir_lib.CONFIG, workdir_lib.TOKENIZER
 
 
 def _trainable(workdir: str, checkpoint: str):
   """(trainable tree as numpy, info) of DIR/best or of the latest managed checkpoint."""
-  if checkpoint == 'best':
-    path = os.path.join(workdir, checkpointing.BEST)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f'No best-validation weights at {path}; train first or pass '
-                              '--checkpoint=latest.')
-    with ocp.StandardCheckpointer() as ckpt:
-      tree = ckpt.restore(path)
-    with open(path + '.json') as f:
-      return tree, {'source': 'best', **json.load(f)}
-  if checkpoint != 'latest':
+  if checkpoint not in runs.CHECKPOINTS:
     raise ValueError(f"--checkpoint={checkpoint!r}; expected 'best' or 'latest'.")
-  with checkpointing.manager(os.path.join(workdir, 'checkpoints')) as mgr:
-    step = mgr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No checkpoint in {mgr.directory}; train first.')
-    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  return out['state']['trainable'], {'source': 'latest', 'step': int(step)}
+  ckpt = runs.find_checkpoint(workdir, checkpoint)
+  tree = runs.read_trainable(ckpt)
+  if ckpt.kind == 'best':
+    return tree, {'source': 'best', **runs.read_json(ckpt.path + '.json')}
+  return tree, {'source': 'latest', 'step': int(ckpt.step)}
 
 
 def export(workdir: str, checkpoint: str = 'best') -> str:
@@ -57,15 +48,14 @@ def export(workdir: str, checkpoint: str = 'best') -> str:
   with open(cfg_path) as f:
     config = json.load(f)
   tree, info = _trainable(workdir, checkpoint)
-  flat = {k: np.asarray(v) for k, v in
-          flax.traverse_util.flatten_dict(tree, sep='/').items()}
+  flat = {k: np.asarray(v) for k, v in trees.flatten(tree).items()}
   if not config.get('text_model') and config.get('pretrain', {}).get('epochs'):
-    config['text_model'] = os.path.join(workdir, 'base_lm')  # the demo's stage-0 decoder
+    config['text_model'] = os.path.join(workdir, workdir_lib.BASE_LM)  # the demo's stage-0 decoder
   for d, key in ((config, 'text_model'), (config.get('vision', {}), 'path')):
     if d.get(key) and os.path.isdir(d[key]):  # a local directory, not a hub id
       d[key] = os.path.abspath(d[key])
 
-  out = os.path.join(workdir, 'export')
+  out = os.path.join(workdir, workdir_lib.EXPORT)
   tmp = out + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
@@ -88,23 +78,17 @@ def load(export_dir: str):
 
   Errors when the exported tensors do not fit the model the config builds.
   """
-  from cpeft_jax.train import loop  # heavy: the model zoo and data pipeline
-  from cpeft_jax.train import state as state_lib
   export_dir = os.path.abspath(export_dir)
   with open(os.path.join(export_dir, CONFIG)) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  exp = loop.build(config, export_dir, None)
-  init, frozen = state_lib.split(exp.variables, config.train.mode)
-  want = flax.traverse_util.flatten_dict(init, sep='/')
+  exp = experiment.build(config, export_dir, None)
+  init, frozen = trainable_lib.split(exp.variables, config.train.mode)
   got = safetensors.numpy.load_file(os.path.join(export_dir, WEIGHTS))
-  bad = sorted(set(want) ^ set(got)) + sorted(
-      k for k in set(want) & set(got) if want[k].shape != got[k].shape)
-  if bad:
-    raise ValueError(f'{export_dir}/{WEIGHTS} does not fit the model its config builds: '
-                     f'mismatched tensors {bad[:5]}{"..." if len(bad) > 5 else ""}.')
-  trainable = flax.traverse_util.unflatten_dict(
-      {k: jax.numpy.asarray(v) for k, v in got.items()}, sep='/')
-  return exp, state_lib.merge(trainable, frozen)
+  trees.require_same_shapes(trees.shapes(trees.flatten(init)), trees.shapes(got),
+                            f'{export_dir}/{WEIGHTS}', got_name='the export',
+                            want_name='the model its config builds')
+  trainable = trees.unflatten({k: jax.numpy.asarray(v) for k, v in got.items()})
+  return exp, trainable_lib.merge(trainable, frozen)
 
 
 def main(argv):

@@ -1,15 +1,49 @@
-"""Metric writers: console (absl logging, printed above the progress bar), JSON lines in
-`workdir/metrics.jsonl` and TensorBoard event files in `workdir/tensorboard`."""
+"""Training metrics: a step's device metrics as host floats (per-context and per-task figures
+named apart, a NaN loss stopped), throughput, and the writers: console (absl logging, printed
+above the progress bar), JSON lines in `workdir/metrics.jsonl` and TensorBoard event files in
+`workdir/tensorboard`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
 
 from absl import logging
+import numpy as np
+import tensorboardX  # pure Python event writer, no TensorFlow
 import tqdm
+
+from cpeft_jax import losses
+from cpeft_jax import workdir as workdir_lib
+
+
+def rates(m: dict[str, float], step_s: float, seq_tokens: int) -> dict[str, float]:
+  """Perplexity of a step's loss, seconds per step and positions computed per second."""
+  return {'perplexity': losses.perplexity(m['loss']), 'step_s': step_s,
+          'tokens_per_s': seq_tokens / step_s}
+
+
+def host_metrics(m, step: int, rows=(), tasks=()) -> dict[str, float]:
+  """Host floats of a step's metrics (per-context and per-task arrays flattened); raises on a
+  NaN loss."""
+  out = {}
+  for k, v in m.items():
+    v = np.asarray(v)
+    if k.endswith('_row'):  # grad_norm_row, update_ratio_row: one figure per context row
+      out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in zip(rows, v)})
+    elif k.endswith('_task'):  # loss_task, tokens_task: one figure per task
+      out.update({f'{k[:-5]}/{t}': float(x) for t, x in zip(tasks, v)})
+    elif k.endswith('_ctx'):
+      out.update({f'{k[:-4]}/ctx{c}': float(x) for c, x in enumerate(v)})
+    else:
+      out[k] = float(v)
+  if not math.isfinite(out['loss']):
+    raise FloatingPointError(f'Loss is {out["loss"]} at step {step}; the last checkpoint in the '
+                             'workdir holds the state before it.')
+  return out
 
 
 class Writer:
@@ -21,11 +55,10 @@ class Writer:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = os.path.join(workdir, workdir_lib.METRICS)
     self._tb = None
     if enabled:
-      import tensorboardX  # pure Python event writer, no TensorFlow
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD))
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:

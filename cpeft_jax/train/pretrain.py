@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from cpeft_jax import checkpoints, vision_checkpoints
+from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data.demo import examples as demo_examples
 from cpeft_jax.data.demo import scenes
@@ -37,7 +38,7 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
 
   Its rows are as long as the caption part of stage 1's rows (seq_len - num_image_tokens).
   """
-  out = os.path.join(workdir, 'base_lm')
+  out = os.path.join(workdir, workdir_lib.BASE_LM)
   if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
     return out
   p = config.pretrain
@@ -89,7 +90,6 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
 
 # ----------------------------------------------------------------------------- the vision tower
 
-VISION_DIR = 'base_vision'
 VISION_METRICS = 'base_vision_metrics.json'
 
 
@@ -172,7 +172,7 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   with its preprocessor_config.json, to be loaded frozen like any real one. Label accuracies
   on `eval_split` (and the majority-class rates they should beat) go to base_vision_metrics.json.
   """
-  out = os.path.join(workdir, VISION_DIR)
+  out = os.path.join(workdir, workdir_lib.BASE_VISION)
   if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
     return out
   import transformers

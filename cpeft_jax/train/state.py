@@ -1,15 +1,12 @@
-"""The trainable/frozen split of a model's variables and the optimizer over the trainable part.
+"""The optimizer over the trainable tree and the train state it updates.
 
-Which leaves train is a rule over variable paths ('collection/module/.../leaf'): adaptor
-tables and the connector for PEFT, the connector alone for the paper's "projection only"
-baseline, everything but the vision encoder for full fine-tuning. Only the trainable tree is
-differentiated and only it has optimizer state; the frozen tree is a separate argument.
+Only the trainable tree (`cpeft_jax.trainable.split`) is differentiated and only it has
+optimizer state; the frozen tree is a separate argument of the steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,12 +16,6 @@ import optax
 
 from cpeft_jax import adaptors
 
-# Regexes over 'collection/path/to/leaf'; a leaf trains if any pattern of its mode matches.
-TRAINABLE = {
-    'peft': (r'^adaptors/', r'^params/connector/'),
-    'connector': (r'^params/connector/',),
-    'full': (r'^adaptors/', r'^params/connector/', r'^params/decoder/'),
-}
 SCHEDULES = ('constant', 'cosine', 'linear')
 
 
@@ -73,32 +64,6 @@ def optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   if cfg.grad_clip_norm:
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), adam)
   return adam
-
-
-def _path(keys) -> str:
-  return '/'.join(str(getattr(k, 'key', k)) for k in keys)
-
-
-def split(variables: Mapping[str, Any], mode: str) -> tuple[dict, dict]:
-  """(trainable, frozen): two nested dicts of the same collections; each leaf in exactly one."""
-  if mode not in TRAINABLE:
-    raise ValueError(f'train mode {mode!r}; expected one of {sorted(TRAINABLE)}.')
-  patterns = [re.compile(p) for p in TRAINABLE[mode]]
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep='/')
-  trainable = {k: v for k, v in flat.items() if any(p.search(k) for p in patterns)}
-  if not trainable:
-    raise ValueError(f'train mode {mode!r} selects no variable; the model has '
-                     f'{sorted({k.split("/")[0] + "/" + k.split("/")[1] for k in flat})}.')
-  frozen = {k: v for k, v in flat.items() if k not in trainable}
-  unflat = lambda d: flax.traverse_util.unflatten_dict(d, sep='/')
-  return unflat(trainable), unflat(frozen)
-
-
-def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:
-  """The model's variables from its two parts."""
-  flat = flax.traverse_util.flatten_dict(dict(frozen), sep='/')
-  flat.update(flax.traverse_util.flatten_dict(dict(trainable), sep='/'))
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
 @flax.struct.dataclass

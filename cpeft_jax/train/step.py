@@ -1,8 +1,9 @@
-"""The pure train and eval steps: (state, frozen, batch, rng) -> (state, metrics).
+"""The pure train step: (state, frozen, batch, rng) -> (state, metrics).
 
-The loss is next-token cross-entropy over the positions `loss_mask` marks (caption tokens and
-EOS), averaged over those tokens. A batch is split into `micro_steps` micro-batches whose
-gradients are summed in a scan, so the update equals the one of the whole batch.
+The loss (`cpeft_jax.losses`, shared with evaluation) is next-token cross-entropy over the
+positions `loss_mask` marks (caption tokens and EOS), averaged over those tokens. A batch is
+split into `micro_steps` micro-batches whose gradients are summed in a scan, so the update
+equals the one of the whole batch.
 
 With `num_contexts`, the step also returns per-context diagnostics: the loss and token count
 of each context id (a loss position belongs to the context of the token it is computed at,
@@ -11,70 +12,15 @@ whose adaptors produced it) and the gradient norm of each context row of the ada
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from cpeft_jax import adaptors
+from cpeft_jax import adaptors, losses, trees
+from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.train import state as state_lib
-
-# apply_fn(variables, batch, *, train, rng) -> logits [B, L, V] (float32).
-ApplyFn = Callable[..., jax.Array]
-
-
-@jax.custom_vjp
-def token_losses(logits_BLV, targets_BL):
-  """Cross-entropy per position, as optax.softmax_cross_entropy_with_integer_labels (a test),
-  with a backward pass that keeps only the logits and their log-sum-exp: the gradient
-  softmax - onehot is the one [B, L, V] array it makes (autodiff of the optax loss also keeps
-  the log-softmax, another float32 copy of the logits; bench/: 196 MiB at the paper shape)."""
-  return _token_losses_fwd(logits_BLV, targets_BL)[0]
-
-
-def _token_losses_fwd(logits_BLV, targets_BL):
-  lse_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  picked_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
-  return lse_BL - picked_BL, (logits_BLV, lse_BL, targets_BL)
-
-
-def _token_losses_bwd(res, g_BL):
-  logits_BLV, lse_BL, targets_BL = res
-  onehot_BLV = jax.nn.one_hot(targets_BL, logits_BLV.shape[-1], dtype=logits_BLV.dtype)
-  dlogits_BLV = (jnp.exp(logits_BLV - lse_BL[..., None]) - onehot_BLV) * g_BL[..., None]
-  return dlogits_BLV, None
-
-
-token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
-
-
-def masked_losses(apply_fn, variables, batch, *, train, rng):
-  """(token losses [B, L] with the loss mask applied, the loss mask [B, L] as float32)."""
-  logits_BLV = apply_fn(variables, batch, train=train, rng=rng)
-  mask_BL = batch['loss_mask'].astype(jnp.float32)
-  return token_losses(logits_BLV, batch['targets']) * mask_BL, mask_BL
-
-
-def loss_sums(apply_fn: ApplyFn, variables, batch: Mapping[str, jax.Array], *, train: bool,
-              rng=None):
-  """(sum of masked token losses, number of masked tokens)."""
-  loss_BL, mask_BL = masked_losses(apply_fn, variables, batch, train=train, rng=rng)
-  return jnp.sum(loss_BL), jnp.sum(mask_BL)
-
-
-def context_sums(loss_BL, mask_BL, context_ids_BL, num_contexts: int):
-  """(loss sum [C], token count [C]) of the masked positions of each context id."""
-  ids = context_ids_BL.reshape(-1)
-  seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_contexts)
-  return seg(loss_BL), seg(mask_BL)
-
-
-def task_sums(loss_BL, mask_BL, tasks_B, num_tasks: int):
-  """(loss sum [K], token count [K]) of the masked positions of each row's task (tasks_B [B])."""
-  return context_sums(loss_BL, mask_BL, jnp.broadcast_to(tasks_B[:, None], loss_BL.shape),
-                      num_tasks)
 
 
 def row_grad_norms(grads) -> jax.Array | None:
@@ -87,7 +33,7 @@ def row_grad_norms(grads) -> jax.Array | None:
   if not tables:
     return None
   sq = None
-  for path, g in flax.traverse_util.flatten_dict(tables, sep='/').items():
+  for path, g in trees.flatten(tables).items():
     axis = 1 if '/layers/' in f'/{path}' else 0
     g = jnp.moveaxis(g.astype(jnp.float32), axis, 0)
     s = jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1)
@@ -95,7 +41,7 @@ def row_grad_norms(grads) -> jax.Array | None:
   return jnp.sqrt(sq)
 
 
-def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: ApplyFn,
+def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: losses.ApplyFn,
                micro_steps: int = 1, num_contexts: int = 0, num_tasks: int = 0):
   """One optimizer update over `batch`; gradients only for the trainable tree.
 
@@ -111,11 +57,11 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
   C, K = max(num_contexts, 1), max(num_tasks, 1)
 
   def sums(trainable, mb, r):
-    loss_BL, mask_BL = masked_losses(apply_fn, state_lib.merge(trainable, frozen), mb,
+    loss_BL, mask_BL = losses.masked_losses(apply_fn, trainable_lib.merge(trainable, frozen), mb,
                                       train=True, rng=r)
-    s_C, n_C = context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
+    s_C, n_C = losses.context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
         jnp.zeros((C,)), jnp.zeros((C,)))
-    s_K, n_K = task_sums(loss_BL, mask_BL, mb['tasks'], K) if num_tasks else (
+    s_K, n_K = losses.task_sums(loss_BL, mask_BL, mb['tasks'], K) if num_tasks else (
         jnp.zeros((K,)), jnp.zeros((K,)))
     return jnp.sum(loss_BL), (jnp.sum(mask_BL), s_C, n_C, s_K, n_K)
 
@@ -147,9 +93,3 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: App
       metrics['update_ratio_row'] = row_grad_norms(delta) / jnp.maximum(
           row_grad_norms(state.trainable), 1e-12)
   return new_state, metrics
-
-
-def eval_step(trainable, frozen, batch, *, apply_fn: ApplyFn):
-  """Masked loss sum and token count (perplexity = exp(sum / count) over a split)."""
-  s, n = loss_sums(apply_fn, state_lib.merge(trainable, frozen), batch, train=False)
-  return {'loss_sum': s, 'tokens': n}

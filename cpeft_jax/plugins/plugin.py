@@ -1,4 +1,4 @@
-"""Adaptor plug-ins: one context's adaptor group saved on its own, and models assembled from them.
+"""A plug-in: one context's adaptor group saved on its own, and models assembled from them.
 
 A plug-in is a directory holding that context's rows of every table (as a one-context model's
 tables: lora_a [N, 1, d_in, r], ...), the one-context `PeftConfig` they belong to, and the
@@ -16,7 +16,7 @@ From a training run's workdir in one step (its best or latest weights, the bases
 
     python -m cpeft_jax.plugins --workdir=DIR [--checkpoint=best] --context=N --out=PLUGDIR
 
-A training config then starts from plug-ins with `peft.plugins` (cpeft_jax/train/loop.py).
+A training config then starts from plug-ins with `peft.plugins` (`experiment.build`).
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ def _group(tables, single: PeftConfig):
   return flax.traverse_util.unflatten_dict(out, sep='/')
 
 
-def _take_row(tables, row: int):
+def take_row(tables, row: int):
   def take(path, leaf):
     axis = ROW_AXIS[path[-1].key]
     return jax.lax.slice_in_dim(jnp.asarray(leaf), row, row + 1, axis=leaf.ndim + axis)
@@ -194,7 +194,7 @@ def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[
     raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
                      "bases={'decoder': plugins.fingerprint(params, cfg)}.")
   single = _single(peft, context)
-  return Plugin(single, _group(_take_row(tables, row), single), dict(bases), name,
+  return Plugin(single, _group(take_row(tables, row), single), dict(bases), name,
                 dict(meta or {}))
 
 
@@ -392,70 +392,6 @@ def freeze_contexts(peft: PeftConfig, trainable: Sequence[int]) -> optax.Gradien
   return optax.stateless(lambda updates, params=None: mask_rows(updates, peft, trainable))
 
 
-# ----------------------------------------------------------------------------- training runs
-
-
-def from_workdir(workdir: str, context: int, *, checkpoint: str = 'best', name: str = '',
-                 meta: Mapping[str, Any] | None = None) -> Plugin:
-  """Context `context`'s plug-in of a training run: its `checkpoint` weights ('best', 'latest'
-  or a directory saved like DIR/best), with the fingerprints of the decoder, encoder and
-  connector the run used. The model is rebuilt from DIR/config.json as evaluation rebuilds it.
-  """
-  return from_run(restore_run(workdir, checkpoint), context, name=name, meta=meta)
-
-
-def restore_run(workdir: str, checkpoint: str = 'best'):
-  """A training run rebuilt from DIR/config.json with its `checkpoint` weights
-  (evaluation.perplexity.Restored), to take one or more plug-ins from."""
-  import ml_collections
-  from cpeft_jax.evaluation import perplexity
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir.')
-  config = ml_collections.ConfigDict(json.loads(pathlib.Path(path).read_text()))
-  restored = perplexity.restore(config, workdir, checkpoint=checkpoint, config_name=path)
-  restored.workdir = os.path.abspath(workdir)
-  return restored
-
-
-def from_run(r, context: int, *, name: str = '', meta: Mapping[str, Any] | None = None) -> Plugin:
-  """Context `context`'s plug-in of a run restored by `restore_run`."""
-  config = r.exp.config
-  tables = r.trainable.get('adaptors')
-  if not tables:
-    raise ValueError(f'The run in {r.workdir} trained no adaptor tables (peft.methods='
-                     f'{r.exp.model.peft.methods}, train.mode={config.train.mode!r}).')
-  params = r.variables['params']
-  bases = model_bases(params, r.exp.model.decoder_cfg, getattr(r.exp.model.encoder, 'cfg', None))
-  context_map = config.data.get('context_map')
-  if hasattr(context_map, 'to_dict'):  # rules as a ConfigDict
-    context_map = context_map.to_dict()
-  info = {'workdir': r.workdir, 'checkpoint': r.ckpt.kind, 'step': r.ckpt.step,
-          'context': context, 'context_map': context_map,
-          **dict(meta or {})}
-  return extract(tables, r.exp.model.peft, context, bases, name=name, meta=info)
-
-
-def main(argv):
-  from absl import flags, logging
-  del argv
-  f = flags.FLAGS
-  if not f['verbosity'].present:  # orbax's progress lines
-    logging.set_verbosity(logging.WARNING)
-  plugin = from_workdir(f.workdir, f.context, checkpoint=f.checkpoint, name=f.name)
-  out = save(f.out, plugin)
-  count = sum(np.size(x) for x in jax.tree.leaves(plugin.tables))
-  print(f'plug-in {plugin.name or "(unnamed)"!r}: context {f.context} of {f.workdir} '
-        f'({plugin.meta["checkpoint"]} step {plugin.meta["step"]}), {count:,} parameters, '
-        f'methods {"+".join(plugin.peft.methods)}, bases {sorted(plugin.bases)} -> {out}')
-
-
-if __name__ == '__main__':
-  from absl import app, flags
-  flags.DEFINE_string('workdir', None, 'Training workdir to take the plug-in from.', required=True)
-  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a directory saved like DIR/best.")
-  flags.DEFINE_integer('context', None, 'The context whose adaptor group becomes the plug-in.',
-                       required=True)
-  flags.DEFINE_string('out', None, 'Directory to write the plug-in to.', required=True)
-  flags.DEFINE_string('name', '', "The plug-in's name (e.g. its task).")
-  app.run(main)
+def adapted_contexts(peft: PeftConfig) -> tuple[int, ...]:
+  """The contexts that have an adaptor group (some method in their spec)."""
+  return tuple(c for c, spec in zip(peft.rows, peft.row_specs) if spec.methods)

@@ -29,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cpeft_jax import trees
+
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')  # the leading (batch) dimension of every input
 DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
@@ -116,11 +118,6 @@ def parse_rules(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[re.Pattern
   return tuple(out)
 
 
-def _path(keys) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in keys)
-
-
 def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) -> P:
   """The PartitionSpec of one leaf: the first matching rule, aligned to the trailing dims.
 
@@ -150,11 +147,11 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=None):
   """NamedShardings for every leaf of `tree` (arrays or jax.ShapeDtypeStructs)."""
   rules = parse_rules(None) if rules is None else rules
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: NamedSharding(mesh, spec_for(_path(kp), tuple(np.shape(x)), mesh, rules)),
+      lambda kp, x: NamedSharding(mesh, spec_for(trees.path_str(kp), tuple(np.shape(x)), mesh, rules)),
       tree)
 
 
 def describe(shardings) -> dict[str, str]:
   """{path: spec} of the sharded leaves, for logs and tests."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return {_path(kp): str(s.spec) for kp, s in flat if any(a is not None for a in s.spec)}
+  return {trees.path_str(kp): str(s.spec) for kp, s in flat if any(a is not None for a in s.spec)}

@@ -3,7 +3,7 @@
 Stage 0 pre-trains the demo's base models once (pretrain.py): a tiny CLIP vision tower on the
 scenes' labels (DIR/base_vision) and a tiny Llama decoder on the caption text (DIR/base_lm),
 both saved as Hugging Face checkpoints. Every variant of config.variants (a context map such
-as 'agnostic' or 'modality') then trains in DIR/<variant> with loop.train_and_evaluate, loading
+as 'agnostic' or 'modality') then trains in DIR/<variant> with trainer.train_and_evaluate, loading
 both checkpoints frozen through the same loaders as real ones, and captions a few validation
 images with its best weights. One table compares the variants. Rerunning skips what is done.
 """
@@ -18,12 +18,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, configlib, contexts, vision_checkpoints
+from cpeft_jax import checkpoints, contexts, experiment, runs, vision_checkpoints
+from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
-from cpeft_jax.evaluation import perplexity
-from cpeft_jax.train import loop, pretrain
-from cpeft_jax.train import state as state_lib
+from cpeft_jax.train import pretrain, trainer
 
 RESULT = 'demo_result.json'
 
@@ -36,11 +35,11 @@ def variant_config(config: ml_collections.ConfigDict, workdir: str,
   with c.unlocked():
     del c['variants']
     c.data.context_map = variant
-    c.data.data_dir = config.data.data_dir or os.path.join(workdir, 'tfds')
+    c.data.data_dir = config.data.data_dir or os.path.join(workdir, workdir_lib.TFDS)
     c.peft.num_contexts = contexts.num_contexts(variant)
-    c.vision = dict(kind='hf', path=os.path.join(workdir, pretrain.VISION_DIR), dtype='float32',
+    c.vision = dict(kind='hf', path=os.path.join(workdir, workdir_lib.BASE_VISION), dtype='float32',
                     feature_layer=-1, drop_cls=True)
-    c.text_model = os.path.join(workdir, 'base_lm')
+    c.text_model = os.path.join(workdir, workdir_lib.BASE_LM)
   return c
 
 
@@ -58,15 +57,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('The two-variant demo pre-trains its own base models (stage 0); it takes '
                      "neither vision.kind='hf' nor text_model. Give a contexts=... argument for "
                      'a single run on other checkpoints.')
-  configlib.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
+  experiment.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
 
 
 def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   """(vision tower directory, text decoder directory), trained now unless already there."""
   c = variant_config(config, workdir, config.variants[0])
-  train = loop.open_split(c, workdir, c.data.train_split)
+  train = experiment.open_split(c, workdir, c.data.train_split)
   vision = pretrain.vision_encoder(config, workdir, train,
-                                   loop.open_split(c, workdir, c.data.eval_split))
+                                   experiment.open_split(c, workdir, c.data.eval_split))
   tower = vision_checkpoints.vision_module(checkpoints.read_config(checkpoints.resolve(vision)),
                                            drop_cls=True)
   tok = tokenizer_lib.word_level(t for caps in train.captions for t in caps)
@@ -77,18 +76,15 @@ def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
 def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
   """Trainable-parameter count and `num` greedy captions (with a reference each) of the first
   validation images, from the run's best weights."""
-  split = loop.open_split(config, workdir, config.data.eval_split)
-  exp = loop.build(config, workdir, None)
-  trainable, frozen = state_lib.split(exp.variables, config.train.mode)
-  best = perplexity.find_checkpoint(workdir, 'best')
-  trainable = perplexity.restore_trainable(best, jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable))
+  split = experiment.open_split(config, workdir, config.data.eval_split)
+  r = runs.restore(config, workdir, checkpoint='best')
+  exp = r.exp
   batch = exp.batches(split, train=False).batch(0, 0)
   batch = {k: v[:num] for k, v in batch.items()}
   ids = tokenizer_lib.special_ids(exp.tokenizer)
   text_context = contexts.validate(config.data.context_map)['text']
   out_BT = np.asarray(generate_lib.generate(
-      exp.model, state_lib.merge(trainable, frozen), batch,
+      exp.model, r.variables, batch,
       max_new_tokens=config.data.seq_len - exp.num_image_tokens - 1, eos_id=ids.eos,
       pad_id=ids.pad, text_context=text_context))
   texts = []
@@ -97,7 +93,7 @@ def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
     texts.append(exp.tokenizer.decode(row[:end[0] if end.size else len(row)],
                                       skip_special_tokens=True))
   refs = [split.captions[i][0] for i in range(len(texts))]
-  return {'trainable_params': int(sum(x.size for x in jax.tree.leaves(trainable))),
+  return {'trainable_params': int(sum(x.size for x in jax.tree.leaves(r.trainable))),
           'captions': [{'generated': g, 'reference': r} for g, r in zip(texts, refs)]}
 
 
@@ -117,7 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
     c = variant_config(config, workdir, variant)
     print(f'stage 1, variant {variant!r}: Context-PEFT ({"+".join(c.peft.methods) or "none"}, '
           f'{c.peft.num_contexts} context(s)) in {path}', flush=True)
-    out = loop.train_and_evaluate(c, path)
+    out = trainer.train_and_evaluate(c, path)
     result = {'val_loss': out['val_loss'], 'val_ppl': out['val_ppl'], 'steps': out['steps'],
               **captions(c, path, config.eval.get('num_captions', 3))}
     if jax.process_index() == 0:

@@ -1,0 +1,268 @@
+"""What a training workdir holds, read back: its checkpoints found and restored, its model
+rebuilt, its plug-ins taken out.
+
+A run's weights are named as evaluate.py's --checkpoint names them: 'best' (the best-validation
+trainable tree, DIR/best), 'latest' (the newest step of DIR/checkpoints, its trainable tree
+only) or the path of a directory saved like DIR/best. `restore` rebuilds the model from the
+config as training built it (`experiment.build` reloads the saved tokenizer and the demo's
+stage-0 decoder, never rebuilding them) and checks the checkpoint fits it before reading it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from cpeft_jax import experiment, plugins, trees
+from cpeft_jax import trainable as trainable_lib
+from cpeft_jax import workdir as workdir_lib
+
+CHECKPOINTS = ('best', 'latest')
+# Config entries that decide the trainable tree's shapes, compared with the run's config.json
+# to say which setting disagrees when a checkpoint does not fit.
+SHAPING_KEYS = ('peft', 'model', 'connector', 'vision', 'text_model', 'tokenizer', 'train.mode')
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint's trainable tree does not fit the model the config describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  kind: str  # 'best', 'latest' or 'path'
+  path: str  # for 'latest' the CheckpointManager's directory, else the saved tree's
+  step: int | None  # training step of the weights, where known
+
+
+def find_checkpoint(workdir: str, checkpoint: str = 'best') -> Checkpoint:
+  """The weights that --checkpoint names; errors name the paths looked in."""
+  best = os.path.abspath(os.path.join(workdir, workdir_lib.BEST))
+  managed = os.path.abspath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+  if checkpoint not in CHECKPOINTS:
+    if not os.path.isdir(checkpoint):
+      raise ValueError(f'Unknown --checkpoint value {checkpoint!r}: expected one of '
+                       f'{CHECKPOINTS} or a directory saved like {best} (no such directory).')
+    path = os.path.abspath(checkpoint)
+    saved_tree(path)  # fail before the model is built
+    return Checkpoint('path', path, read_json(path + '.json').get('step'))
+  latest = latest_step(managed)
+  if checkpoint == 'best' and os.path.isdir(best):
+    return Checkpoint('best', best, read_json(best + '.json').get('step'))
+  if checkpoint == 'latest' and latest is not None:
+    return Checkpoint('latest', managed, latest)
+  if latest is None and not os.path.isdir(best):
+    raise FileNotFoundError(f'No checkpoint in workdir {workdir}: looked for best-validation '
+                            f'weights in {best} and for steps in {managed}; train first.')
+  if checkpoint == 'best':
+    raise FileNotFoundError(f'No best-validation weights in workdir {workdir}: {best} does not '
+                            f'exist (training writes it after its first validation); {managed} '
+                            f'holds step {latest}: pass --checkpoint=latest.')
+  raise FileNotFoundError(f'No step in {managed}; workdir {workdir} has best-validation weights '
+                          f'in {best}: pass --checkpoint=best.')
+
+
+@dataclasses.dataclass
+class Restored:
+  """A workdir's model rebuilt as training built it, with the checkpoint's trainable tree."""
+  exp: experiment.Experiment
+  ckpt: Checkpoint
+  trainable: Any
+  frozen: Any
+  workdir: str = ''
+
+  @property
+  def variables(self):
+    return trainable_lib.merge(self.trainable, self.frozen)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str = 'best',
+            config_name: str = 'the given config') -> Restored:
+  """Rebuilds the model and restores the weights --checkpoint names; `config_name` names the
+  config in errors."""
+  ckpt = find_checkpoint(workdir, checkpoint)
+  check_base_saved(config, workdir)
+  # The tokenizer and the base decoder are read from the workdir, so build needs no train split.
+  exp = experiment.build(config, workdir, None)
+  trainable, frozen = trainable_lib.split(exp.variables, config.train.mode)
+  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          trainable)
+  trainable = restore_trainable(ckpt, abstract, config_name=config_name,
+                                note=config_note(config, workdir, config_name))
+  return Restored(exp, ckpt, trainable, jax.device_put(frozen, replicated),
+                  os.path.abspath(workdir))
+
+
+def restore_run(workdir: str, checkpoint: str = 'best') -> Restored:
+  """A training run rebuilt from DIR/config.json with its `checkpoint` weights."""
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir.')
+  config = ml_collections.ConfigDict(read_json(path))
+  return restore(config, workdir, checkpoint=checkpoint, config_name=path)
+
+
+def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the given config',
+                      note: str = ''):
+  """The checkpoint's trainable tree, placed as `abstract`; it must match in shapes first."""
+  if ckpt.kind == 'latest':
+    with manager(ckpt.path) as mgr:
+      saved = mgr.item_metadata(ckpt.step)['state']['trainable']
+      _check_fits(saved, abstract, f'step {ckpt.step} of {ckpt.path}', config_name, note)
+      # Only the trainable tree: evaluation needs neither the optimizer state nor its config.
+      item = {'trainable': abstract}
+      out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))
+    return out['state']['trainable']
+  _check_fits(saved_tree(ckpt.path), abstract, ckpt.path, config_name, note)
+  with ocp.StandardCheckpointer() as reader:
+    return reader.restore(ckpt.path, abstract)
+
+
+def read_trainable(ckpt: Checkpoint):
+  """The checkpoint's trainable tree as saved (host arrays), with no model to fit."""
+  if ckpt.kind == 'latest':
+    with manager(ckpt.path) as mgr:
+      out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return out['state']['trainable']
+  with ocp.StandardCheckpointer() as reader:
+    return reader.restore(ckpt.path)
+
+
+def _check_fits(saved, wanted, where: str, config_name: str, note: str):
+  trees.require_same_shapes(
+      wanted, saved, f'The checkpoint {where}', got_name='the checkpoint',
+      want_name=f"the config's model ({config_name})",
+      hint='different methods, ranks, contexts or targets?', note=note, error=CheckpointMismatch)
+
+
+def manager(directory: str) -> ocp.CheckpointManager:
+  """A reader of DIR/checkpoints whose 'state' can be restored in part."""
+  return ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()})
+
+
+def saved_tree(path: str):
+  """The metadata tree of a directory saved like DIR/best (StandardCheckpointer)."""
+  with ocp.StandardCheckpointer() as reader:
+    try:
+      metadata = reader.metadata(path).item_metadata
+    except (FileNotFoundError, ValueError) as e:
+      metadata, why = None, f': {e}'
+    else:
+      why = ''
+  if metadata is None:
+    raise FileNotFoundError(f'{path} holds no orbax checkpoint of a trainable tree (a directory '
+                            f'saved like DIR/best){why}.')
+  return metadata.tree
+
+
+def latest_step(directory: str) -> int | None:
+  if not os.path.isdir(directory):
+    return None
+  with manager(directory) as mgr:
+    return mgr.latest_step()
+
+
+def read_json(path: str) -> dict:
+  """The JSON object in `path`, or {} when there is no such file."""
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def check_base_saved(config, workdir):
+  """Evaluation reloads, never rebuilds, what training saved: its tokenizer and stage-0 decoder."""
+  if config.text_model:
+    return
+  needed = []
+  if config.tokenizer == 'word_level':
+    needed.append(os.path.join(workdir, workdir_lib.TOKENIZER))
+  if config.get('pretrain', {}).get('epochs'):
+    needed.append(os.path.join(workdir, workdir_lib.BASE_LM, workdir_lib.CONFIG))
+  missing = [p for p in needed if not os.path.exists(p)]
+  if missing:
+    raise FileNotFoundError(f'Workdir {workdir} lacks {missing}, which training saves and '
+                            'evaluation reloads (the tokenizer built from the training '
+                            "captions, the demo's pre-trained base decoder).")
+
+
+def _dotted(d, prefix=''):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_dotted(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def config_note(config, workdir, config_name) -> str:
+  """The model-shaping entries where the workdir's config.json and `config` disagree."""
+  path = os.path.join(workdir, workdir_lib.CONFIG)
+  if not os.path.isfile(path):
+    return ''
+  saved = _dotted(read_json(path))
+  given = _dotted(json.loads(config.to_json_best_effort()))
+  keys = sorted(k for k in saved.keys() | given.keys()
+                if any(k == m or k.startswith(m + '.') for m in SHAPING_KEYS))
+  diffs = [f'{k}={saved.get(k, "(absent)")!r} vs {given.get(k, "(absent)")!r}' for k in keys
+           if saved.get(k) != given.get(k)]
+  return (f' The config training ran with ({path}) vs {config_name}: {"; ".join(diffs)}.'
+          if diffs else '')
+
+
+# ----------------------------------------------------------------------------- plug-ins of runs
+
+
+def plugin_from_workdir(workdir: str, context: int, *, checkpoint: str = 'best', name: str = '',
+                        meta: Mapping[str, Any] | None = None) -> plugins.Plugin:
+  """Context `context`'s plug-in of a training run: its `checkpoint` weights ('best', 'latest'
+  or a directory saved like DIR/best), with the fingerprints of the decoder, encoder and
+  connector the run used. The model is rebuilt from DIR/config.json as evaluation rebuilds it.
+  """
+  return plugin_from_run(restore_run(workdir, checkpoint), context, name=name, meta=meta)
+
+
+def plugin_from_run(r: Restored, context: int, *, name: str = '',
+                    meta: Mapping[str, Any] | None = None) -> plugins.Plugin:
+  """Context `context`'s plug-in of a restored run."""
+  config = r.exp.config
+  tables = r.trainable.get('adaptors')
+  if not tables:
+    raise ValueError(f'The run in {r.workdir} trained no adaptor tables (peft.methods='
+                     f'{r.exp.model.peft.methods}, train.mode={config.train.mode!r}).')
+  params = r.variables['params']
+  bases = plugins.model_bases(params, r.exp.model.decoder_cfg,
+                              getattr(r.exp.model.encoder, 'cfg', None))
+  context_map = config.data.get('context_map')
+  if hasattr(context_map, 'to_dict'):  # rules as a ConfigDict
+    context_map = context_map.to_dict()
+  info = {'workdir': r.workdir, 'checkpoint': r.ckpt.kind, 'step': r.ckpt.step,
+          'context': context, 'context_map': context_map,
+          **dict(meta or {})}
+  return plugins.extract(tables, r.exp.model.peft, context, bases, name=name, meta=info)
+
+
+def write_plugins(workdir: str, peft) -> list[str]:
+  """train.plugins: every adapted context's plug-in of the best weights, DIR/plugins/<context>
+  (as `python -m cpeft_jax.plugins --workdir=DIR --context=N` writes it)."""
+  run = restore_run(workdir)
+  out = []
+  for c in plugins.adapted_contexts(peft):
+    out.append(str(plugins.save(os.path.join(workdir, workdir_lib.PLUGINS, str(c)),
+                                plugin_from_run(run, c, name=f'context {c}'))))
+  logging.info('plug-ins of the best weights: %s', out)
+  return out

@@ -1,0 +1,273 @@
+"""The training loop around the pure step: data, checkpoints, validation, metrics, signals.
+
+`train_and_evaluate` builds the experiment (running the demo's stage-0 pre-training when the
+config asks for it), places it on the mesh and hands it to a `Trainer`, whose state advances
+with a `Progress` record (epoch, batch of that epoch, best validation loss) saved beside it, so
+a rerun resumes exactly: same data order and RNG. The loop dispatches step n+1 before it pulls
+step n's metrics to the host; all I/O lives here, none in the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import signal
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import ml_collections
+import optax
+import tqdm
+
+from cpeft_jax import experiment, losses, params, plugins, runs, sharding
+from cpeft_jax import adaptors
+from cpeft_jax import trainable as trainable_lib
+from cpeft_jax import workdir as workdir_lib
+from cpeft_jax.evaluation import perplexity
+from cpeft_jax.models import vlm
+from cpeft_jax.train import checkpointing, export, metrics, pretrain
+from cpeft_jax.train import state as state_lib
+from cpeft_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a run stands: `batch` batches of epoch `epoch` done, and the best validation loss.
+
+  Saved with every checkpoint of the state (as its JSON metadata), so the two always agree.
+  """
+  epoch: int = 0
+  batch: int = 0
+  best_val_loss: float | None = None
+
+  def as_meta(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any]) -> Progress:
+    return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
+@dataclasses.dataclass
+class Placed:
+  """The train state and frozen base on the mesh, with the shardings the jitted steps use."""
+  state: state_lib.TrainState
+  frozen: Any
+  state_sh: Any
+  frozen_sh: Any
+  batch_sh: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+
+def place(exp: experiment.Experiment, trainable, frozen, tx) -> Placed:
+  """Shards the frozen base and builds the optimizer state directly in its shardings.
+
+  Shapes come from jax.eval_shape, so each leaf's sharding is known before its memory is
+  used; the optimizer state is created by a jit whose outputs are already sharded.
+  """
+  rules = sharding.parse_rules(exp.config.get('partition_rules'))
+  create = lambda t: state_lib.TrainState.create(t, tx)
+  state_sh = sharding.tree_shardings(jax.eval_shape(create, trainable), exp.mesh, rules)
+  frozen_sh = sharding.tree_shardings(frozen, exp.mesh, rules)
+  logging.info('sharded leaves on mesh %s: %s', dict(exp.mesh.shape),
+               sharding.describe({'frozen': frozen_sh, 'state': state_sh}))
+  trainable = jax.device_put(trainable, state_sh.trainable)
+  state = jax.jit(create, out_shardings=state_sh)(trainable)
+  return Placed(state, jax.device_put(frozen, frozen_sh), state_sh, frozen_sh,
+                sharding.batch_sharding(exp.mesh), sharding.replicated(exp.mesh))
+
+
+def optimizer(config: ml_collections.ConfigDict, optim: state_lib.OptimConfig,
+              peft: adaptors.PeftConfig) -> optax.GradientTransformation:
+  """The run's optimizer, with train.freeze_contexts' rows and (train.freeze_connector) the
+  connector kept exactly as they are: their updates are zeroed after the optimizer."""
+  tx = state_lib.optimizer(optim)
+  frozen = tuple(int(c) for c in config.train.get('freeze_contexts') or ())
+  if frozen:
+    rows = plugins.adapted_contexts(peft)
+    unknown = sorted(set(frozen) - set(rows))
+    if unknown:
+      raise ValueError(f'train.freeze_contexts={frozen}: contexts {unknown} have no adaptor rows '
+                       f'(this model adapts contexts {tuple(rows)}).')
+    tx = optax.chain(tx, plugins.freeze_contexts(peft, [c for c in rows if c not in frozen]))
+  if config.train.get('freeze_connector'):
+    is_connector = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: [getattr(k, 'key', k) for k in path[:2]] == ['params', 'connector'],
+        tree)
+    tx = optax.chain(tx, optax.masked(optax.set_to_zero(), is_connector))
+  return tx
+
+
+def adaptor_counts(exp: experiment.Experiment, trainable) -> dict[str, dict[int, int]]:
+  """{method: {context: trainable adaptor parameters}} of the decoder's tables."""
+  tables = trainable.get(adaptors.ADAPTORS, {}).get('decoder', {})
+  return params.count_adaptors(tables, exp.model.peft) if tables else {}
+
+
+class Trainer:
+  """Trains a placed experiment epoch by epoch, validating after each and keeping the best.
+
+  `state` and `progress` advance together; `train_epoch` and `validate_and_keep_best` are the
+  two halves of an epoch, `finish` writes what a finished run leaves beside its checkpoints.
+  """
+
+  def __init__(self, exp: experiment.Experiment, placed: Placed, workdir: str, train_data,
+               eval_data, optim: state_lib.OptimConfig):
+    config = exp.config
+    self.exp, self.config, self.workdir = exp, config, workdir
+    self.train_data, self.eval_data = train_data, eval_data
+    self.state, self.frozen = placed.state, placed.frozen
+    self.progress = Progress()
+    self.steps_per_epoch = len(train_data)
+    apply = vlm.apply_fn(exp.model)
+    peft = exp.model.peft
+    self.rows = peft.rows if peft.methods else ()
+    self.tasks = exp.tasks if len(exp.tasks) > 1 else ()  # per-task losses of a multi-task run
+    self.step_fn = jax.jit(
+        functools.partial(step_lib.train_step, apply_fn=apply,
+                          micro_steps=config.train.micro_steps, num_contexts=peft.num_contexts,
+                          num_tasks=len(self.tasks)),
+        in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh, placed.replicated),
+        out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,))
+    self.eval_fn = jax.jit(functools.partial(losses.eval_step, apply_fn=apply),
+                           in_shardings=(placed.state_sh.trainable, placed.frozen_sh,
+                                         placed.batch_sh),
+                           out_shardings=placed.replicated)
+    self.lr_at = state_lib.schedule(optim)
+    self.lead = jax.process_index() == 0
+    self.mgr = checkpointing.manager(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+    self.writer = metrics.Writer(workdir, enabled=self.lead)
+    self.rng = jax.random.key(config.seed + 1)
+    self.seq_tokens = config.train.batch_size * config.data.seq_len  # positions a step computes
+    self.stop_signal = None
+    self.last: dict[str, float] = {}
+
+  def resume(self) -> None:
+    """Continues from the latest checkpoint in the workdir, if there is one."""
+    if self.mgr.latest_step() is None:
+      return
+    self.state, meta = checkpointing.restore(self.mgr, self.state)
+    self.progress = Progress.from_meta(meta)
+    logging.info('resumed from step %d (epoch %d, batch %d)', int(self.state.step),
+                 self.progress.epoch, self.progress.batch)
+
+  def save(self) -> None:
+    checkpointing.save(self.mgr, self.state, self.progress.as_meta())
+
+  def _host_metrics(self, pending) -> dict[str, float]:
+    return metrics.host_metrics(jax.device_get(pending[1]), pending[0], self.rows, self.tasks)
+
+  def train_epoch(self, epoch: int) -> None:
+    """The rest of epoch `epoch` from the progress's batch; saves every train.checkpoint_every
+    steps and, after a SIGTERM, saves and stops."""
+    c, p, per_epoch = self.config, self.progress, self.steps_per_epoch
+    pending, t0, n0 = None, time.time(), p.batch
+    bar = tqdm.tqdm(total=per_epoch, initial=p.batch, disable=not self.lead,
+                    desc=f'epoch {epoch + 1}/{c.train.epochs}', unit='step',
+                    dynamic_ncols=True, leave=False, mininterval=1.0)
+    for k, batch in enumerate(self.train_data.epoch(epoch, start=p.batch), p.batch):
+      self.state, m = self.step_fn(self.state, self.frozen,
+                                   experiment.device_batch(self.exp, batch),
+                                   jax.random.fold_in(self.rng, epoch * per_epoch + k))
+      if pending is not None:  # pull step n-1's metrics after dispatching step n
+        self.last = self._host_metrics(pending)
+        bar.update(1)
+        bar.set_postfix(loss=f'{self.last["loss"]:.3f}', refresh=False)
+        if pending[0] % c.train.log_every == 0:
+          dt = max(time.time() - t0, 1e-9) / max(k - n0, 1)
+          self.writer.write(pending[0], {**self.last,
+                                         **metrics.rates(self.last, dt, self.seq_tokens),
+                                         'learning_rate': float(self.lr_at(pending[0] - 1))})
+          t0, n0 = time.time(), k
+      pending = (int(epoch * per_epoch + k + 1), m)
+      p.epoch, p.batch = epoch, k + 1
+      if self.stop_signal is not None or (c.train.checkpoint_every and
+                                          pending[0] % c.train.checkpoint_every == 0):
+        self.last = self._host_metrics(pending)  # never save a NaN state
+        self.save()
+        if self.stop_signal is not None:
+          raise SystemExit(f'Stopped by signal {self.stop_signal} at step {pending[0]}; '
+                           'checkpoint saved, rerun the same command to resume.')
+    if pending is not None:
+      self.last = self._host_metrics(pending)
+      bar.update(1)
+    bar.close()
+
+  def validate_and_keep_best(self, epoch: int) -> None:
+    """Validation loss after epoch `epoch`; the best weights so far go to DIR/best, then the
+    state is saved at the start of the next epoch."""
+    p = self.progress
+    val_loss, val_ppl = perplexity.mean_loss(
+        self.eval_data, functools.partial(self.eval_fn, self.state.trainable, self.frozen),
+        functools.partial(experiment.device_batch, self.exp))
+    step = int(jax.device_get(self.state.step))
+    self.writer.write(step, {'epoch': epoch + 1, 'train_loss': self.last.get('loss', float('nan')),
+                             'val_loss': val_loss, 'val_ppl': val_ppl})
+    p.epoch, p.batch = epoch + 1, 0
+    if p.best_val_loss is None or val_loss < p.best_val_loss:
+      p.best_val_loss = val_loss
+      checkpointing.save_best(self.workdir, self.state.trainable, {
+          'step': step, 'epoch': epoch + 1, 'val_loss': val_loss, 'val_ppl': val_ppl})
+    self.save()
+
+  def fit(self) -> None:
+    """Every remaining epoch; SIGTERM saves and stops at the next step, Ctrl-C saves at once."""
+    old = signal.signal(signal.SIGTERM, lambda s, f: setattr(self, 'stop_signal', s))
+    try:
+      for epoch in range(self.progress.epoch, self.config.train.epochs):
+        self.train_epoch(epoch)
+        self.validate_and_keep_best(epoch)
+    except KeyboardInterrupt:
+      self.save()
+      raise
+    finally:
+      signal.signal(signal.SIGTERM, old)
+      self.writer.close()
+
+  def finish(self) -> dict[str, float]:
+    """The adaptor-only export and (train.plugins) every context's plug-in of the best weights;
+    returns the run's result."""
+    c, best = self.config, self.progress.best_val_loss
+    truncated, dropped = self.train_data.truncated
+    if truncated:
+      logging.warning('%d training captions were truncated (%d tokens dropped) to fit '
+                      'seq_len=%d.', truncated, dropped, c.data.seq_len)
+    if self.lead and c.train.get('export', True):  # the small adaptor-only copy, DIR/export
+      try:
+        export.export(self.workdir)
+      except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
+        logging.error('Export to %s/export failed (%s); retry with python -m '
+                      'cpeft_jax.train.export --workdir=%s', self.workdir, e, self.workdir)
+    if self.lead and c.train.get('plugins') and best is not None:
+      runs.write_plugins(self.workdir, self.exp.model.peft)
+    return {'val_loss': best,
+            'val_ppl': losses.perplexity(best) if best is not None else float('nan'),
+            'steps': int(jax.device_get(self.state.step))}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains; returns the final metrics. Resumes from the latest checkpoint in `workdir`."""
+  experiment.make_mesh(config)  # a bad mesh, batch size or partition rule fails before any work
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  train_split = experiment.open_split(config, workdir, config.data.train_split)
+  eval_split = experiment.open_split(config, workdir, config.data.eval_split)
+  exp = experiment.build(config, workdir, train_split, text_lm=pretrain.text_lm)
+  train_data, eval_data = exp.batches(train_split, train=True), exp.batches(eval_split, train=False)
+
+  trainable, frozen = trainable_lib.split(exp.variables, config.train.mode)
+  counts = {m: sum(v.values()) for m, v in adaptor_counts(exp, trainable).items()}
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  logging.info('trainable parameters: %s (%s)', f'{n_train:,}', counts)
+  optim = state_lib.OptimConfig.from_dict(
+      dict(config.optim, total_steps=config.optim.total_steps or
+           len(train_data) * config.train.epochs))
+  placed = place(exp, trainable, frozen, optimizer(config, optim, exp.model.peft))
+  trainer = Trainer(exp, placed, workdir, train_data, eval_data, optim)
+  trainer.resume()
+  trainer.fit()
+  return trainer.finish()
