@@ -79,11 +79,11 @@ def test_learns_and_resumes_exactly(tmp_path):
 
   # The adaptor-only export (written after training) rebuilds the same model: same logits.
   from cpeft_jax.models import vlm
-  from cpeft_jax.train import export
+  from cpeft_jax.train import adaptor_export
   from cpeft_jax.train import state as state_lib
   info = json.load(open(tmp_path / 'a' / 'export' / 'export.json'))
   assert info['source'] == 'best' and info['bytes'] < 100_000
-  exp_e, v_e = export.load(str(tmp_path / 'a' / 'export'))
+  exp_e, v_e = adaptor_export.load(str(tmp_path / 'a' / 'export'))
   exp_a = loop.build(straight, str(tmp_path / 'a'), None)
   v_a = state_lib.merge(a, state_lib.split(exp_a.variables, 'peft')[1])
   val = loop.open_split(straight, str(tmp_path / 'a'), 'validation')

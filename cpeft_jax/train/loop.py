@@ -444,12 +444,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.warning('%d training captions were truncated (%d tokens dropped) to fit seq_len=%d.',
                     truncated, dropped, config.data.seq_len)
   if lead and config.train.get('export', True):  # the small adaptor-only copy, DIR/export
-    from cpeft_jax.train import export
+    from cpeft_jax.train import adaptor_export
     try:
-      export.export(workdir)
+      adaptor_export.export(workdir)
     except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
       logging.error('Export to %s/export failed (%s); retry with python -m '
-                    'cpeft_jax.train.export --workdir=%s', workdir, e, workdir)
+                    'cpeft_jax.train.adaptor_export --workdir=%s', workdir, e, workdir)
   if lead and config.train.get('plugins') and meta['best_val_loss'] is not None:
     write_plugins(workdir, exp.model.peft)
   best = meta['best_val_loss']
