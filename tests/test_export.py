@@ -19,8 +19,9 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft_lib = pytest.importorskip('peft')
 
-from cpeft_jax import adaptors, checkpoints, export  # noqa: E402
+from cpeft_jax import adaptors, checkpoints, interop, trees  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
+from cpeft_jax.interop.convert import convert  # noqa: E402
 from cpeft_jax.models.decoders import make_decoder  # noqa: E402
 from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
 from test_gpt2_opt import MASK as LMASK, TOKENS as LTOKENS, saved  # noqa: E402,F401
@@ -83,8 +84,8 @@ def exported(base, tmp_path_factory):
   peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0))
   tables = random_tables(fresh_tables(base.cfg, peft), seed=1)
-  directory = export.export_peft(tmp_path_factory.mktemp('adapter'), tables, base.cfg, peft, 1,
-                                 base_model_name_or_path=str(base.dir))
+  directory = interop.export_peft(tmp_path_factory.mktemp('adapter'), tables, base.cfg, peft, 1,
+                                  base_model_name_or_path=str(base.dir))
   return types.SimpleNamespace(dir=directory, peft=peft, tables=tables)
 
 
@@ -106,8 +107,8 @@ def test_exported_adapter_matches_pytorch_peft(base, tmp_path, method, targets, 
                     lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora),
                     **({'contexts': specs} if specs else {}))
   tables = random_tables(fresh_tables(base.cfg, peft), seed=2)
-  export.export_peft(tmp_path, tables, base.cfg, peft, context)
-  config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+  interop.export_peft(tmp_path, tables, base.cfg, peft, context)
+  config = json.loads((tmp_path / interop.ADAPTER_CONFIG).read_text())
   assert (config['r'], config['use_dora']) == (2 if specs else 4, method == 'dora')
   assert config['target_modules'] == (['q_proj', 'v_proj'] if targets == 'q_proj,v_proj'
                                       else ALL_MODULES)
@@ -121,10 +122,10 @@ def test_exported_adapter_matches_pytorch_peft(base, tmp_path, method, targets, 
         f'max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
   # And back: importing the file restores the context's row (its rank's columns).
-  again = export._flat(export.import_peft(tmp_path, fresh_tables(base.cfg, peft), base.cfg, peft,
-                                          context))
+  again = trees.flatten(interop.import_peft(tmp_path, fresh_tables(base.cfg, peft), base.cfg,
+                                            peft, context))
   r = config['r']
-  for k, v in export._flat(tables).items():
+  for k, v in trees.flatten(tables).items():
     cut = {'lora_a': np.s_[:, context, :, :r], 'lora_b': np.s_[:, context, :r],
            'dora_m': np.s_[:, context]}.get(k.rsplit('/', 1)[-1])
     if cut is not None:
@@ -148,30 +149,30 @@ def test_import_pytorch_peft_adapter_as_one_context(base, tmp_path):
   peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0))
   fresh = fresh_tables(base.cfg, peft)
-  tables = export.import_peft(tmp_path, fresh, base.cfg, peft, context=1)
+  tables = interop.import_peft(tmp_path, fresh, base.cfg, peft, context=1)
   diff = np.abs(logits(base.cfg, base.params, tables, peft, 1) - want)[MASK].max()
   print(f'import parity: max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
   base_diff = np.abs(logits(base.cfg, base.params, tables, peft, 0) - want_base)[MASK].max()
   assert base_diff <= 1e-4  # row 0 is untouched (B = 0)
-  flat_new, flat_old = export._flat(tables), export._flat(fresh)
+  flat_new, flat_old = trees.flatten(tables), trees.flatten(fresh)
   for k in flat_old:
     np.testing.assert_array_equal(flat_new[k][:, 0], flat_old[k][:, 0])
 
 
 def test_export_import_round_trip(base, exported):
   fresh = fresh_tables(base.cfg, exported.peft)
-  tables = export.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=0)
-  new, old = export._flat(tables), export._flat(exported.tables)
+  tables = interop.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=0)
+  new, old = trees.flatten(tables), trees.flatten(exported.tables)
   for k in old:
     np.testing.assert_allclose(new[k][:, 0], old[k][:, 1], rtol=1e-6, atol=1e-7)
 
 
 def _edit_config(src, dst, **changes):
   shutil.copytree(src, dst)
-  config = json.loads((dst / export.ADAPTER_CONFIG).read_text())
+  config = json.loads((dst / interop.ADAPTER_CONFIG).read_text())
   config.update(changes)
-  (dst / export.ADAPTER_CONFIG).write_text(json.dumps(config))
+  (dst / interop.ADAPTER_CONFIG).write_text(json.dumps(config))
   return dst
 
 
@@ -189,24 +190,24 @@ def test_import_rejects_unsupported_or_mismatched_adapters(base, exported, tmp_p
   bad = _edit_config(exported.dir, tmp_path / 'bad', **changes)
   fresh = fresh_tables(base.cfg, exported.peft)
   with pytest.raises(ValueError, match=match):
-    export.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
+    interop.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
 
 
 def test_import_names_shape_mismatch_of_another_base(base, exported, tmp_path):
   from safetensors.numpy import load_file, save_file
   bad = _edit_config(exported.dir, tmp_path / 'bad')
-  weights = load_file(str(bad / export.ADAPTER_WEIGHTS))
+  weights = load_file(str(bad / interop.ADAPTER_WEIGHTS))
   key = 'base_model.model.model.layers.1.mlp.up_proj.lora_B.weight'
   weights[key] = np.zeros((50, 4), np.float32)  # a base with intermediate_size 50
   weights['base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight'] = weights[
       'base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight']
-  save_file(weights, str(bad / export.ADAPTER_WEIGHTS))
+  save_file(weights, str(bad / interop.ADAPTER_WEIGHTS))
   fresh = fresh_tables(base.cfg, exported.peft)
   with pytest.raises(ValueError, match=r'(?s)does not fit this base model.*up_proj.lora_B.weight '
                      r'has shape \(50, 4\), the model expects \(48, 4\).*layers.2'):
-    export.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
+    interop.import_peft(bad, fresh, base.cfg, exported.peft, context=0)
   with pytest.raises(ValueError, match=r'Context 2 has no adaptor row'):
-    export.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=2)
+    interop.import_peft(exported.dir, fresh, base.cfg, exported.peft, context=2)
 
 
 @pytest.mark.parametrize('methods, num_contexts, context', [
@@ -217,13 +218,13 @@ def test_merged_checkpoint_matches_adapted_model(base, tmp_path, methods, num_co
                     lora=LoraConfig(rank=4, alpha=8.0))
   tables = random_tables(fresh_tables(base.cfg, peft), seed=3)
   want = logits(base.cfg, base.params, tables, peft, context)
-  export.save_merged(tmp_path / 'merged', base.params, tables, base.cfg, peft, context)
+  interop.save_merged(tmp_path / 'merged', base.params, tables, base.cfg, peft, context)
   hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / 'merged').eval()
   diff = np.abs(torch_logits(hf) - want)[MASK].max()
   print(f'merged ({methods}, C={num_contexts}): max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
   assert np.abs(want - logits(base.cfg, base.params))[MASK].max() > 0.05
-  merged = export.merged_per_context(base.params, tables, base.cfg, peft)
+  merged = interop.merged_per_context(base.params, tables, base.cfg, peft)
   assert sorted(merged) == list(range(num_contexts))
   for c, params in merged.items():
     np.testing.assert_allclose(logits(base.cfg, params),
@@ -234,18 +235,18 @@ def test_what_cannot_be_expressed_is_an_error(base, tmp_path):
   peft = PeftConfig(methods=('lora', 'bitfit'), targets='all', lora=LoraConfig(rank=4))
   tables = fresh_tables(base.cfg, peft)
   with pytest.raises(ValueError, match=r"\['bitfit'\] cannot be expressed as PEFT LoRA"):
-    export.export_peft(tmp_path, tables, base.cfg, peft)
+    interop.export_peft(tmp_path, tables, base.cfg, peft)
   with pytest.raises(ValueError, match=r'BitFit on attn/\w+ cannot be merged'):
-    export.merged_params(base.params, tables, base.cfg, peft)
+    interop.merged_params(base.params, tables, base.cfg, peft)
 
 
 def test_command_line_conversions_round_trip(base, exported, tmp_path):
   from safetensors.numpy import load_file
-  export.convert(str(base.dir), peft_in=str(exported.dir), plugin_out=str(tmp_path / 'plug'),
-                 name='imported')
-  export.convert(str(base.dir), plugin=str(tmp_path / 'plug'), peft_out=str(tmp_path / 'again'),
-                 merged_out=str(tmp_path / 'merged'))
-  want, got = (load_file(str(d / export.ADAPTER_WEIGHTS))
+  convert(str(base.dir), peft_in=str(exported.dir), plugin_out=str(tmp_path / 'plug'),
+          name='imported')
+  convert(str(base.dir), plugin=str(tmp_path / 'plug'), peft_out=str(tmp_path / 'again'),
+          merged_out=str(tmp_path / 'merged'))
+  want, got = (load_file(str(d / interop.ADAPTER_WEIGHTS))
                for d in (exported.dir, tmp_path / 'again'))
   assert sorted(got) == sorted(want)
   for k in want:
@@ -255,7 +256,7 @@ def test_command_line_conversions_round_trip(base, exported, tmp_path):
                              logits(base.cfg, base.params, exported.tables, exported.peft, 1),
                              atol=1e-4)
   with pytest.raises(ValueError, match='exactly one source'):
-    export.convert(str(base.dir), peft_out=str(tmp_path / 'x'))
+    convert(str(base.dir), peft_out=str(tmp_path / 'x'))
 
 
 # ----------------------------------------------------------------------------- GPT-2 and OPT
@@ -280,8 +281,8 @@ def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, r
   peft = PeftConfig(methods=(method,), targets=targets, num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora))
   tables = random_tables(fresh_tables(cfg, peft), seed=4)
-  export.export_peft(tmp_path, tables, cfg, peft, 1)
-  config = json.loads((tmp_path / export.ADAPTER_CONFIG).read_text())
+  interop.export_peft(tmp_path, tables, cfg, peft, 1)
+  config = json.loads((tmp_path / interop.ADAPTER_CONFIG).read_text())
   if saved.arch == 'gpt2':
     rank = 8 if targets == 'q_proj,v_proj' else 12
     assert config['rank_pattern'] == {'c_attn': rank} and config['fan_in_fan_out']
@@ -300,8 +301,8 @@ def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, r
         f'diff {diff:.2e}')
   assert diff <= 1e-4
   # And back: the block-diagonal c_attn splits into the q/k/v rows it came from.
-  again = export._flat(export.import_peft(tmp_path, fresh_tables(cfg, peft), cfg, peft, 1))
-  for k, v in export._flat(tables).items():
+  again = trees.flatten(interop.import_peft(tmp_path, fresh_tables(cfg, peft), cfg, peft, 1))
+  for k, v in trees.flatten(tables).items():
     np.testing.assert_allclose(again[k][:, 1], v[:, 1], rtol=1e-6, atol=1e-7)
 
 
@@ -325,18 +326,18 @@ def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
   cfg = saved.loaded.config
   peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=16.0))
-  tables = export.import_peft(tmp_path / 'peft', fresh_tables(cfg, peft), cfg, peft, 1)
+  tables = interop.import_peft(tmp_path / 'peft', fresh_tables(cfg, peft), cfg, peft, 1)
   diff = np.abs(_learned(saved, tables, peft, 1) - want)[LMASK].max()
   print(f'import parity {saved.arch}: max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
-  export.export_peft(tmp_path / 'again', tables, cfg, peft, 1)
-  theirs, ours = (load_file(str(d / export.ADAPTER_WEIGHTS)) for d in (tmp_path / 'peft',
+  interop.export_peft(tmp_path / 'again', tables, cfg, peft, 1)
+  theirs, ours = (load_file(str(d / interop.ADAPTER_WEIGHTS)) for d in (tmp_path / 'peft',
                                                                         tmp_path / 'again'))
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k])
   # The command line: PEFT's adapter -> a merged checkpoint that transformers runs as PEFT does.
-  export.convert(str(saved.dir), peft_in=str(tmp_path / 'peft'), merged_out=str(tmp_path / 'hf'))
+  convert(str(saved.dir), peft_in=str(tmp_path / 'peft'), merged_out=str(tmp_path / 'hf'))
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
   assert np.abs(torch_logits(merged, LTOKENS, LMASK) - want)[LMASK].max() <= 1e-4
 
@@ -349,7 +350,7 @@ def test_learned_merged_checkpoint_matches_adapted_model(saved, tmp_path):
                     lora=LoraConfig(rank=4, alpha=8.0))
   tables = random_tables(fresh_tables(cfg, peft), seed=5)
   want = _learned(saved, tables, peft, 1)
-  export.save_merged(tmp_path / 'merged', saved.loaded.params, tables, cfg, peft, 1)
+  interop.save_merged(tmp_path / 'merged', saved.loaded.params, tables, cfg, peft, 1)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged').eval()
   assert type(hf) is type(saved.hf)
   diff = np.abs(torch_logits(hf, LTOKENS, LMASK) - want)[LMASK].max()
@@ -366,21 +367,21 @@ def test_learned_what_does_not_fit_is_an_error(saved, tmp_path):
   cfg = saved.loaded.config
   qkv = PeftConfig(methods=('lora',), targets='q_proj,k_proj,v_proj', num_contexts=1,
                    lora=LoraConfig(rank=4, alpha=8.0))
-  export.export_peft(tmp_path / 'qkv', random_tables(fresh_tables(cfg, qkv), seed=6), cfg, qkv)
+  interop.export_peft(tmp_path / 'qkv', random_tables(fresh_tables(cfg, qkv), seed=6), cfg, qkv)
   qv = PeftConfig(methods=('lora',), targets='q_proj,v_proj', num_contexts=1,
                   lora=LoraConfig(rank=4, alpha=8.0))
   with pytest.raises(ValueError, match=r'(?s)layer 0 attn.c_attn: the adapter changes outputs '
                      r"of it that the model does not adapt \(it adapts only \['attn/q_proj', "
                      r"'attn/v_proj'\]\)"):
-    export.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qv), cfg, qv)
-  weights = load_file(str(tmp_path / 'qkv' / export.ADAPTER_WEIGHTS))
+    interop.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qv), cfg, qv)
+  weights = load_file(str(tmp_path / 'qkv' / interop.ADAPTER_WEIGHTS))
   key = 'base_model.model.transformer.h.1.attn.c_attn.lora_B.weight'
   weights[key] = np.ones_like(weights[key])  # not block-diagonal: rank 12 for each of q, k, v
-  save_file(weights, str(tmp_path / 'qkv' / export.ADAPTER_WEIGHTS))
+  save_file(weights, str(tmp_path / 'qkv' / interop.ADAPTER_WEIGHTS))
   with pytest.raises(ValueError, match=r'layer 1: attn/k_proj gets a rank-12 update from '
                      r"attn.c_attn \(12 non-zero columns of lora_B\), more than the model's "
                      'LoRA rank 4'):
-    export.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qkv), cfg, qkv)
+    interop.import_peft(tmp_path / 'qkv', fresh_tables(cfg, qkv), cfg, qkv)
   dora = PeftConfig(methods=('dora',), targets='q_proj,v_proj', lora=LoraConfig(rank=4))
   with pytest.raises(ValueError, match=r'DoRA on attn.c_attn covers only some of its outputs'):
-    export.export_peft(tmp_path / 'dora', fresh_tables(cfg, dora), cfg, dora)
+    interop.export_peft(tmp_path / 'dora', fresh_tables(cfg, dora), cfg, dora)

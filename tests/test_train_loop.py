@@ -81,10 +81,10 @@ def test_learns_and_resumes_exactly(tmp_path):
 
   # The adaptor-only export (written after training) rebuilds the same model: same logits.
   from cpeft_jax.models import vlm
-  from cpeft_jax.train import export
+  from cpeft_jax.train import adaptor_export
   info = json.load(open(tmp_path / 'a' / 'export' / 'export.json'))
   assert info['source'] == 'best' and info['bytes'] < 100_000
-  exp_e, v_e = export.load(str(tmp_path / 'a' / 'export'))
+  exp_e, v_e = adaptor_export.load(str(tmp_path / 'a' / 'export'))
   exp_a = experiment.build(straight, str(tmp_path / 'a'), None)
   v_a = trainable_lib.merge(a, trainable_lib.split(exp_a.variables, 'peft')[1])
   val = experiment.open_split(straight, str(tmp_path / 'a'), 'validation')

@@ -28,7 +28,7 @@ from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.evaluation import perplexity
 from cpeft_jax.models import vlm
-from cpeft_jax.train import checkpointing, export, metrics, pretrain
+from cpeft_jax.train import adaptor_export, checkpointing, metrics, pretrain
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 
@@ -237,10 +237,10 @@ class Trainer:
                       'seq_len=%d.', truncated, dropped, c.data.seq_len)
     if self.lead and c.train.get('export', True):  # the small adaptor-only copy, DIR/export
       try:
-        export.export(self.workdir)
+        adaptor_export.export(self.workdir)
       except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
         logging.error('Export to %s/export failed (%s); retry with python -m '
-                      'cpeft_jax.train.export --workdir=%s', self.workdir, e, self.workdir)
+                      'cpeft_jax.train.adaptor_export --workdir=%s', self.workdir, e, self.workdir)
     if self.lead and c.train.get('plugins') and best is not None:
       runs.write_plugins(self.workdir, self.exp.model.peft)
     return {'val_loss': best,

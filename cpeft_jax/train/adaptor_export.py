@@ -1,6 +1,6 @@
 """Adaptor-only export of a training run: the trainable tables + connector and what rebuilds them.
 
-    python -m cpeft_jax.train.export --workdir=DIR [--checkpoint=best|latest]
+    python -m cpeft_jax.train.adaptor_export --workdir=DIR [--checkpoint=best|latest]
 
 writes DIR/export/: `trainable.safetensors` (the trainable tree, keys 'adaptors/decoder/...',
 'params/connector/...'), `config.json` (the run's config, with text_model pointing at the
