@@ -64,16 +64,7 @@ def layout_captions(
       see `contexts.sequence_contexts`).
   """
   budget = _check_sizes(num_image_tokens, seq_len, boundary)
-  for name, value in (('bos_id', bos_id), ('eos_id', eos_id), ('pad_id', pad_id)):
-    _check_id(name, value)
-  if boundary_ids is not None:
-    if not boundary:
-      raise ValueError(f'boundary_ids={boundary_ids} given but boundary=False')
-    if len(boundary_ids) != 2:
-      raise ValueError(f'boundary_ids must be (open_id, close_id), got {boundary_ids}')
-    for value in boundary_ids:
-      _check_id('boundary_ids', value)
-  open_id, close_id = boundary_ids if boundary_ids is not None else (pad_id, pad_id)
+  open_id, close_id = _check_ids(bos_id, eos_id, pad_id, boundary, boundary_ids)
 
   num_rows = len(captions)
   if prompts is not None and len(prompts) != num_rows:
@@ -100,19 +91,49 @@ def layout_captions(
       raise ValueError(f'prompt {row} has {len(prompt)} tokens; a row of seq_len={seq_len} with '
                        f'{num_image_tokens} image tokens holds at most {budget - 1} prompt tokens '
                        '(and one caption token)')
-    slots_BW[row, start:start + len(prompt)] = prompt
-    kinds_BW[row, start:start + len(prompt)] = Kind.PROMPT
-    kept = caption[:budget - len(prompt)]
-    num_dropped_B[row] = len(caption) - len(kept)
-    begin = start + len(prompt)
-    end = begin + len(kept)
-    slots_BW[row, begin:end] = kept
-    kinds_BW[row, begin:end] = Kind.TEXT
-    slots_BW[row, end] = eos_id
-    kinds_BW[row, end] = Kind.EOS
+    num_dropped_B[row] = _fill_row(slots_BW[row], kinds_BW[row], start, prompt, caption,
+                                   budget, eos_id)
+  batch = _shifted(slots_BW, kinds_BW, num_dropped_B)
+  if context_map is not None:
+    batch['context_ids'] = contexts.sequence_contexts(context_map, batch['kinds'], task_ids,
+                                                      task_names)
+  return batch
 
+
+def _check_ids(bos_id, eos_id, pad_id, boundary, boundary_ids) -> tuple[int, int]:
+  """Checks the special ids; returns the (open, close) ids of the boundary positions."""
+  for name, value in (('bos_id', bos_id), ('eos_id', eos_id), ('pad_id', pad_id)):
+    _check_id(name, value)
+  if boundary_ids is None:
+    return pad_id, pad_id
+  if not boundary:
+    raise ValueError(f'boundary_ids={boundary_ids} given but boundary=False')
+  if len(boundary_ids) != 2:
+    raise ValueError(f'boundary_ids must be (open_id, close_id), got {boundary_ids}')
+  for value in boundary_ids:
+    _check_id('boundary_ids', value)
+  return tuple(boundary_ids)
+
+
+def _fill_row(slots_W, kinds_W, start: int, prompt, caption, budget: int, eos_id: int) -> int:
+  """Writes prompt, caption (cut to the budget) and EOS after the prefix; returns the number
+  of caption tokens cut."""
+  slots_W[start:start + len(prompt)] = prompt
+  kinds_W[start:start + len(prompt)] = Kind.PROMPT
+  kept = caption[:budget - len(prompt)]
+  begin = start + len(prompt)
+  end = begin + len(kept)
+  slots_W[begin:end] = kept
+  kinds_W[begin:end] = Kind.TEXT
+  slots_W[end] = eos_id
+  kinds_W[end] = Kind.EOS
+  return len(caption) - len(kept)
+
+
+def _shifted(slots_BW, kinds_BW, num_dropped_B) -> dict[str, np.ndarray]:
+  """The batch arrays of rows one slot longer than seq_len: inputs and next-token targets."""
   kinds_BL, target_kinds_BL = kinds_BW[:, :-1], kinds_BW[:, 1:]
-  batch = {
+  return {
       'tokens': np.ascontiguousarray(slots_BW[:, :-1]),
       'targets': np.ascontiguousarray(slots_BW[:, 1:]),
       'kinds': np.ascontiguousarray(kinds_BL),
@@ -122,10 +143,6 @@ def layout_captions(
       'loss_mask': np.isin(target_kinds_BL, (Kind.TEXT, Kind.EOS)).astype(np.float32),
       'num_dropped': num_dropped_B,
   }
-  if context_map is not None:
-    batch['context_ids'] = contexts.sequence_contexts(context_map, batch['kinds'], task_ids,
-                                                      task_names)
-  return batch
 
 
 def truncation(batch: Mapping[str, np.ndarray]) -> tuple[int, int]:
