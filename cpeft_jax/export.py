@@ -16,7 +16,7 @@ checkpoint, checks the plug-in against it, and converts:
     python -m cpeft_jax.export --base=CKPT --plugin=DIR --merged_out=HF_DIR  # merged checkpoint
     python -m cpeft_jax.export --base=CKPT --peft_in=ADAPTER --plugin_out=DIR  # PEFT -> plug-in
 
-Table layout (see adaptors.py): under the decoder's layer scan every table has a leading layer
+Table layout (see adaptors/): under the decoder's layer scan every table has a leading layer
 axis, lora_a [N, R, d_in, r], lora_b [N, R, r, d_out], ia3 / bitfit [N, R, d].
 """
 
@@ -143,25 +143,6 @@ def _unflat(flat: Mapping[str, Any]) -> dict:
   return flax.traverse_util.unflatten_dict(dict(flat), sep='/')
 
 
-def row_of(peft: PeftConfig, context: int) -> int:
-  """The table row of `context`; an error if the context has no adaptor group."""
-  if context not in peft.rows:
-    raise ValueError(f'Context {context} has no adaptor row: the model adapts contexts '
-                     f'{peft.rows} of num_contexts={peft.num_contexts}.')
-  return peft.rows.index(context)
-
-
-def context_spec(peft: PeftConfig, context: int) -> tuple[tuple[str, ...], adaptors.LoraConfig]:
-  """The methods and LoRA hyper-parameters of one context.
-
-  With per-context specs (`PeftConfig.contexts`) each row has its own; the LoRA tables are then
-  padded to the largest rank, and a context's group is the first `rank` columns of A and rows
-  of B.
-  """
-  spec = peft.row_specs[row_of(peft, context)]
-  return tuple(spec.methods), spec.lora
-
-
 def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
   """The block paths ('attn/q_proj', ...) that carry the LoRA tables (LoRA or DoRA)."""
   targets = adaptors.resolve_targets(peft, cfg.projections())
@@ -192,13 +173,13 @@ def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   """
   import safetensors.numpy
   _check_arch(cfg, 'export_peft')
-  methods, lo = context_spec(peft, context)
+  methods, lo = peft.context_spec(context)
   if tuple(methods) not in (('lora',), ('dora',)):
     raise ValueError(f'export_peft writes a LoRA or DoRA adapter; context {context} has methods '
                      f'{methods} ({[m for m in methods if m not in ("lora", "dora")] or "no lora"}'
                      ' cannot be expressed as PEFT LoRA).')
   dora = methods == ('dora',)
-  row, r = row_of(peft, context), lo.rank
+  row, r = peft.row_of(context), lo.rank
   flat = _flat(tables)
   table = lambda path, name: np.asarray(flat[f'layers/{path}/{name}'][:, row], np.float32)
   by_module = _by_module(lora_targets(cfg, peft), cfg)
@@ -302,14 +283,14 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   directory = pathlib.Path(directory)
   config = read_peft_config(directory)
   _check_arch(cfg, 'import_peft')
-  methods, lo = context_spec(peft, context)
+  methods, lo = peft.context_spec(context)
   dora = bool(config.get('use_dora'))
   want = 'dora' if dora else 'lora'
   if want not in methods:
     raise ValueError(f'{directory} is a {want.upper()} adapter (use_dora={dora}); context '
                      f'{context} has methods {methods}, so it has no {want.upper()} to import '
                      'into.')
-  row = row_of(peft, context)
+  row = peft.row_of(context)
   by_module = _by_module(lora_targets(cfg, peft), cfg)
   got_modules = config['target_modules']
   if _matched_modules(got_modules, cfg) != sorted(by_module):
@@ -433,8 +414,8 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
   branch reads the unscaled input and adds after IA3; DoRA leaves the bias unscaled).
   BitFit needs a bias to fold into: on a bias-free projection it is an error.
   """
-  methods, lo = context_spec(peft, context)
-  row = row_of(peft, context)
+  methods, lo = peft.context_spec(context)
+  row = peft.row_of(context)
   flat_p = {k: np.asarray(v, np.float32) for k, v in _flat(params).items()}
   flat_t = _flat(tables)
   targets = adaptors.resolve_targets(peft, cfg.projections())

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, configlib, contexts, vision_checkpoints
+from cpeft_jax import checkpoints, contexts, experiment, vision_checkpoints
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
 from cpeft_jax.evaluation import perplexity
@@ -58,7 +58,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError('The two-variant demo pre-trains its own base models (stage 0); it takes '
                      "neither vision.kind='hf' nor text_model. Give a contexts=... argument for "
                      'a single run on other checkpoints.')
-  configlib.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
+  experiment.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
 
 
 def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:

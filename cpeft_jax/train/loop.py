@@ -24,12 +24,13 @@ import numpy as np
 import optax
 import tqdm
 
-from cpeft_jax import (adaptors, catalog, checkpoints, configlib, plugins, quantize,
+from cpeft_jax import (adaptors, catalog, checkpoints, experiment, plugins, quantize,
                        vision_checkpoints)
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
+from cpeft_jax.models.llama import DecoderConfig
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
 from cpeft_jax.train import checkpointing, metrics, sharding
 from cpeft_jax.train import state as state_lib
@@ -110,7 +111,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
   contexts) and checked against this run's decoder, encoder and connector before any training.
   """
   tok = _tokenizer(config, workdir, train_split)
-  peft = configlib.peft_config(config)
+  peft = experiment.peft_config(config)
   plugged = _load_plugins(config, peft)
   if plugged:
     peft = plugged[0]
@@ -152,7 +153,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     model_dict = dict(config.model)
     if not model_dict.get('vocab_size'):
       model_dict['vocab_size'] = len(tok)
-    dec_cfg = configlib.DecoderConfig.from_dict(model_dict)
+    dec_cfg = DecoderConfig.from_dict(model_dict)
   if dec_cfg.vocab_size < len(tok):
     raise ValueError(f'The decoder\'s vocab_size={dec_cfg.vocab_size} is smaller than the '
                      f'tokenizer ({len(tok)} tokens).')

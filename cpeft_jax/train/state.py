@@ -17,7 +17,7 @@ import flax
 import jax
 import optax
 
-from cpeft_jax import adaptors
+from cpeft_jax import configlib
 
 # Regexes over 'collection/path/to/leaf'; a leaf trains if any pattern of its mode matches.
 TRAINABLE = {
@@ -52,7 +52,7 @@ class OptimConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
-    return adaptors.config_from_dict(cls, d, 'optim')
+    return configlib.config_from_dict(cls, d, 'optim')
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:
