@@ -46,7 +46,7 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   import numpy as np
   jax.devices()
   rss0 = _rss_mb()
-  from cpeft_jax import configlib
+  from cpeft_jax import experiment
   from cpeft_jax.models.llama import Decoder, DecoderConfig
   from cpeft_jax import trainable as trainable_lib
   from cpeft_jax.train import state as state_lib
@@ -61,7 +61,7 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   if remat:  # recompute each layer's activations in the backward pass
     c.model.remat = True
   dec = DecoderConfig.from_dict(c.model)
-  peft = configlib.peft_config(c) if mode == 'peft' else None
+  peft = experiment.peft_config(c) if mode == 'peft' else None
   net = Decoder(dec, peft, deterministic=False)
 
   # Variables as the VLM nests them ('params/decoder/...'), so training's path rules apply.

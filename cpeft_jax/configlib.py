@@ -1,13 +1,11 @@
-"""Config helpers: `get_config(arg)` argument strings and ConfigDict -> model objects."""
+"""Config helpers: `get_config(arg)` argument strings, and dicts -> config dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
-
-from cpeft_jax.adaptors import PeftConfig
-from cpeft_jax.models.llama import DecoderConfig
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -70,12 +68,16 @@ def context_specs(text: str) -> tuple[dict[str, Any], ...]:
   return tuple(out)
 
 
-def peft_config(config: ml_collections.ConfigDict) -> PeftConfig:
-  """config.peft as a PeftConfig; peft.plugins (plug-in directories that train/loop.py loads
-  into the tables) is not one of its fields."""
-  d = config.peft.to_dict() if hasattr(config.peft, 'to_dict') else dict(config.peft)
-  return PeftConfig.from_dict({k: v for k, v in d.items() if k != 'plugins'})
-
-
-def decoder_config(config: ml_collections.ConfigDict) -> DecoderConfig:
-  return DecoderConfig.from_dict(config.model)
+def config_from_dict(cls, d, where: str):
+  """Builds config dataclass `cls` from a dict or ConfigDict; unknown keys name `where`."""
+  if isinstance(d, cls):
+    return d
+  d = dict(d.to_dict() if hasattr(d, 'to_dict') else d)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f'Unknown key(s) {unknown} in {where}; expected some of {sorted(names)}.')
+  for k, v in d.items():
+    if isinstance(v, list):
+      d[k] = tuple(v)
+  return cls(**d)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import adaptors
+from cpeft_jax import adaptors, experiment
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.models.llama import DecoderConfig
@@ -156,9 +156,8 @@ def grid(cfg: DecoderConfig, peft: PeftConfig, num_specific: int = 2) -> str:
 
 def main(argv):
   del argv
-  from cpeft_jax import configlib
   config = FLAGS.config
-  cfg, peft = configlib.decoder_config(config), configlib.peft_config(config)
+  cfg, peft = experiment.decoder_config(config), experiment.peft_config(config)
   if FLAGS.grid:
     print(grid(cfg, peft))
   else:

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import paper  # noqa: E402
-from cpeft_jax import checkpoints, configlib, contexts, vision_checkpoints  # noqa: E402
+from cpeft_jax import checkpoints, contexts, experiment, vision_checkpoints  # noqa: E402
 from cpeft_jax.data import pipeline, sources  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
@@ -34,10 +34,10 @@ def test_grid_covers_the_paper():
 @pytest.mark.parametrize('arg', paper.grid())
 def test_every_grid_config_converts(arg):
   c = paper.get_config(arg)
-  peft = configlib.peft_config(c)
+  peft = experiment.peft_config(c)
   state_lib.OptimConfig.from_dict(c.optim)
   ConnectorConfig.from_dict(c.connector)
-  configlib.decoder_config(c)  # numerics only: text_model's config.json gives the shape
+  experiment.decoder_config(c)  # numerics only: text_model's config.json gives the shape
   pipeline.AugmentConfig(**c.data.augment)
   assert c.train.mode in trainable_lib.TRAINABLE
   method = dict(kv.split('=') for kv in arg.split(','))['method']

@@ -12,7 +12,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from cpeft_jax import configlib
+from cpeft_jax import configlib, experiment
 from cpeft_jax.adaptors import ContextDense, ContextSpec, LayerAdaptor, LoraConfig, PeftConfig
 
 D_IN, D_OUT = 12, 10
@@ -199,7 +199,7 @@ def test_config_surface_through_ml_collections(monkeypatch):
   fv = flags.FlagValues()
   config_flags.DEFINE_config_dict('config', config, flag_values=fv)
   fv(argv)
-  peft = configlib.peft_config(fv.config)
+  peft = experiment.peft_config(fv.config)
   assert [(s.methods, s.rank) for s in peft.specs] == [(('lora',), 32), (('lora',), 8),
                                                        (('bitfit',), 8)]
   assert configlib.context_specs('lora:rank=64:alpha=32;lora+bitfit:rank=8:rslora=true;none') == (

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cpeft_jax import adaptors, configlib, params
+from cpeft_jax import adaptors, configlib, experiment, params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -23,7 +23,7 @@ TABLE3 = {'method=ia3': (55_296, 110_592), 'method=bitfit': (119_808, 239_616),
 def test_table3_counts(arg):
   for contexts, want in zip(('agnostic', 'specific'), TABLE3[arg]):
     config = paper_llm150m.get_config(f'{arg},targets=AF,contexts={contexts}')
-    rep = params.report(configlib.decoder_config(config), configlib.peft_config(config))
+    rep = params.report(experiment.decoder_config(config), experiment.peft_config(config))
     assert rep.adaptor_total == want
     assert all(rep.context_total(c) == want // rep.peft.num_contexts
                for c in range(rep.peft.num_contexts))
@@ -39,8 +39,8 @@ def test_cli_prints_table3_grid():
 
 def test_per_context_split_with_unadapted_context():
   config = paper_llm150m.get_config('method=lora+bitfit,rank=8,targets=A')
-  peft = dataclasses.replace(configlib.peft_config(config), num_contexts=3, adapted_contexts=(2,))
-  rep = params.report(configlib.decoder_config(config), peft)
+  peft = dataclasses.replace(experiment.peft_config(config), num_contexts=3, adapted_contexts=(2,))
+  rep = params.report(experiment.decoder_config(config), peft)
   lora = 12 * 4 * (768 * 8 + 8 * 768)
   assert rep.per_method_context == {'lora': {2: lora}, 'bitfit': {2: 12 * 4 * 768}}
   assert rep.context_total(0) == 0
@@ -60,9 +60,9 @@ def test_parse_arg_errors():
 
 def test_per_context_specs_count_real_parameters_and_state_padding():
   config = paper_llm150m.get_config('method=lora,rank=8,targets=A')
-  peft = dataclasses.replace(configlib.peft_config(config), num_contexts=3, contexts=(
+  peft = dataclasses.replace(experiment.peft_config(config), num_contexts=3, contexts=(
       dict(methods='lora', rank=64), dict(methods='lora+bitfit', rank=8), dict(methods='none')))
-  rep = params.report(configlib.decoder_config(config), peft)
+  rep = params.report(experiment.decoder_config(config), peft)
   n = 12 * 4  # layers x attention projections, all 768 -> 768
   assert rep.per_method_context == {'lora': {0: n * 768 * 64 * 2, 1: n * 768 * 8 * 2},
                                     'bitfit': {0: 0, 1: n * 768}}
@@ -72,7 +72,7 @@ def test_per_context_specs_count_real_parameters_and_state_padding():
   assert f'padding: {pad:,} stored entries' in rep.format()
   dora = dataclasses.replace(peft, contexts=(dict(methods='dora', rank=4), dict(methods='lora'),
                                              dict(methods='none')))
-  rep = params.report(configlib.decoder_config(config), dora)
+  rep = params.report(experiment.decoder_config(config), dora)
   assert rep.per_method_context == {'lora': {0: 0, 1: n * 768 * 8 * 2},
                                     'dora': {0: n * (768 * 4 * 2 + 768), 1: 0}}
   assert rep.padding == n * 768 * 4 * 2 + n * 768  # context 0's rank padding, 1's magnitude row

@@ -20,10 +20,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo_vqa  # noqa: E402
-from cpeft_jax import checkpoints, configlib, plugins  # noqa: E402
+from cpeft_jax import checkpoints, plugins  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
-from cpeft_jax.models.llama import Decoder  # noqa: E402
+from cpeft_jax.models.llama import Decoder, DecoderConfig  # noqa: E402
 from cpeft_jax import experiment, runs  # noqa: E402
 from cpeft_jax.train import trainer  # noqa: E402
 
@@ -61,7 +61,7 @@ def random_base(config, workdir):
   stage would pre-train one (it keeps one that is there): the recipe without stage 0's cost."""
   split = experiment.open_split(config, workdir, 'train')
   tok = tokenizer_lib.word_level(split.corpus(demo_vqa.TASKS))
-  cfg = configlib.DecoderConfig.from_dict(dict(config.model, vocab_size=len(tok)))
+  cfg = DecoderConfig.from_dict(dict(config.model, vocab_size=len(tok)))
   params = jax.jit(Decoder(cfg).init)(jax.random.key(0), np.zeros((1, 1), np.int32))['params']
   checkpoints.save_decoder(os.path.join(workdir, 'base_lm'), cfg, params, tok)
 

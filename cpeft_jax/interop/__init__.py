@@ -11,11 +11,11 @@
 """
 
 from cpeft_jax.interop.merge import merged_params, merged_per_context, save_merged
-from cpeft_jax.interop.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, context_spec,
+from cpeft_jax.interop.peft_format import (ADAPTER_CONFIG, ADAPTER_WEIGHTS,
                                            export_peft, import_peft, lora_targets,
-                                           peft_config_of, read_peft_config, row_of)
+                                           peft_config_of, read_peft_config)
 from cpeft_jax.interop.peft_names import PEFT_LAYER, Piece, pieces
 
-__all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'PEFT_LAYER', 'Piece', 'context_spec',
+__all__ = ['ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'PEFT_LAYER', 'Piece',
            'export_peft', 'import_peft', 'lora_targets', 'merged_params', 'merged_per_context',
-           'peft_config_of', 'pieces', 'read_peft_config', 'row_of', 'save_merged']
+           'peft_config_of', 'pieces', 'read_peft_config', 'save_merged']

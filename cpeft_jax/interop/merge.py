@@ -15,7 +15,6 @@ import numpy as np
 
 from cpeft_jax import adaptors, checkpoints, trees
 from cpeft_jax.adaptors import PeftConfig
-from cpeft_jax.interop.peft_format import context_spec, row_of
 from cpeft_jax.models.llama import DecoderConfig
 
 
@@ -31,8 +30,8 @@ def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context:
   branch reads the unscaled input and adds after IA3; DoRA leaves the bias unscaled).
   BitFit needs a bias to fold into: on a bias-free projection it is an error.
   """
-  methods, lo = context_spec(peft, context)
-  row = row_of(peft, context)
+  methods, lo = peft.context_spec(context)
+  row = peft.row_of(context)
   flat_p = {k: np.asarray(v, np.float32) for k, v in trees.flatten(params).items()}
   flat_t = trees.flatten(tables)
   targets = adaptors.resolve_targets(peft, cfg.projections())

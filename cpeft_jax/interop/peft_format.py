@@ -34,25 +34,6 @@ ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 
 
-def row_of(peft: PeftConfig, context: int) -> int:
-  """The table row of `context`; an error if the context has no adaptor group."""
-  if context not in peft.rows:
-    raise ValueError(f'Context {context} has no adaptor row: the model adapts contexts '
-                     f'{peft.rows} of num_contexts={peft.num_contexts}.')
-  return peft.rows.index(context)
-
-
-def context_spec(peft: PeftConfig, context: int) -> tuple[tuple[str, ...], adaptors.LoraConfig]:
-  """The methods and LoRA hyper-parameters of one context.
-
-  With per-context specs (`PeftConfig.contexts`) each row has its own; the LoRA tables are then
-  padded to the largest rank, and a context's group is the first `rank` columns of A and rows
-  of B.
-  """
-  spec = peft.row_specs[row_of(peft, context)]
-  return tuple(spec.methods), spec.lora
-
-
 def lora_targets(cfg: DecoderConfig, peft: PeftConfig) -> list[str]:
   """The block paths ('attn/q_proj', ...) that carry the LoRA tables (LoRA or DoRA)."""
   targets = adaptors.resolve_targets(peft, cfg.projections())
@@ -82,13 +63,13 @@ def export_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   A's are equal (an adapter imported from PEFT), it stays rank r with the shared A.
   """
   _check_arch(cfg, 'export_peft')
-  methods, lo = context_spec(peft, context)
+  methods, lo = peft.context_spec(context)
   if tuple(methods) not in (('lora',), ('dora',)):
     raise ValueError(f'export_peft writes a LoRA or DoRA adapter; context {context} has methods '
                      f'{methods} ({[m for m in methods if m not in ("lora", "dora")] or "no lora"}'
                      ' cannot be expressed as PEFT LoRA).')
   dora = methods == ('dora',)
-  row = row_of(peft, context)
+  row = peft.row_of(context)
   flat = trees.flatten(tables)
   table = lambda path, name: np.asarray(flat[f'layers/{path}/{name}'][:, row], np.float32)
   by_module = pieces_by_module(lora_targets(cfg, peft), cfg)
@@ -230,7 +211,7 @@ def import_peft(directory: str | os.PathLike, tables, cfg: DecoderConfig, peft: 
   _check_arch(cfg, 'import_peft')
   by_module, lo, dora = _import_plan(directory, config, cfg, peft, context)
   reader = _AdapterReader(_read_weights(directory), config, cfg, dora, lo.scale)
-  row, flat = row_of(peft, context), trees.flatten(tables)
+  row, flat = peft.row_of(context), trees.flatten(tables)
   new = {}  # path -> {'lora_a': [N, R, D, r'], 'lora_b': ..., 'dora_m': ...} (copies)
   for path in {p.path for parts in by_module.values() for p in parts}:
     new[path] = {n: np.array(flat[f'layers/{path}/{n}'], np.float32)
@@ -256,7 +237,7 @@ def _import_plan(directory: pathlib.Path, config: Mapping[str, Any], cfg: Decode
                  peft: PeftConfig, context: int):
   """(the model's LoRA modules {module: pieces}, the context's LoraConfig, DoRA or not), once
   the adapter's kind, targets and rank are checked against context `context` of the model."""
-  methods, lo = context_spec(peft, context)
+  methods, lo = peft.context_spec(context)
   dora = bool(config.get('use_dora'))
   want = 'dora' if dora else 'lora'
   if want not in methods:

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from cpeft_jax import adaptors
+from cpeft_jax import configlib
 
 KINDS = ('linear', 'mlp')
 
@@ -37,7 +37,7 @@ class ConnectorConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ConnectorConfig:
-    return adaptors.config_from_dict(cls, d, 'connector')
+    return configlib.config_from_dict(cls, d, 'connector')
 
 
 class Connector(nn.Module):

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import adaptors
+from cpeft_jax import adaptors, configlib
 from cpeft_jax.adaptors import ContextDense, PeftConfig
 
 # Collection that attention weights are sown into when it is mutable (attention heatmaps).
@@ -147,7 +147,7 @@ class DecoderConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> DecoderConfig:
-    return adaptors.config_from_dict(cls, d, 'model')
+    return configlib.config_from_dict(cls, d, 'model')
 
   @property
   def kv_heads(self) -> int:

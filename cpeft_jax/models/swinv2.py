@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import adaptors
+from cpeft_jax import configlib
 from cpeft_jax.models.llama import DTYPES
 from cpeft_jax.models.vision import (ACTIVATIONS, check_common, check_pixels, hf_value,
                                      resolve_feature_layer, square)
@@ -88,7 +88,7 @@ class SwinV2Config:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> SwinV2Config:
-    return adaptors.config_from_dict(cls, d, 'swinv2')
+    return configlib.config_from_dict(cls, d, 'swinv2')
 
   @property
   def num_stages(self) -> int:

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpeft_jax import adaptors
+from cpeft_jax import configlib
 from cpeft_jax.models.llama import DTYPES
 
 # transformers' ACT2FN names -> functions (gelu is the exact erf form there).
@@ -112,7 +112,7 @@ class ViTConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ViTConfig:
-    return adaptors.config_from_dict(cls, d, 'vision')
+    return configlib.config_from_dict(cls, d, 'vision')
 
   @property
   def grid(self) -> int:

@@ -155,8 +155,7 @@ def _check_bases(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]] | None, 
 
 def _single(peft: PeftConfig, context: int) -> PeftConfig:
   """The one-context config of `context`'s group (its own methods and LoRA if per-context)."""
-  from cpeft_jax.export import context_spec
-  methods, lora = context_spec(peft, context)
+  methods, lora = peft.context_spec(context)
   return dataclasses.replace(
       peft, num_contexts=1, adapted_contexts=None, contexts=None, methods=methods, lora=lora,
       method_targets=tuple((m, t) for m, t in peft.method_targets if m in methods))
@@ -188,8 +187,7 @@ def take_row(tables, row: int):
 def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[str, Any]],
             name: str = '', meta: Mapping[str, Any] | None = None) -> Plugin:
   """Context `context`'s adaptor group of a model as a plug-in (a one-context model's tables)."""
-  from cpeft_jax.export import row_of
-  row = row_of(peft, context)  # an error if the context has no adaptor group
+  row = peft.row_of(context)  # an error if the context has no adaptor group
   if not bases:
     raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
                      "bases={'decoder': plugins.fingerprint(params, cfg)}.")

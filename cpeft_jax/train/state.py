@@ -14,7 +14,7 @@ import flax
 import jax
 import optax
 
-from cpeft_jax import adaptors
+from cpeft_jax import configlib
 
 SCHEDULES = ('constant', 'cosine', 'linear')
 
@@ -43,7 +43,7 @@ class OptimConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:
-    return adaptors.config_from_dict(cls, d, 'optim')
+    return configlib.config_from_dict(cls, d, 'optim')
 
 
 def schedule(cfg: OptimConfig) -> optax.Schedule:

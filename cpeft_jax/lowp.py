@@ -1,0 +1,66 @@
+"""Low-precision matmuls that every backend computes alike, and the XLA:CPU workarounds they need.
+
+bf16 operands accumulate in float32 and round once, forward and backward; on XLA:CPU the
+backward's transposed operands are laid out row-major first (see `bench/` for the timings). Kept
+apart from the adaptors so that the Context-PEFT math reads without backend detail.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def matmul(x, w):
+  """x [..., D] @ w [D, E] in x's dtype.
+
+  Low-precision operands (bf16) accumulate in float32 and round once at the end, forward and
+  backward: that is what every backend's bf16 kernels compute, and on XLA:CPU it is also the
+  fast path (a bf16 x bf16 -> bf16 dot, or the float32 dot that autodiff's transpose of a
+  mixed-precision dot becomes, runs about 2x slower there; see bench/). `w` may be a quantized
+  kernel (quantize.QuantizedKernel), which multiplies through `@`.
+  """
+  if x.dtype == jnp.float32 or not isinstance(w, jax.Array | np.ndarray):
+    return x @ w
+  return _lowp_matmul(x, w.astype(x.dtype), x.dtype)
+
+
+def matmul_f32(x, w):
+  """x @ w with a float32 result straight from the accumulator (e.g. the LM head's logits)."""
+  if x.dtype == jnp.float32:
+    return x @ w.astype(jnp.float32)
+  return _lowp_matmul(x, w.astype(x.dtype), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lowp_matmul(x, w, out_dtype):
+  return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+
+
+def _lowp_matmul_fwd(x, w, out_dtype):
+  return _lowp_matmul(x, w, out_dtype), (x, w)
+
+
+def _lowp_matmul_bwd(out_dtype, res, g):
+  x, w = res
+  g = g.astype(x.dtype)  # cotangents in the compute dtype, as autocast's backward has them
+  dx = jnp.matmul(g, _transposed(w), preferred_element_type=jnp.float32).astype(x.dtype)
+  x_TD, g_TE = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dw = jnp.matmul(_transposed(x_TD), g_TE, preferred_element_type=jnp.float32).astype(w.dtype)
+  return dx, dw  # dw of a frozen kernel is never used, and XLA drops its dot
+
+
+def _transposed(a_MN):
+  """a.T (the last two axes swapped), laid out row-major on XLA:CPU. There a bf16 dot with a
+  transposed operand (which XLA folds a plain `.T` into) runs as a float32 dot at half the
+  speed of a row-major one, more than the transpose costs (bench/); elsewhere it is free."""
+  t = jnp.swapaxes(a_MN, -1, -2)
+  if jax.default_backend() != 'cpu':
+    return t
+  return jax.lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
+
+
+_lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
