@@ -7,7 +7,7 @@ from typing import Any
 import ml_collections
 
 from cpeft_jax.adaptors import PeftConfig
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
