@@ -26,7 +26,8 @@ import numpy as np
 from bench import harness
 from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 
 from bench.harness import context_ids
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 
 SHAPES = {
     'paper': DecoderConfig(vocab_size=50272, hidden_size=768, num_layers=12, num_heads=12,

@@ -47,8 +47,9 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   jax.devices()
   rss0 = _rss_mb()
   from cpeft_jax import experiment
-  from cpeft_jax.models.llama import Decoder, DecoderConfig
   from cpeft_jax import trainable as trainable_lib
+  from cpeft_jax.models.decoder_config import DecoderConfig
+  from cpeft_jax.models.llama import Decoder
   from cpeft_jax.train import state as state_lib
   from cpeft_jax.train import step as step_lib
   if model == 'demo':

@@ -42,7 +42,8 @@ import optax
 
 from cpeft_jax import quantize as qz
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 
 SHAPES = {  # configs/paper_llm150m.py's model, and a small one
     'paper': dict(vocab_size=50272, hidden_size=768, num_layers=12, num_heads=12,

@@ -28,7 +28,7 @@ from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.data.demo import builder as demo_builder
 from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
 
 # The arrays of a batch that the model reads (plus 'tasks' where a run has several).

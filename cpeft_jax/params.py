@@ -22,7 +22,7 @@ import numpy as np
 from cpeft_jax import adaptors, experiment
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models.decoders import make_decoder
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 # Table leaf name -> (method, axis of the context rows counted from the end). The LoRA tables
 # count towards 'dora' for the rows of DoRA contexts.

@@ -167,7 +167,7 @@ class QuantizedKernel:
 def _qmatmul(x, qarray, dtype):
   """x [..., d_in] @ kernel [d_in, d_out] in `dtype`; the backward recomputes the dequantization."""
   dims = (((x.ndim - 1,), (0,)), ((), ()))
-  # Accumulated in float32 and rounded once, as adaptors.matmul (XLA:CPU's fast bf16 path).
+  # Accumulated in float32 and rounded once, as lowp.matmul (XLA:CPU's fast bf16 path).
   return qwix.dot_general(x.astype(dtype), qarray.astype(dtype), dims,
                           preferred_element_type=jnp.float32).astype(dtype)
 

@@ -27,7 +27,8 @@ from cpeft_jax import checkpoints, contexts, plugins
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import tokenizer as tokenizers
 from cpeft_jax.data.demo import captions, scenes
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', '/tmp/cpeft_plugins', 'Where the base and the plug-ins go.')

@@ -383,7 +383,8 @@ def test_save_decoder_round_trips_through_transformers(tmp_path, fused):
   torch = pytest.importorskip('torch')
   import dataclasses as dc
   import transformers
-  from cpeft_jax.models.llama import Decoder, DecoderConfig
+  from cpeft_jax.models.decoder_config import DecoderConfig
+  from cpeft_jax.models.llama import Decoder
   cfg = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                       intermediate_size=48, rope_theta=300.0, rms_norm_eps=1e-5,
                       fused_gate_up=fused)

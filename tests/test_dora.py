@@ -7,7 +7,8 @@ import pytest
 
 from cpeft_jax import adaptors, checkpoints
 from cpeft_jax.adaptors import ContextDense, LayerAdaptor, LoraConfig, PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from test_context_specs import D_IN, D_OUT, init_random, reference
 
 DORA = LayerAdaptor(dora=True)

@@ -18,7 +18,9 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
 from cpeft_jax.evaluation import generate as gen
-from cpeft_jax.models.llama import Decoder, DecoderConfig, KVCache
+from cpeft_jax.models.attention import KVCache
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vlm import VisionLanguageModel
 from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder)
 

@@ -19,7 +19,7 @@ transformers = pytest.importorskip('transformers')
 from cpeft_jax import adaptors, checkpoints  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
 from cpeft_jax.evaluation.generate import generate_text  # noqa: E402
-from cpeft_jax.models import hf_configs, llama  # noqa: E402
+from cpeft_jax.models import attention, decoder_config, hf_configs, llama  # noqa: E402
 from cpeft_jax.models.decoders import make_decoder  # noqa: E402
 
 V, L = 64, 9
@@ -87,11 +87,11 @@ def test_logits_match_transformers(saved):
   ctx = np.arange(2 * L).reshape(2, L) % 2  # fresh adaptors leave the base function unchanged
   logits, state = make_decoder(loaded.config, PEFT).apply(
       {'params': loaded.params, 'adaptors': loaded.adaptors}, jnp.asarray(TOKENS),
-      context_ids_BL=jnp.asarray(ctx), attention_mask_BL=MASK, mutable=llama.INTERMEDIATES)
+      context_ids_BL=jnp.asarray(ctx), attention_mask_BL=MASK, mutable=attention.INTERMEDIATES)
   diff = np.abs(np.asarray(logits)[MASK] - saved.want[MASK]).max()
   assert diff <= 1e-4, diff  # measured ~2e-6
   # The attention weights sown for heatmaps are transformers' (rows of non-padding queries).
-  probs = np.asarray(state[llama.INTERMEDIATES]['layers']['attn']['attention_probs'][0])
+  probs = np.asarray(state[attention.INTERMEDIATES]['layers']['attn']['attention_probs'][0])
   np.testing.assert_allclose(probs[:, 0], saved.attentions[:, 0], atol=1e-5)
   np.testing.assert_allclose(probs[:, 1, :, :6], saved.attentions[:, 1, :, :6], atol=1e-5)
   # bf16 weights and compute: relative RMS error against the fp32 PyTorch logits.
@@ -168,7 +168,7 @@ def test_greedy_generation_with_kv_cache_matches_transformers(saved):
 
 def test_presets_map_to_each_architectures_names(saved):
   cfg = saved.loaded.config
-  out, up, down = llama.PROJECTION_NAMES[cfg.arch]
+  out, up, down = decoder_config.PROJECTION_NAMES[cfg.arch]
   def chosen(method, targets):
     peft = PeftConfig(methods=(method,), targets=targets)
     return {n: a for n, a in adaptors.resolve_targets(peft, cfg.projections()).items() if a.any}

@@ -11,7 +11,7 @@ from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
 from cpeft_jax.data.tokenizer import SpecialIds
 from cpeft_jax.evaluation import heatmaps
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.vlm import VisionLanguageModel
 from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder: 8x8 patches)
 

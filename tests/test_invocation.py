@@ -13,7 +13,9 @@ import pytest
 from cpeft_jax import contexts
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.evaluation import invocation as inv
-from cpeft_jax.models.llama import Decoder, DecoderConfig, KVCache
+from cpeft_jax.models.attention import KVCache
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 
 DEC = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=48, rope_theta=500.0)

@@ -9,7 +9,8 @@ import pytest
 
 from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=48, rope_theta=500.0, rms_norm_eps=1e-5)

@@ -17,7 +17,8 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import layout
 from cpeft_jax.evaluation import generate as gen
 from cpeft_jax.models.clip import config_from_hf as clip_config
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vision import ViT
 from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
 from cpeft_jax.train import state as state_lib

@@ -66,7 +66,7 @@ from absl import logging
 from cpeft_jax import quantize as qz
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import layout
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
 from cpeft_jax import experiment, sharding, trees
 from cpeft_jax import trainable as trainable_lib

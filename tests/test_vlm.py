@@ -12,7 +12,8 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
 from cpeft_jax.models.connector import ConnectorConfig
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vlm import VisionLanguageModel
 
 DEC = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpeft_jax.contexts import Kind
-from cpeft_jax.models.llama import Decoder, KVCache
+from cpeft_jax.models.attention import KVCache
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vlm import VisionLanguageModel
 
 PROMPT_KINDS = (Kind.BOS, Kind.IMAGE, Kind.BOUNDARY)

@@ -22,7 +22,7 @@ import PIL.ImageDraw
 
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
-from cpeft_jax.models.llama import INTERMEDIATES
+from cpeft_jax.models.attention import INTERMEDIATES
 from cpeft_jax.models.vlm import VisionLanguageModel
 
 PANEL = 128  # smallest panel side in pixels; smaller images are upscaled by an integer factor

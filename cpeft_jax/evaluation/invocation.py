@@ -25,7 +25,8 @@ import numpy as np
 
 from cpeft_jax import contexts
 from cpeft_jax.evaluation import generate as gen
-from cpeft_jax.models.llama import Decoder, KVCache
+from cpeft_jax.models.attention import KVCache
+from cpeft_jax.models.llama import Decoder
 
 
 def check_base_context(model: Decoder, base_context: int):

@@ -18,7 +18,7 @@ import jax
 from cpeft_jax import checkpoints, plugins
 from cpeft_jax.interop.merge import save_merged
 from cpeft_jax.interop.peft_format import export_peft, import_peft, peft_config_of
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 
 def plugin_from_peft(directory: str | os.PathLike, cfg: DecoderConfig, params, name: str = ''):

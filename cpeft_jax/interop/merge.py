@@ -15,7 +15,7 @@ import numpy as np
 
 from cpeft_jax import adaptors, checkpoints, trees
 from cpeft_jax.adaptors import PeftConfig
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 
 def merged_params(params, tables, cfg: DecoderConfig, peft: PeftConfig, context: int = 0):

@@ -28,7 +28,7 @@ from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.interop.peft_names import (PEFT_LAYER, Piece, candidate_modules, covered_columns,
                                           matched_modules, module_key, module_width,
                                           pattern_value, pieces, pieces_by_module, target_names)
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'

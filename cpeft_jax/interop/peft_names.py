@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 # Per architecture: PEFT's key of decoder layer i (PeftModelForCausalLM around transformers'
 # *ForCausalLM); transformers' module paths inside a layer come from `pieces`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models import gpt2, llama, opt
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 CLASSES = {'llama': llama.Decoder, 'gpt2': gpt2.Decoder, 'opt': opt.Decoder}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
 
 # Defaults of transformers' config classes for keys a config.json may omit (they decide what the
 # PyTorch model computes, so they decide parity). Shape keys have no default: they must be given.

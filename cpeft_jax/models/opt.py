@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from cpeft_jax.models import gpt2, llama
-from cpeft_jax.models.llama import DTYPES
+from cpeft_jax.models import gpt2
+from cpeft_jax.models.decoder_config import DTYPES
 
 
-class Block(llama.Block):
+class Block(gpt2.Block):
   norm_names = ('self_attn_layer_norm', 'final_layer_norm')
 
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpeft_jax import configlib
-from cpeft_jax.models.llama import DTYPES
+from cpeft_jax.models.decoder_config import DTYPES
 from cpeft_jax.models.vision import (ACTIVATIONS, check_common, check_pixels, hf_value,
                                      resolve_feature_layer, square)
 

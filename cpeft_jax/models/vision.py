@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from cpeft_jax import configlib
-from cpeft_jax.models.llama import DTYPES
+from cpeft_jax.models.decoder_config import DTYPES
 
 # transformers' ACT2FN names -> functions (gelu is the exact erf form there).
 ACTIVATIONS = {

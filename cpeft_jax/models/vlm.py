@@ -17,7 +17,7 @@ from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.models.connector import Connector, ConnectorConfig
 from cpeft_jax.models.decoders import make_decoder
-from cpeft_jax.models.llama import DTYPES, DecoderConfig
+from cpeft_jax.models.decoder_config import DTYPES, DecoderConfig
 
 def splice(text_BLD, image_BND, kinds_BL, boundary_2D=None):
   """Puts image embeddings (in order) at IMAGE positions and boundary vectors at BOUNDARY ones.

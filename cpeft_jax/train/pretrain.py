@@ -27,7 +27,8 @@ from cpeft_jax.data.demo import examples as demo_examples
 from cpeft_jax.data.demo import scenes
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import clip
-from cpeft_jax.models.llama import Decoder, DecoderConfig
+from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vision import ViT, ViTConfig
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
