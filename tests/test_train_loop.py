@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 from configs import demo  # noqa: E402
 from cpeft_jax import experiment  # noqa: E402
 from cpeft_jax import trainable as trainable_lib  # noqa: E402
-from cpeft_jax.train import trainer  # noqa: E402
+from cpeft_jax.train import pretrain, trainer  # noqa: E402
 
 
 def tiny(epochs, **kw):
@@ -151,7 +151,7 @@ def test_dora_magnitudes_start_at_the_loaded_base_column_norms(tmp_path):
   c = tiny(1)
   c.peft.methods = ('dora',)
   split = experiment.open_split(c, str(tmp_path), c.data.train_split)
-  exp = experiment.build(c, str(tmp_path), split)
+  exp = experiment.build(c, str(tmp_path), split, text_lm=pretrain.text_lm)  # stage 0 first
   base = exp.variables['params']['decoder']['layers']['attn']['q_proj']['kernel']
   m = exp.variables['adaptors']['decoder']['layers']['attn']['q_proj']['dora_m']
   want = np.sqrt((np.asarray(base, np.float64) ** 2).sum(axis=-2))  # [layers, d_out]
