@@ -147,8 +147,8 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=None):
   """NamedShardings for every leaf of `tree` (arrays or jax.ShapeDtypeStructs)."""
   rules = parse_rules(None) if rules is None else rules
   return jax.tree_util.tree_map_with_path(
-      lambda kp, x: NamedSharding(mesh, spec_for(trees.path_str(kp), tuple(np.shape(x)), mesh, rules)),
-      tree)
+      lambda kp, x: NamedSharding(
+          mesh, spec_for(trees.path_str(kp), tuple(np.shape(x)), mesh, rules)), tree)
 
 
 def describe(shardings) -> dict[str, str]:

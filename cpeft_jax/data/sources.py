@@ -27,6 +27,8 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cpeft_jax.data.demo import builder, examples
+
 DATASETS = ('demo', 'coco_captions', 'folder')
 COCO_VERSION = '1.1.0'  # TFDS coco_captions (Karpathy splits) as prepared by `tfds build`
 SKIP_KINDS = ('empty_captions', 'uncaptioned_images', 'missing_images', 'corrupt_images',
@@ -103,7 +105,6 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
       raise ValueError("dataset='folder' needs captions_json (a COCO or Karpathy captions JSON).")
     return load_folder(captions_json, split, image_dir, restval_in_train=restval_in_train)
   if dataset == 'demo':
-    from cpeft_jax.data.demo import builder
     b = builder.CpeftDemoCaptions(config=demo_config or builder.make_config(), data_dir=data_dir,
                                   file_format='array_record')
     b.download_and_prepare()
@@ -132,7 +133,6 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
   ids = np.asarray([meta[i]['image/id'] for i in range(len(meta))], np.int64)
   task_sources = {}
   if dataset == 'demo':
-    from cpeft_jax.data.demo import examples
     qa = functools.partial(examples.qa_pairs, seed=b.builder_config.seed,
                            image_size=b.builder_config.image_size)
     task_sources['qa'] = lambda: [qa(int(i)) for i in ids]

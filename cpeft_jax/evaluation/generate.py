@@ -52,8 +52,8 @@ def generate(model: VisionLanguageModel, variables, batch: Mapping[str, np.ndarr
   Greedy with num_beams=1, beam search otherwise.
   """
   P = prompt_length(batch['kinds'])
-  _check(model.decoder_cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id, text_context,
-         num_beams)
+  check_request(model.decoder_cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id,
+                text_context, num_beams)
   run = _vlm_generator(model, P, max_new_tokens, eos_id, pad_id, num_beams, float(length_penalty))
   return run(variables, jnp.asarray(batch['pixels']), jnp.asarray(batch['tokens'])[:, :P],
              jnp.asarray(batch['kinds'])[:, :P], jnp.asarray(batch['context_ids'])[:, :P],
@@ -75,14 +75,14 @@ def generate_text(model: Decoder, variables, tokens_BP, *, max_new_tokens: int, 
     raise ValueError('attention_mask_BP must have the prompt shape and pad on the left only '
                      f'(each row False..False True..True); got\n{mask_BP}')
   ctx_BP = np.zeros(tokens_BP.shape, np.int32) if context_ids_BP is None else context_ids_BP
-  _check(model.cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id, text_context,
-         num_beams)
+  check_request(model.cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id, text_context,
+                num_beams)
   run = _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, float(length_penalty))
   return run(variables, jnp.asarray(tokens_BP, jnp.int32), jnp.asarray(ctx_BP, jnp.int32),
              jnp.asarray(mask_BP), jnp.asarray(text_context, jnp.int32))
 
 
-def _check(vocab_size, peft, max_new_tokens, eos_id, pad_id, text_context, num_beams):
+def check_request(vocab_size, peft, max_new_tokens, eos_id, pad_id, text_context, num_beams):
   num_contexts = peft.num_contexts if peft is not None else 1
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f'max_new_tokens must be a positive int, got {max_new_tokens!r}.')
@@ -96,7 +96,7 @@ def _check(vocab_size, peft, max_new_tokens, eos_id, pad_id, text_context, num_b
                      f'(valid ids are 0..{num_contexts - 1}).')
 
 
-def _unrolled(cfg):
+def unrolled(cfg):
   """The decoder config of generation (prefill and steps), run through `stepper`."""
   return dataclasses.replace(cfg, unroll_layers=True)
 
@@ -106,7 +106,7 @@ def stepper(apply, variables, path, num_layers):
   one-token steps of a decoding loop whose state holds the cache per layer
   (`KVCache.per_layer`).
 
-  `apply` runs an unrolled decoder (`_unrolled`). The decoder's layer stacks (at `path` in
+  `apply` runs an unrolled decoder (`unrolled`). The decoder's layer stacks (at `path` in
   every collection of `variables`) are cut into per-layer slices here, once, before the loop;
   in each call they and the cache are stacked again, which XLA folds away against each layer's
   static slice. So the weights are copied out of their stacks once per generation, and the
@@ -140,7 +140,7 @@ def stepper(apply, variables, path, num_layers):
 
 @functools.lru_cache(maxsize=16)
 def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
-  model = model.clone(decoder_cfg=_unrolled(model.decoder_cfg))
+  model = model.clone(decoder_cfg=unrolled(model.decoder_cfg))
 
   @jax.jit
   def run(variables, pixels, tokens_BP, kinds_BP, ctx_BP, text_context):
@@ -156,14 +156,14 @@ def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams,
                              cache=cache, positions_BL=positions_B[:, None])
       return logits[:, 0], cache
     positions_B = jnp.full((B,), prompt_len, jnp.int32)
-    return _search(step, logits_B1V[:, -1], cache, positions_B, max_new_tokens, eos_id, pad_id,
+    return search(step, logits_B1V[:, -1], cache, positions_B, max_new_tokens, eos_id, pad_id,
                    num_beams, length_penalty)
   return run
 
 
 @functools.lru_cache(maxsize=16)
 def _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
-  model = model.clone(cfg=_unrolled(model.cfg))
+  model = model.clone(cfg=unrolled(model.cfg))
 
   @jax.jit
   def run(variables, tokens_BP, ctx_BP, mask_BP, text_context):
@@ -179,12 +179,12 @@ def _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, length_pen
                             context_ids_BL=jnp.full_like(tokens_B, text_context)[:, None],
                             positions_BL=positions_B[:, None], cache=cache)
       return logits[:, 0], cache
-    return _search(step, logits_B1V[:, -1], cache, positions_BP[:, -1] + 1, max_new_tokens,
+    return search(step, logits_B1V[:, -1], cache, positions_BP[:, -1] + 1, max_new_tokens,
                    eos_id, pad_id, num_beams, length_penalty)
   return run
 
 
-def _search(step, logits_BV, cache, positions_B, T, eos_id, pad_id, num_beams, length_penalty):
+def search(step, logits_BV, cache, positions_B, T, eos_id, pad_id, num_beams, length_penalty):
   """step(tokens_B, positions_B, cache) -> (logits_BV, cache) feeds one token per row; the
   cache it gets and gives is per layer (`KVCache.per_layer`, see `stepper`)."""
   cache = cache.per_layer()

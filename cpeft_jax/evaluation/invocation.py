@@ -92,7 +92,7 @@ def generate_from_cache(model: Decoder, variables, cache: KVCache, tokens_BS, co
     raise ValueError(f'tokens_BS (shape {tokens_BS.shape}) must hold at least one token per row '
                      f'and context_ids_BS (shape {ctx_BS.shape}) the same shape.')
   mask_BS = _left_padded(attention_mask_BS, (B, S), 'attention_mask_BS', True)
-  gen._check(model.cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id, 0, num_beams)
+  gen.check_request(model.cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id, 0, num_beams)
   num_contexts = model.peft.num_contexts if model.peft is not None else 1
   contexts_ok = ctx_BS.size == 0 or (np.issubdtype(ctx_BS.dtype, np.integer) and
                                      ctx_BS.min() >= 0 and ctx_BS.max() < num_contexts)
@@ -155,7 +155,7 @@ def _prefiller(model, base_context):
 
 @functools.lru_cache(maxsize=16)
 def _continuer(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty):
-  model = model.clone(cfg=gen._unrolled(model.cfg))
+  model = model.clone(cfg=gen.unrolled(model.cfg))
 
   @jax.jit
   def run(variables, cache, tokens_BS, ctx_BS, mask_BS):
@@ -173,6 +173,6 @@ def _continuer(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty)
       logits, cache = apply(tokens_N[:, None], context_ids_BL=ctx_N[:, None],
                             positions_BL=positions_N[:, None], cache=cache)
       return logits[:, 0], cache
-    return gen._search(step, logits_B1V[:, -1], cache, positions_BS[:, -1] + 1, max_new_tokens,
+    return gen.search(step, logits_B1V[:, -1], cache, positions_BS[:, -1] + 1, max_new_tokens,
                        eos_id, pad_id, num_beams, length_penalty)
   return run

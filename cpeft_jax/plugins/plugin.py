@@ -310,10 +310,6 @@ _FILL = {'lora_a': 0.0, 'lora_b': 0.0, 'ia3': 1.0, 'bitfit': 0.0, 'dora_m': 0.0}
 
 def _assemble_specs(items, C: int, strategy: str) -> tuple[PeftConfig, Any]:
   """Plug-ins with different methods: one per-context spec each, identity rows elsewhere."""
-  from cpeft_jax import adaptors
-  if not hasattr(adaptors, 'ContextSpec'):
-    raise ValueError('Plug-ins with different methods need per-context specs, which this '
-                     'version of adaptors.py lacks.')
   first = items[0][1].peft
   specs = [{'methods': 'none'} for _ in range(C)]
   method_targets = {}
