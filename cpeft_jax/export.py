@@ -36,6 +36,7 @@ import numpy as np
 
 from cpeft_jax import adaptors
 from cpeft_jax.adaptors import PeftConfig
+from cpeft_jax.models.decoders import init_adaptors
 from cpeft_jax.models.llama import DecoderConfig
 
 ADAPTER_CONFIG = 'adapter_config.json'
@@ -520,9 +521,9 @@ def peft_config_of(directory: str | os.PathLike, cfg: DecoderConfig | None = Non
 
 def plugin_from_peft(directory: str | os.PathLike, cfg: DecoderConfig, params, name: str = ''):
   """A PyTorch PEFT LoRA adapter as a plug-in of the base (`cfg`, `params`) it was made for."""
-  from cpeft_jax import checkpoints, plugins
+  from cpeft_jax import plugins
   peft = peft_config_of(directory, cfg)
-  shapes = jax.eval_shape(lambda: checkpoints.init_adaptors(cfg, peft))
+  shapes = jax.eval_shape(lambda: init_adaptors(cfg, peft))
   zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
   tables = import_peft(directory, zeros, cfg, peft, 0)
   return plugins.extract(tables, peft, 0, {'decoder': plugins.fingerprint(params, cfg)},

@@ -24,12 +24,12 @@ import numpy as np
 import optax
 import tqdm
 
-from cpeft_jax import (adaptors, catalog, checkpoints, configlib, plugins, quantize,
-                       vision_checkpoints)
+from cpeft_jax import adaptors, catalog, checkpoints, configlib, plugins, quantize
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
+from cpeft_jax.models.decoders import init_adaptors
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
 from cpeft_jax.train import checkpointing, metrics, sharding
 from cpeft_jax.train import state as state_lib
@@ -127,7 +127,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
       raise ValueError("vision.kind='hf' needs vision.path (a checkpoint directory or a hub id "
                        'in the local Hugging Face cache).')
     directory = catalog.resolve(vision.path)
-    encoder, loaded['encoder'] = vision_checkpoints.load_vision(
+    encoder, loaded['encoder'] = checkpoints.load_vision(
         directory, dtype=vision.get('dtype', 'float32'),
         feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True),
         leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/'))  # quantized as each tensor loads
@@ -170,8 +170,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split) -> Exper
     return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
   variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
   if text_dir:
-    loaded['decoder'], _ = checkpoints.load_params(text_dir, dec_cfg,
-                                                   leaf_fn=quantize.leaf_quantizer(qcfg))
+    loaded['decoder'], _ = checkpoints.load_decoder_params(text_dir, dec_cfg,
+                                                           leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
   if plugged:
     variables[adaptors.ADAPTORS] = _plugin_tables(plugged, variables, dec_cfg, enc_cfg)
@@ -271,7 +271,7 @@ def _check_lora_rank(dec_cfg, peft):
   """
   if 'lora' not in peft.methods:
     return
-  tables = jax.eval_shape(lambda: checkpoints.init_adaptors(dec_cfg, peft))
+  tables = jax.eval_shape(lambda: init_adaptors(dec_cfg, peft))
   flat = flax.traverse_util.flatten_dict(tables, sep='/')
   for path, a in flat.items():
     if not path.endswith('/lora_a'):
