@@ -27,6 +27,7 @@ from bench import harness
 from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.decoders import init_adaptors
 from cpeft_jax.models.llama import Decoder
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
@@ -185,7 +186,7 @@ def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
                                'bias': jnp.zeros((D,), jnp.float32)}}
     frozen = {'params': frozen}
   else:
-    trainable, frozen = {'adaptors': checkpoints.init_adaptors(cfg, peft)}, {'params': frozen}
+    trainable, frozen = {'adaptors': init_adaptors(cfg, peft)}, {'params': frozen}
 
   def apply_fn(variables, batch, *, train, rng):
     del train, rng  # no dropout in the benchmark (the peer's Llama has none either)

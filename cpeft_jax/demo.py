@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, contexts, experiment, runs, vision_checkpoints
+from cpeft_jax import checkpoints, contexts, experiment, runs
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
@@ -66,8 +66,8 @@ def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   train = experiment.open_split(c, workdir, c.data.train_split)
   vision = pretrain.vision_encoder(config, workdir, train,
                                    experiment.open_split(c, workdir, c.data.eval_split))
-  tower = vision_checkpoints.vision_module(checkpoints.read_config(checkpoints.resolve(vision)),
-                                           drop_cls=True)
+  tower = checkpoints.vision_module(checkpoints.read_config(checkpoints.resolve(vision)),
+                                    drop_cls=True)
   tok = tokenizer_lib.word_level(t for caps in train.captions for t in caps)
   text = pretrain.text_lm(config, workdir, train, tok, tower.cfg.num_tokens)
   return vision, text

@@ -21,13 +21,14 @@ import ml_collections
 import numpy as np
 
 from cpeft_jax import (adaptors, catalog, checkpoints, plugins, quantize, sharding, trees,
-                       vision_checkpoints, workdir as workdir_lib)
+                       workdir as workdir_lib)
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.data.demo import builder as demo_builder
 from cpeft_jax.models import hf_configs, vlm
 from cpeft_jax.models.connector import ConnectorConfig
+from cpeft_jax.models.decoders import init_adaptors
 from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.patch import PatchEncoder, PatchEncoderConfig
 
@@ -155,7 +156,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split, *,
     return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
   variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
   if text_dir:
-    loaded['decoder'], _ = checkpoints.load_params(text_dir, dec_cfg,
+    loaded['decoder'], _ = checkpoints.load_decoder_params(text_dir, dec_cfg,
                                                    leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
   if plugged:
@@ -181,7 +182,7 @@ def _encoder(config, qcfg):
     raise ValueError("vision.kind='hf' needs vision.path (a checkpoint directory or a hub id "
                      'in the local Hugging Face cache).')
   directory = catalog.resolve(vision.path)
-  encoder, params = vision_checkpoints.load_vision(
+  encoder, params = checkpoints.load_vision(
       directory, dtype=vision.get('dtype', 'float32'),
       feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True),
       leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/'))  # quantized as each tensor loads
@@ -289,7 +290,7 @@ def check_lora_rank(dec_cfg, peft):
   """
   if 'lora' not in peft.methods:
     return
-  flat = trees.flatten(jax.eval_shape(lambda: checkpoints.init_adaptors(dec_cfg, peft)))
+  flat = trees.flatten(jax.eval_shape(lambda: init_adaptors(dec_cfg, peft)))
   for path, a in flat.items():
     if not path.endswith('/lora_a'):
       continue

@@ -3,8 +3,8 @@
 `QuantConfig` names a format (int8, int4 or NF4), per-channel or per-block scales and which
 frozen leaves to quantize; `quantize_params` turns a 'params' tree into one whose selected
 leaves are quantized, and `leaf_quantizer` does the same one leaf at a time while a checkpoint
-loads (`checkpoints.load_params(..., leaf_fn=leaf_quantizer(qcfg))` for the decoder,
-`vision_checkpoints.load_vision(..., leaf_fn=leaf_quantizer(qcfg, 'encoder/'))` for the vision
+loads (`checkpoints.load_decoder_params(..., leaf_fn=leaf_quantizer(qcfg))` for the decoder,
+`checkpoints.load_vision(..., leaf_fn=leaf_quantizer(qcfg, 'encoder/'))` for the vision
 tower), so no full-precision copy of the whole model is ever held. Quantization,
 dequantization and the matmul are qwix's. On a mesh, a quantized leaf's values and scales
 follow its kernel's partition rule (train/sharding.py).
@@ -261,7 +261,7 @@ def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig) -> dict:
 
 
 def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str, Any], Any]:
-  """`leaf_fn(path, array)` for checkpoints.load_params: quantizes each leaf as it is read.
+  """`leaf_fn(path, array)` for checkpoints.load_decoder_params: quantizes each leaf as it is read.
 
   `prefix` places the checkpoint's paths inside the VLM's 'params' ('decoder/' for a decoder).
   """

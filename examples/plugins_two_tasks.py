@@ -28,6 +28,7 @@ from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.data import tokenizer as tokenizers
 from cpeft_jax.data.demo import captions, scenes
 from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.decoders import init_adaptors
 from cpeft_jax.models.llama import Decoder
 
 FLAGS = flags.FLAGS
@@ -90,7 +91,7 @@ def trainer(cfg, peft, pad: int):
 def train_plugin(task, cfg, params, tok, steps, seed) -> plugins.Plugin:
   """One run: a one-context LoRA on `task`; only the tables train (the base is an argument)."""
   peft = PeftConfig(methods=('lora',), targets='AF', lora=LoraConfig(rank=8, alpha=16.0))
-  tables = checkpoints.init_adaptors(cfg, peft, seed)
+  tables = init_adaptors(cfg, peft, seed)
   tx, step = trainer(cfg, peft, tokenizers.special_ids(tok).pad)
   data = batches(task, tok, steps, seed=seed + 1)
   opt = tx.init(tables)

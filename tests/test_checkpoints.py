@@ -22,7 +22,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from cpeft_jax import checkpoints  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
-from cpeft_jax.models import hf_configs  # noqa: E402
+from cpeft_jax.models import decoders, hf_configs  # noqa: E402
 from cpeft_jax.models.llama import Decoder  # noqa: E402
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -110,11 +110,11 @@ def test_logits_match_transformers(saved):
 
 def test_adaptor_tables_are_the_models_fresh_init(llama):
   cfg = llama.loaded.config
-  got = checkpoints.init_adaptors(cfg, PEFT, seed=3)
+  got = decoders.init_adaptors(cfg, PEFT, seed=3)
   want = Decoder(cfg, PEFT).init(jax.random.key(3), jnp.asarray(TOKENS))['adaptors']
   assert jax.tree.structure(got) == jax.tree.structure(want)
   jax.tree.map(np.testing.assert_array_equal, got, want)
-  assert checkpoints.init_adaptors(cfg, None) == {}
+  assert decoders.init_adaptors(cfg, None) == {}
 
 
 def test_sharded_safetensors(llama, tmp_path):
@@ -275,9 +275,9 @@ def test_rope_scaling_matches_transformers(rope, tmp_path):
 
 
 def test_catalog(tmp_path, monkeypatch, llama):
-  from cpeft_jax import catalog, vision_checkpoints
+  from cpeft_jax import catalog
   assert {t.model_type for t in catalog.TEXT.values()} <= set(hf_configs.MODEL_TYPES)
-  assert {v.model_type for v in catalog.VISION.values()} <= set(vision_checkpoints.ARCHITECTURES)
+  assert {v.model_type for v in catalog.VISION.values()} <= set(checkpoints.vision.ARCHITECTURES)
   assert all(n in catalog.table() for n in (*catalog.TEXT, *catalog.VISION))
   assert catalog.vision_settings('openai/clip-vit-base-patch32')['feature_layer'] == -2
   assert catalog.vision_settings(str(tmp_path))['feature_layer'] == -1

@@ -10,7 +10,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import paper  # noqa: E402
-from cpeft_jax import checkpoints, contexts, experiment, vision_checkpoints  # noqa: E402
+from cpeft_jax import checkpoints, contexts, experiment  # noqa: E402
 from cpeft_jax.data import pipeline, sources  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
@@ -129,7 +129,7 @@ def test_grid_entries_build_and_run(arg, tiny, tmp_path):
   assert (data.mean, data.std) == (IMAGENET_MEAN, IMAGENET_STD)
 
   # The frozen parts are the checkpoints' weights, not a random init.
-  _, enc_params = vision_checkpoints.load_vision(tiny['swin'])
+  _, enc_params = checkpoints.load_vision(tiny['swin'])
   dec = checkpoints.load_decoder(tiny['llama'])
   for got, want in ((exp.variables['params']['encoder'], enc_params),
                     (exp.variables['params']['decoder'], dec.params)):

@@ -22,7 +22,7 @@ peft_lib = pytest.importorskip('peft')
 from cpeft_jax import adaptors, checkpoints, interop, trees  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
 from cpeft_jax.interop.convert import convert  # noqa: E402
-from cpeft_jax.models.decoders import make_decoder  # noqa: E402
+from cpeft_jax.models.decoders import init_adaptors, make_decoder  # noqa: E402
 from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
 from test_gpt2_opt import MASK as LMASK, TOKENS as LTOKENS, saved  # noqa: E402,F401
 
@@ -32,7 +32,7 @@ ALL_MODULES = ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj'
 def fresh_tables(cfg, peft):
   """Tables of an adapter that changes nothing (A = B = 0, IA3 = 1), from shapes alone:
   compiling the model's init for every config would cost seconds each."""
-  shapes = jax.eval_shape(lambda: checkpoints.init_adaptors(cfg, peft))
+  shapes = jax.eval_shape(lambda: init_adaptors(cfg, peft))
   return jax.tree_util.tree_map_with_path(
       lambda path, s: jnp.full(s.shape, 1.0 if path[-1].key == 'ia3' else 0.0, s.dtype), shapes)
 

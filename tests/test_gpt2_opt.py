@@ -190,7 +190,7 @@ def test_bad_inputs_and_configs(saved):
       model_type='llama', vocab_size=V, hidden_size=32, num_hidden_layers=2,
       num_attention_heads=4, intermediate_size=48))
   with pytest.raises(ValueError, match=f"model_type='{loaded.config.arch}'.*arch='llama'"):
-    checkpoints.load_params(saved.dir, llama_cfg)
+    checkpoints.load_decoder_params(saved.dir, llama_cfg)
   if saved.arch == 'gpt2':
     for bad in (dict(scale_attn_by_inverse_layer_idx=True), dict(add_cross_attention=True)):
       hf = dict(saved.hf.config.to_dict(), **bad)

@@ -17,7 +17,7 @@ LAYERS = {
     'cpeft_jax.sharding': 1,
     'cpeft_jax.adaptors': 2,
     'cpeft_jax.models': 3, 'cpeft_jax.quantize': 3, 'cpeft_jax.data': 3,
-    'cpeft_jax.checkpoints': 4, 'cpeft_jax.vision_checkpoints': 4,
+    'cpeft_jax.checkpoints': 4,
     'cpeft_jax.catalog': 5, 'cpeft_jax.plugins': 5, 'cpeft_jax.trainable': 5,
     'cpeft_jax.losses': 6,
     'cpeft_jax.experiment': 7,

@@ -155,8 +155,8 @@ def test_per_tensor_loading_matches_quantizing_the_tree(decoder, tmp_path):
   def leaf_fn(path, x):
     seen.append((path, type(x)))
     return qz.leaf_quantizer(qcfg)(path, x)
-  per_leaf, _ = checkpoints.load_params(tmp_path, DEC, leaf_fn=leaf_fn)
-  whole = qz.quantize_params({'decoder': checkpoints.load_params(tmp_path, DEC)[0]},
+  per_leaf, _ = checkpoints.load_decoder_params(tmp_path, DEC, leaf_fn=leaf_fn)
+  whole = qz.quantize_params({'decoder': checkpoints.load_decoder_params(tmp_path, DEC)[0]},
                              qcfg)['decoder']
   assert len(seen) == len(jax.tree.leaves(v['params']))  # one call per leaf, as it is read
   assert jax.tree.structure(per_leaf) == jax.tree.structure(whole)

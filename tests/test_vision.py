@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpeft_jax import vision_checkpoints
+from cpeft_jax import checkpoints
 from cpeft_jax.models import swinv2
 from cpeft_jax.models.clip import config_from_hf as clip_config
 from cpeft_jax.models.vision import ViT, ViTConfig
@@ -62,7 +62,7 @@ def ckpts(tmp_path_factory):
 
 
 def _run(directory, pixels, **kw):
-  module, params = vision_checkpoints.load_vision(directory, **kw)
+  module, params = checkpoints.load_vision(directory, **kw)
   return np.asarray(jax.jit(module.apply)({'params': params}, jnp.asarray(pixels)))
 
 
@@ -99,7 +99,7 @@ def test_drop_cls(ckpts):
 @pytest.mark.parametrize('name', ['clip', 'siglip', 'swinv2'])
 def test_bfloat16(ckpts, name):
   directory, pixels, last, _ = ckpts[name]
-  module, params = vision_checkpoints.load_vision(directory, dtype='bfloat16', drop_cls=False)
+  module, params = checkpoints.load_vision(directory, dtype='bfloat16', drop_cls=False)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
   got = jax.jit(module.apply)({'params': params}, jnp.asarray(pixels))
   assert got.dtype == jnp.bfloat16 and got.shape == last.shape
@@ -110,7 +110,7 @@ def test_bfloat16(ckpts, name):
 def test_only_layers_up_to_the_feature_layer_are_loaded(ckpts, caplog):
   directory, _, _, _ = ckpts['siglip']
   with caplog.at_level(logging.WARNING):
-    _, params = vision_checkpoints.load_vision(directory, feature_layer=1, strict=True)
+    _, params = checkpoints.load_vision(directory, feature_layer=1, strict=True)
   assert params['layers']['fc1']['kernel'].shape == (1, 32, 64)
   assert 'post_layernorm' not in params and not caplog.records  # skipped, not unexpected
 
@@ -139,7 +139,7 @@ def test_full_clip_model_with_text_tower(tmp_path, ckpts):
   pixels = ckpts['clip'][1]
   with torch.no_grad():
     want = full.vision_model(torch.tensor(pixels.transpose(0, 3, 1, 2))).last_hidden_state.numpy()
-  module, params = vision_checkpoints.load_vision(tmp_path, drop_cls=False, strict=True)
+  module, params = checkpoints.load_vision(tmp_path, drop_cls=False, strict=True)
   got = module.apply({'params': params}, jnp.asarray(pixels))
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=ATOL)
 
@@ -156,7 +156,7 @@ def test_bfloat16_checkpoint_loads_into_float32(tmp_path, ckpts):
   directory = ckpts['clip'][0]
   model = transformers.CLIPVisionModel.from_pretrained(directory).to(torch.bfloat16)
   model.save_pretrained(tmp_path)
-  _, params = vision_checkpoints.load_vision(tmp_path, strict=True)
+  _, params = checkpoints.load_vision(tmp_path, strict=True)
   want = model.embeddings.patch_embedding.weight.detach().float().numpy().transpose(2, 3, 1, 0)
   assert params['patch_embedding']['kernel'].dtype == jnp.float32
   np.testing.assert_array_equal(np.asarray(params['patch_embedding']['kernel']), want)
@@ -172,7 +172,7 @@ def test_unsupported_model_type(tmp_path, ckpts):
   d = _copy(ckpts['clip'][0], tmp_path)
   (d / 'config.json').write_text(json.dumps({'model_type': 'dinov2'}))
   with pytest.raises(ValueError, match="model_type='dinov2'.*clip, clip_vision_model, siglip"):
-    vision_checkpoints.load_vision(d)
+    checkpoints.load_vision(d)
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path, ckpts):
@@ -181,7 +181,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, ckpts):
   (d / 'config.json').write_text(json.dumps({**hf, 'intermediate_size': 48}))
   with pytest.raises(ValueError, match=r'encoder\.layers\.0\.mlp\.fc1\.weight: checkpoint '
                                        r'\(64, 32\), model \(48, 32\)'):
-    vision_checkpoints.load_vision(d)
+    checkpoints.load_vision(d)
 
 
 def test_missing_and_unexpected_tensors(tmp_path, ckpts, caplog):
@@ -193,9 +193,9 @@ def test_missing_and_unexpected_tensors(tmp_path, ckpts, caplog):
   save_file(tensors, d / 'model.safetensors')
   with pytest.raises(ValueError, match=r'strict=True.*1 tensor\(s\) missing.*fc2\.bias.*'
                                        r'1 unexpected.*fc3\.weight'):
-    vision_checkpoints.load_vision(d, strict=True)
+    checkpoints.load_vision(d, strict=True)
   with caplog.at_level(logging.WARNING):
-    module, params = vision_checkpoints.load_vision(d)
+    module, params = checkpoints.load_vision(d)
   assert params['layers']['fc2']['bias'].shape == (2, 32)
   assert any('initialised fresh' in r.message for r in caplog.records)
   assert any('fc3.weight' in r.message for r in caplog.records)
@@ -237,7 +237,7 @@ def test_saved_tower_is_transformers_clip_and_loads_back(tmp_path):
   processor = transformers.CLIPImageProcessorPil(
       size={'shortest_edge': 32}, crop_size={'height': 32, 'width': 32}, image_mean=[0.5] * 3,
       image_std=[0.5] * 3)
-  vision_checkpoints.save_vision(directory, cfg, params, extra=extra, processor=processor)
+  checkpoints.save_vision(directory, cfg, params, extra=extra, processor=processor)
 
   model, info = transformers.CLIPVisionModel.from_pretrained(directory, output_loading_info=True)
   assert not info['missing_keys'] and not info['unexpected_keys'], info
@@ -250,7 +250,7 @@ def test_saved_tower_is_transformers_clip_and_loads_back(tmp_path):
                              pooled * extra['post_layernorm.weight'] + extra['post_layernorm.bias'],
                              rtol=0, atol=ATOL)
 
-  module, loaded = vision_checkpoints.load_vision(directory, drop_cls=False, strict=True)
+  module, loaded = checkpoints.load_vision(directory, drop_cls=False, strict=True)
   assert module.cfg == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   from cpeft_jax.data import preprocess
@@ -263,7 +263,7 @@ def test_save_vision_refuses_other_towers(tmp_path):
                   num_layers=1, num_heads=4)  # SigLIP-like: no class token, a final norm
   params = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   with pytest.raises(ValueError, match='save_vision writes CLIP vision towers'):
-    vision_checkpoints.save_vision(tmp_path / 'x', cfg, params)
+    checkpoints.save_vision(tmp_path / 'x', cfg, params)
   assert not (tmp_path / 'x').exists()
 
 
@@ -306,8 +306,8 @@ def test_quantized_tower_loads_tensor_by_tensor(ckpts, name, monkeypatch):
       done.append((path, np.array(x), weakref.ref(x)))
     return out
 
-  module, qparams = vision_checkpoints.load_vision(directory, drop_cls=False, leaf_fn=leaf_fn)
-  _, full = vision_checkpoints.load_vision(directory, drop_cls=False)
+  module, qparams = checkpoints.load_vision(directory, drop_cls=False, leaf_fn=leaf_fn)
+  _, full = checkpoints.load_vision(directory, drop_cls=False)
   assert sorted(p for p, _, _ in done) == qz.quantized_paths(qparams)
   kernels = [p for p in flax.traverse_util.flatten_dict(full, sep='/') if p.endswith('kernel')
              and np.ndim(flax.traverse_util.flatten_dict(full, sep='/')[p]) in (2, 3)

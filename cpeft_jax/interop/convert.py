@@ -19,12 +19,13 @@ from cpeft_jax import checkpoints, plugins
 from cpeft_jax.interop.merge import save_merged
 from cpeft_jax.interop.peft_format import export_peft, import_peft, peft_config_of
 from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models.decoders import init_adaptors
 
 
 def plugin_from_peft(directory: str | os.PathLike, cfg: DecoderConfig, params, name: str = ''):
   """A PyTorch PEFT LoRA adapter as a plug-in of the base (`cfg`, `params`) it was made for."""
   peft = peft_config_of(directory, cfg)
-  shapes = jax.eval_shape(lambda: checkpoints.init_adaptors(cfg, peft))
+  shapes = jax.eval_shape(lambda: init_adaptors(cfg, peft))
   zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), shapes)
   tables = import_peft(directory, zeros, cfg, peft, 0)
   return plugins.extract(tables, peft, 0, {'decoder': plugins.fingerprint(params, cfg)},

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpeft_jax import checkpoints, vision_checkpoints
+from cpeft_jax import checkpoints
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data.demo import examples as demo_examples
@@ -228,7 +228,7 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
       image_mean=[0.5] * 3, image_std=[0.5] * 3)
   norm = params['post_layernorm']
   logging.info('writing the pre-trained demo vision tower to %s', out)
-  vision_checkpoints.save_vision(
+  checkpoints.save_vision(
       out, cfg, params['tower'], processor=processor,
       extra={'post_layernorm.weight': norm['scale'], 'post_layernorm.bias': norm['bias']})
   with open(os.path.join(workdir, VISION_METRICS), 'w') as f:
