@@ -38,6 +38,8 @@ import ml_dtypes
 import numpy as np
 import qwix
 
+from cpeft_jax import trees
+
 FORMATS = {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}
 GRANULARITIES = ('channel', 'block')
 # decoder: the decoder blocks' projections; lm_head: the untied output projection; embed: the
@@ -253,11 +255,11 @@ def _quantize_array(x, channels, tiled, qcfg: QuantConfig) -> qwix.QArray:
 
 def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig) -> dict:
   """A 'params' tree with the leaves `qcfg` selects quantized (already quantized ones kept)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  flat = trees.flatten(params)
   out = {}
   for path in list(flat):
     out[path] = quantize_leaf(flat.pop(path), path, qcfg)
-  return flax.traverse_util.unflatten_dict(out, sep='/')
+  return trees.unflatten(out)
 
 
 def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str, Any], Any]:
@@ -278,7 +280,7 @@ def dequantize_params(params: Mapping[str, Any], dtype=None) -> dict:
 
 
 def quantized_paths(params) -> list[str]:
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  flat = trees.flatten(params)
   return sorted(p for p, x in flat.items() if is_quantized(x))
 
 

@@ -29,12 +29,13 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors.numpy
 
+from cpeft_jax import trees
 from cpeft_jax.adaptors import PeftConfig
 
 FORMAT = 'cpeft-plugin/1'
@@ -78,7 +79,7 @@ def fingerprint(params, config=None) -> dict[str, Any]:
     fields = {k: v for k, v in dataclasses.asdict(config).items()
               if k not in _NOT_ARCHITECTURE and not (k in defaults and v == defaults[k])}
     arch = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  flat = trees.flatten(params)
   stats = jax.device_get(_stats(flat))  # one compiled call for the whole tree
   tensors = {path: {'shape': list(np.shape(flat[path])), 'stats': [float(v) for v in stats[path]]}
              for path in sorted(flat)}
@@ -163,7 +164,7 @@ def _single(peft: PeftConfig, context: int) -> PeftConfig:
 
 def _group(tables, single: PeftConfig):
   """The leaves of `single`'s methods, LoRA cut to its rank (per-context tables are padded)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(tables), sep='/')
+  flat = trees.flatten(tables)
   out = {}
   for path, leaf in flat.items():
     name = path.rsplit('/', 1)[-1]
@@ -174,7 +175,7 @@ def _group(tables, single: PeftConfig):
     elif name == 'lora_b':
       leaf = leaf[..., :single.lora.rank, :]
     out[path] = leaf
-  return flax.traverse_util.unflatten_dict(out, sep='/')
+  return trees.unflatten(out)
 
 
 def take_row(tables, row: int):
@@ -206,10 +207,9 @@ def _peft_to_json(peft: PeftConfig) -> dict:
 
 def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
   """Writes plugin.json (config, bases, metadata) and tables.safetensors."""
-  import safetensors.numpy
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(plugin.tables), sep='/')
+  flat = trees.flatten(plugin.tables)
   safetensors.numpy.save_file({k: np.asarray(jax.device_get(v)) for k, v in flat.items()},
                               str(directory / PLUGIN_TABLES))
   (directory / PLUGIN_CONFIG).write_text(json.dumps(
@@ -221,7 +221,6 @@ def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
 def load(directory: str | os.PathLike,
          bases: Mapping[str, Mapping[str, Any]] | None = None) -> Plugin:
   """A saved plug-in; `bases` ({name: fingerprint} of the bases at hand) are checked against it."""
-  from safetensors.numpy import load_file
   directory = pathlib.Path(directory)
   path = directory / PLUGIN_CONFIG
   if not path.is_file() or not (directory / PLUGIN_TABLES).is_file():
@@ -231,8 +230,9 @@ def load(directory: str | os.PathLike,
   if config.get('format') != FORMAT:
     raise ValueError(f'{path}: format {config.get("format")!r}, expected {FORMAT!r}.')
   peft = PeftConfig.from_dict(config['peft'])
-  flat = {k: jnp.asarray(v) for k, v in load_file(str(directory / PLUGIN_TABLES)).items()}
-  plugin = Plugin(peft, flax.traverse_util.unflatten_dict(flat, sep='/'), config['bases'],
+  saved = safetensors.numpy.load_file(str(directory / PLUGIN_TABLES))
+  flat = {k: jnp.asarray(v) for k, v in saved.items()}
+  plugin = Plugin(peft, trees.unflatten(flat), config['bases'],
                   config.get('name', ''), config.get('meta', {}))
   _check_bases(plugin, bases, f'Plug-in {directory}')
   return plugin
@@ -321,7 +321,7 @@ def _assemble_specs(items, C: int, strategy: str) -> tuple[PeftConfig, Any]:
   peft = PeftConfig(methods=(), targets=first.targets, method_targets=method_targets,
                     num_contexts=C, lora=first.lora, strategy=strategy, tile=first.tile,
                     contexts=specs)
-  flats = [flax.traverse_util.flatten_dict(flax.core.unfreeze(p.tables), sep='/')
+  flats = [trees.flatten(p.tables)
            for _, p in items]
   out = {}
   for path in sorted(set().union(*flats)):
@@ -343,7 +343,7 @@ def _assemble_specs(items, C: int, strategy: str) -> tuple[PeftConfig, Any]:
         leaf = jnp.pad(leaf, pad)
       rows.append(leaf)
     out[path] = jnp.concatenate(rows, axis=len(shape) + ROW_AXIS[name])
-  return peft, flax.traverse_util.unflatten_dict(out, sep='/')
+  return peft, trees.unflatten(out)
 
 
 # ----------------------------------------------------------------------------- freezing

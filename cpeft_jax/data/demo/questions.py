@@ -49,9 +49,3 @@ def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
   pair, which evaluation uses, varies in kind between images)."""
   qs = questions(scene)
   return [(PROMPT.format(q), a) for q, a in (qs[i] for i in rng.permutation(len(qs)))]
-
-
-def qa_text(scene: Scene, rng: np.random.Generator) -> str:
-  """One random question with its answer as a single text, for text-only training."""
-  prompt, answer = qa_pairs(scene, rng)[0]
-  return f'{prompt} {answer}'
