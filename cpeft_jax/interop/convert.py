@@ -1,6 +1,6 @@
 """Conversions between plug-ins, PyTorch PEFT adapters and merged checkpoints, and their CLI.
 
-Plug-ins (plugins.py) are the interchange of the command line, which loads the frozen base
+Plug-ins (cpeft_jax/plugins/) are the interchange of the command line, which loads the frozen base
 checkpoint, checks the plug-in against it, and converts:
 
     python -m cpeft_jax.interop.convert --base=CKPT --plugin=DIR --peft_out=ADAPTER  # to PEFT

@@ -6,7 +6,7 @@ loads them onto the same base), and `import_peft` reads such an adapter into one
 model's tables. All three decoder families go both ways (Llama, GPT-2, OPT); peft_names.py
 says where each of our projections lives in transformers' modules.
 
-Table layout (see adaptors.py): under the decoder's layer scan every table has a leading layer
+Table layout (see adaptors/): under the decoder's layer scan every table has a leading layer
 axis, lora_a [N, R, d_in, r], lora_b [N, R, r, d_out], ia3 / bitfit [N, R, d].
 """
 
