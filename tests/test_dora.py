@@ -8,7 +8,7 @@ import pytest
 from cpeft_jax import adaptors, checkpoints
 from cpeft_jax.adaptors import ContextDense, LayerAdaptor, LoraConfig, PeftConfig
 from cpeft_jax.models.llama import Decoder, DecoderConfig
-from test_context_specs import D_IN, D_OUT, init_random, reference
+from helpers import D_IN, D_OUT, init_random, reference
 
 DORA = LayerAdaptor(dora=True)
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = '''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
-from test_train_loop import tiny
+from helpers import tiny
 from cpeft_jax.train import loop
 import jax
 from absl import logging
@@ -69,7 +69,7 @@ from cpeft_jax.data import layout
 from cpeft_jax.models.llama import DecoderConfig
 from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
 from cpeft_jax.train import loop, sharding, state as state_lib, step as step_lib
-from test_vlm import PatchEncoder
+from helpers import PatchEncoder
 logging.set_verbosity(logging.INFO)  # the log line of each replicated scale axis
 dec = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128)

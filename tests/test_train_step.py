@@ -8,12 +8,12 @@ import pytest
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 from cpeft_jax.models import vlm
-from test_vlm import PatchEncoder, _batch, DEC, PEFT  # noqa: F401  (shared tiny model)
+from helpers import VLM_DEC as DEC, VLM_PEFT as PEFT, PatchEncoder, vlm_batch  # the tiny model
 
 
 @pytest.fixture(scope='module')
 def setup():
-  pixels, b = _batch()
+  pixels, b = vlm_batch()
   model = vlm.VisionLanguageModel(PatchEncoder(), DEC, PEFT)
   v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
   batch = {k: jnp.asarray(b[k]) for k in ('tokens', 'targets', 'kinds', 'context_ids',
