@@ -195,6 +195,11 @@ def test_bad_batch_and_rules_error_clearly():
     sharding.parse_rules([('q_proj', (None, 'model'))])
 
 
+def _complete_lines(path):
+  """The newline-terminated lines of `path` so far (none while it does not exist)."""
+  return path.read_text().split('\n')[:-1] if path.exists() else []
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   import signal
   import time
@@ -202,14 +207,22 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
                     workdir=str(tmp_path / 'run'), mesh=sharding.DEFAULT_MESH, info=False,
                     ).replace('tiny(1)', 'tiny(3)')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  for line in proc.stdout:  # the first metrics line: training is under way
-    if line.startswith('step 5:'):
-      break
-  time.sleep(0.5)
+  log = tmp_path / 'stderr.txt'  # files, not pipes: nothing blocks on an unread pipe
+  with open(tmp_path / 'stdout.txt', 'w') as out, open(log, 'w') as errors:
+    proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
+                            stdout=out, stderr=errors)
+  # The event: the run has written step 5's metrics line (training is under way). Polled, with
+  # a generous deadline for a loaded machine (the whole 3-epoch run takes about a minute).
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.monotonic() + 900
+  while not any(json.loads(l)['step'] >= 5 for l in _complete_lines(metrics)):
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'no step 5 in {metrics} (exit {proc.poll()}): {log.read_text()[-3000:]}')
+    time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
+  proc.wait(timeout=300)
+  err = log.read_text()
   assert proc.returncode != 0
   assert 'checkpoint saved, rerun the same command to resume' in err
   steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir()
