@@ -24,6 +24,7 @@ from cpeft_jax import checkpoints  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
 from cpeft_jax.models import decoders, hf_configs  # noqa: E402
 from cpeft_jax.models.llama import Decoder  # noqa: E402
+from helpers import MASK, TOKENS  # noqa: E402  (the second row is right-padded)
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0,
@@ -38,8 +39,6 @@ ARCHS = {  # llama: GQA, untied; qwen2: q/k/v biases, tied; mistral: head_dim !=
 }
 PEFT = PeftConfig(methods=('lora', 'ia3', 'bitfit'), num_contexts=2,
                   lora=LoraConfig(rank=4, alpha=8.0))
-TOKENS = np.random.default_rng(0).integers(0, TINY['vocab_size'], (2, 9))
-MASK = np.arange(9)[None] < np.array([[9], [6]])  # the second row is right-padded
 CONTEXTS = np.arange(18).reshape(2, 9) % 2
 
 

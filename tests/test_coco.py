@@ -10,13 +10,12 @@ shards; the same features, JPEG images), and the project's real loading code rea
 import io
 
 import jax
-import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from cpeft_jax.data import pipeline, sources
+from cpeft_jax.data import sources
 from cpeft_jax.data.demo import examples
 
 SPLITS = {'train': 6, 'val': 3, 'test': 2, 'restval': 2}

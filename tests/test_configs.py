@@ -15,7 +15,7 @@ from cpeft_jax.data import pipeline, sources  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
 from cpeft_jax.models.connector import ConnectorConfig  # noqa: E402
-from cpeft_jax import experiment, losses  # noqa: E402
+from cpeft_jax import losses  # noqa: E402
 from cpeft_jax import trainable as trainable_lib  # noqa: E402
 from cpeft_jax.train import state as state_lib  # noqa: E402
 

@@ -14,8 +14,8 @@ from ml_collections import config_flags
 
 from cpeft_jax import configlib, experiment
 from cpeft_jax.adaptors import ContextDense, ContextSpec, LayerAdaptor, LoraConfig, PeftConfig
+from helpers import D_IN, D_OUT, init_random, reference
 
-D_IN, D_OUT = 12, 10
 # Context 2 has no adaptor; contexts differ in methods, rank, alpha, scaling rule and init.
 MIXED = (dict(methods='lora', rank=5, alpha=3.0),
          dict(methods='lora+bitfit', rank=2, rslora=True, init='gaussian'),
@@ -30,57 +30,6 @@ ADAPTS = {'all_out': LayerAdaptor(lora=True, bitfit=True, ia3='out', dora=True),
 def mixed_peft(**kw):
   return PeftConfig(methods=('lora',), num_contexts=len(MIXED), contexts=MIXED,
                     lora=LoraConfig(rank=4, alpha=8.0), **kw)
-
-
-def randomize(tables, seed):
-  """Every entry random, padding included: the layer must ignore what is not real."""
-  leaves, treedef = jax.tree.flatten(tables)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
-
-
-def init_random(adapt, peft, x, ctx, seed=0):
-  layer = ContextDense(D_OUT, use_bias=True, peft=peft, adapt=adapt)
-  v = layer.init(jax.random.key(seed), x, ctx)
-  tables = randomize(v['adaptors'], seed + 1)
-  if 'dora_m' in tables:  # magnitudes near the column norms, as in training
-    tables['dora_m'] = jnp.abs(tables['dora_m']) + 1.0
-  params = dict(v['params'], bias=jax.random.normal(jax.random.key(9), (D_OUT,)))
-  return layer, {'params': params, 'adaptors': tables}
-
-
-def reference(v, adapt, peft, x_TD, ctx_T):
-  """Slow per-token loop in float64 applying each context's own spec to the real slices only.
-
-  y = ((x*s_in) W + b) * s_out + bitfit + s x A B; DoRA: g (x W + s x A B) + b + bitfit with
-  g = m / ||W + s A B||_col computed from the merged weight itself.
-  """
-  p = jax.tree.map(lambda a: np.asarray(a, np.float64), v['params'])
-  t = jax.tree.map(lambda a: np.asarray(a, np.float64), v['adaptors'])
-  W, bias = p['kernel'], p.get('bias', 0.0)
-  out = []
-  for x, c in zip(np.asarray(x_TD, np.float64), np.asarray(ctx_T)):
-    spec = peft.specs[c]
-    if c not in peft.rows:
-      out.append(x @ W + bias)
-      continue
-    row, has = peft.rows.index(c), set(spec.methods)
-    r, s = spec.rank, spec.lora.scale
-    xin = x * t['ia3'][row] if adapt.ia3 == 'in' and 'ia3' in has else x
-    y = xin @ W
-    if adapt.dora and 'dora' in has:
-      delta_W = s * t['lora_a'][row][:, :r] @ t['lora_b'][row][:r]
-      g = t['dora_m'][row] / np.linalg.norm(W + delta_W, axis=0)
-      y = g * (y + x @ delta_W)
-    y = y + bias
-    if adapt.ia3 == 'out' and 'ia3' in has:
-      y = y * t['ia3'][row]
-    if adapt.bitfit and 'bitfit' in has:
-      y = y + t['bitfit'][row]
-    if adapt.lora and 'lora' in has:
-      y = y + s * (x @ t['lora_a'][row][:, :r] @ t['lora_b'][row][:r])
-    out.append(y)
-  return np.stack(out)
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,7 @@ from cpeft_jax import adaptors, checkpoints
 from cpeft_jax.adaptors import ContextDense, LayerAdaptor, LoraConfig, PeftConfig
 from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.llama import Decoder
-from test_context_specs import D_IN, D_OUT, init_random, reference
+from helpers import D_IN, D_OUT, init_random, reference
 
 DORA = LayerAdaptor(dora=True)
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -21,7 +21,7 @@ from cpeft_jax.evaluation import captioning, compare, perplexity  # noqa: E402
 from cpeft_jax import runs  # noqa: E402
 from cpeft_jax.train import checkpointing, trainer  # noqa: E402
 from cpeft_jax.train import state as state_lib  # noqa: E402
-from test_train_loop import tiny  # noqa: E402
+from helpers import tiny  # noqa: E402
 
 TINY_ARG = 'epochs=1,num_train=24,rank=4,pretrain_epochs=2,contexts=modality'  # a single run
 

@@ -1,7 +1,7 @@
 """PEFT export/import and merged checkpoints, against PyTorch PEFT and transformers.
 
-The bases are tiny random transformers models written by save_pretrained (a Llama here, and
-test_gpt2_opt's GPT-2 and two OPTs); PyTorch PEFT loads our exported adapter onto them (and
+The bases are conftest.py's tiny random models: a Llama written by our save_decoder, a GPT-2
+and two OPTs written by transformers' save_pretrained; PyTorch PEFT loads our exported adapter onto them (and
 writes the adapters we import), so every parity check has an independent reference.
 """
 
@@ -19,33 +19,16 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft_lib = pytest.importorskip('peft')
 
-from cpeft_jax import adaptors, checkpoints, interop, trees  # noqa: E402
+from cpeft_jax import checkpoints, interop, trees  # noqa: E402
 from cpeft_jax.adaptors import LoraConfig, PeftConfig  # noqa: E402
 from cpeft_jax.interop.convert import convert  # noqa: E402
-from cpeft_jax.models.decoders import init_adaptors, make_decoder  # noqa: E402
-from test_checkpoints import MASK, TOKENS, _torch_model  # noqa: E402
-from test_gpt2_opt import MASK as LMASK, TOKENS as LTOKENS, saved  # noqa: E402,F401
+from cpeft_jax.models.decoders import make_decoder  # noqa: E402
+from helpers import (GPT_TOKENS as LTOKENS, MASK, PER_CONTEXT, TOKENS, fresh_tables,  # noqa: E402
+                     random_tables)
+
+LMASK = MASK  # the GPT-2's and OPTs' tokens share the tiny Llama's padding
 
 ALL_MODULES = ['down_proj', 'gate_proj', 'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']
-
-
-def fresh_tables(cfg, peft):
-  """Tables of an adapter that changes nothing (A = B = 0, IA3 = 1), from shapes alone:
-  compiling the model's init for every config would cost seconds each."""
-  shapes = jax.eval_shape(lambda: init_adaptors(cfg, peft))
-  return jax.tree_util.tree_map_with_path(
-      lambda path, s: jnp.full(s.shape, 1.0 if path[-1].key == 'ia3' else 0.0, s.dtype), shapes)
-
-
-def random_tables(tables, seed, scale=0.2):
-  """Non-trivial adaptor tables: LoRA A/B and BitFit noisy, IA3 and DoRA's magnitude near one
-  (numpy: no compiles)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    noise = scale * rng.standard_normal(leaf.shape).astype(np.float32)
-    return jnp.asarray(1 + noise if path[-1].key in ('ia3', 'dora_m') else noise)
-  return jax.tree_util.tree_map_with_path(fill, tables)
 
 
 def logits(cfg, params, tables=None, peft=None, context=0, tokens=TOKENS, mask=MASK):
@@ -70,12 +53,11 @@ def torch_logits(model, tokens=TOKENS, mask=MASK):
 
 
 @pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  directory = tmp_path_factory.mktemp('base')
-  _torch_model('llama').save_pretrained(directory)
-  loaded = checkpoints.load_decoder(directory)
-  return types.SimpleNamespace(dir=directory, cfg=loaded.config, params=loaded.params,
-                               hf=lambda: transformers.LlamaForCausalLM.from_pretrained(directory))
+def base(llama_base):
+  """conftest's tiny Llama, and a fresh transformers model of it each time (PEFT injects its
+  layers in place)."""
+  return types.SimpleNamespace(**vars(llama_base), hf=lambda: transformers.LlamaForCausalLM
+                               .from_pretrained(llama_base.dir))
 
 
 @pytest.fixture(scope='module')
@@ -89,18 +71,9 @@ def exported(base, tmp_path_factory):
   return types.SimpleNamespace(dir=directory, peft=peft, tables=tables)
 
 
-# Per-context specs (where adaptors.py has them): context 1's own rank and scale, padded tables,
-# and IA3 on context 0 only, which the export of context 1 must leave out.
-PER_CONTEXT = [{'methods': 'lora+ia3'},
-               {'methods': 'lora', 'rank': 2, 'alpha': 3.0, 'rslora': True}]
-needs_specs = pytest.mark.skipif(not hasattr(adaptors, 'ContextSpec'),
-                                 reason='this adaptors.py has no per-context specs')
-
-
 @pytest.mark.parametrize('method, targets, rslora, context, specs', [
     ('lora', 'all', False, 1, None), ('lora', 'q_proj,v_proj', True, 0, None),
-    pytest.param('lora', 'all', False, 1, PER_CONTEXT, marks=needs_specs),
-    pytest.param('dora', 'AF', False, 1, None, marks=needs_specs)])
+    ('lora', 'all', False, 1, PER_CONTEXT), ('dora', 'AF', False, 1, None)])
 def test_exported_adapter_matches_pytorch_peft(base, tmp_path, method, targets, rslora, context,
                                                specs):
   peft = PeftConfig(methods=(method,), targets=targets, num_contexts=2,
@@ -211,8 +184,7 @@ def test_import_names_shape_mismatch_of_another_base(base, exported, tmp_path):
 
 
 @pytest.mark.parametrize('methods, num_contexts, context', [
-    (('lora',), 1, 0), (('lora', 'ia3'), 2, 1),
-    pytest.param(('ia3', 'dora'), 2, 0, marks=needs_specs)])
+    (('lora',), 1, 0), (('lora', 'ia3'), 2, 1), (('ia3', 'dora'), 2, 0)])
 def test_merged_checkpoint_matches_adapted_model(base, tmp_path, methods, num_contexts, context):
   peft = PeftConfig(methods=methods, targets='all', num_contexts=num_contexts,
                     lora=LoraConfig(rank=4, alpha=8.0))
@@ -260,30 +232,30 @@ def test_command_line_conversions_round_trip(base, exported, tmp_path):
 
 
 # ----------------------------------------------------------------------------- GPT-2 and OPT
-# `saved` (test_gpt2_opt): a tiny GPT-2, an OPT with project_in/out and a post-norm OPT.
+# `gpt_opt` (conftest.py): a tiny GPT-2, an OPT with project_in/out and a post-norm OPT.
 
 
-def _fresh_hf(saved):
+def _fresh_hf(gpt_opt):
   """A new transformers model of the base each time: PEFT injects its layers in place."""
-  return type(saved.hf).from_pretrained(saved.dir).eval()
+  return type(gpt_opt.hf).from_pretrained(gpt_opt.dir).eval()
 
 
-def _learned(saved, tables=None, peft=None, context=0):
-  return logits(saved.loaded.config, saved.loaded.params, tables, peft, context, LTOKENS, LMASK)
+def _learned(gpt_opt, tables=None, peft=None, context=0):
+  return logits(gpt_opt.loaded.config, gpt_opt.loaded.params, tables, peft, context, LTOKENS, LMASK)
 
 
 @pytest.mark.parametrize('method, targets, rslora', [('lora', 'q_proj,v_proj', True),
                                                      ('dora', 'A', False)])
-def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, rslora):
+def test_learned_export_matches_pytorch_peft(gpt_opt, tmp_path, method, targets, rslora):
   """GPT-2's q/k/v LoRAs leave as one c_attn LoRA of rank k*r with a block-diagonal B (k of
   the 3 adapted: rank 8 for q and v, whose k_proj columns stay zero; 12 for all three)."""
-  cfg = saved.loaded.config
+  cfg = gpt_opt.loaded.config
   peft = PeftConfig(methods=(method,), targets=targets, num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0, rslora=rslora))
   tables = random_tables(fresh_tables(cfg, peft), seed=4)
   interop.export_peft(tmp_path, tables, cfg, peft, 1)
   config = json.loads((tmp_path / interop.ADAPTER_CONFIG).read_text())
-  if saved.arch == 'gpt2':
+  if gpt_opt.arch == 'gpt2':
     rank = 8 if targets == 'q_proj,v_proj' else 12
     assert config['rank_pattern'] == {'c_attn': rank} and config['fan_in_fan_out']
     names = {'q_proj,v_proj': ['c_attn'], 'A': ['attn.c_proj', 'c_attn']}  # not mlp.c_proj
@@ -292,12 +264,12 @@ def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, r
     names = {'q_proj,v_proj': ['q_proj', 'v_proj'], 'A': ['k_proj', 'out_proj', 'q_proj',
                                                          'v_proj']}
   assert config['target_modules'] == names[targets]
-  model = peft_lib.PeftModel.from_pretrained(_fresh_hf(saved), tmp_path).eval()
+  model = peft_lib.PeftModel.from_pretrained(_fresh_hf(gpt_opt), tmp_path).eval()
   want = torch_logits(model, LTOKENS, LMASK)
-  got = _learned(saved, tables, peft, 1)
-  assert np.abs(want - saved.want)[LMASK].max() > 0.05  # the adapter changes the function
+  got = _learned(gpt_opt, tables, peft, 1)
+  assert np.abs(want - gpt_opt.want)[LMASK].max() > 0.05  # the adapter changes the function
   diff = np.abs(got - want)[LMASK].max()
-  print(f'export parity {saved.arch} ({method}, {targets}, rslora={rslora}): max abs logit '
+  print(f'export parity {gpt_opt.arch} ({method}, {targets}, rslora={rslora}): max abs logit '
         f'diff {diff:.2e}')
   assert diff <= 1e-4
   # And back: the block-diagonal c_attn splits into the q/k/v rows it came from.
@@ -306,29 +278,29 @@ def test_learned_export_matches_pytorch_peft(saved, tmp_path, method, targets, r
     np.testing.assert_allclose(again[k][:, 1], v[:, 1], rtol=1e-6, atol=1e-7)
 
 
-def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
+def test_learned_import_pytorch_peft_adapter(gpt_opt, tmp_path):
   """PEFT's adapter on every module; GPT-2's rank-r c_attn is q, k, v LoRAs sharing its A (and
   exported again it is rank r once more: the same tensors as PEFT's). Then the same through the
   command line's conversion to a merged checkpoint."""
   from safetensors.numpy import load_file
-  modules = (['c_attn', 'c_proj', 'c_fc'] if saved.arch == 'gpt2' else
+  modules = (['c_attn', 'c_proj', 'c_fc'] if gpt_opt.arch == 'gpt2' else
              ['q_proj', 'k_proj', 'v_proj', 'out_proj', 'fc1', 'fc2'])
   torch.manual_seed(0)
   lora = peft_lib.LoraConfig(r=4, lora_alpha=16, target_modules=modules,
                              init_lora_weights=False, task_type='CAUSAL_LM')
-  model = peft_lib.get_peft_model(_fresh_hf(saved), lora).eval()
+  model = peft_lib.get_peft_model(_fresh_hf(gpt_opt), lora).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if 'lora_B' in name:
         p.normal_(0, 0.3)
   model.save_pretrained(tmp_path / 'peft')
   want = torch_logits(model, LTOKENS, LMASK)
-  cfg = saved.loaded.config
+  cfg = gpt_opt.loaded.config
   peft = PeftConfig(methods=('lora',), targets='all', num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=16.0))
   tables = interop.import_peft(tmp_path / 'peft', fresh_tables(cfg, peft), cfg, peft, 1)
-  diff = np.abs(_learned(saved, tables, peft, 1) - want)[LMASK].max()
-  print(f'import parity {saved.arch}: max abs logit diff {diff:.2e}')
+  diff = np.abs(_learned(gpt_opt, tables, peft, 1) - want)[LMASK].max()
+  print(f'import parity {gpt_opt.arch}: max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
   interop.export_peft(tmp_path / 'again', tables, cfg, peft, 1)
   theirs, ours = (load_file(str(d / interop.ADAPTER_WEIGHTS)) for d in (tmp_path / 'peft',
@@ -337,34 +309,34 @@ def test_learned_import_pytorch_peft_adapter(saved, tmp_path):
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k])
   # The command line: PEFT's adapter -> a merged checkpoint that transformers runs as PEFT does.
-  convert(str(saved.dir), peft_in=str(tmp_path / 'peft'), merged_out=str(tmp_path / 'hf'))
+  convert(str(gpt_opt.dir), peft_in=str(tmp_path / 'peft'), merged_out=str(tmp_path / 'hf'))
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'hf').eval()
   assert np.abs(torch_logits(merged, LTOKENS, LMASK) - want)[LMASK].max() <= 1e-4
 
 
-def test_learned_merged_checkpoint_matches_adapted_model(saved, tmp_path):
+def test_learned_merged_checkpoint_matches_adapted_model(gpt_opt, tmp_path):
   """LoRA + IA3 + BitFit folded into GPT-2 / OPT weights (c_attn re-fused), read by
   transformers and by our loader."""
-  cfg = saved.loaded.config
+  cfg = gpt_opt.loaded.config
   peft = PeftConfig(methods=('lora', 'ia3', 'bitfit'), targets='all', num_contexts=2,
                     lora=LoraConfig(rank=4, alpha=8.0))
   tables = random_tables(fresh_tables(cfg, peft), seed=5)
-  want = _learned(saved, tables, peft, 1)
-  interop.save_merged(tmp_path / 'merged', saved.loaded.params, tables, cfg, peft, 1)
+  want = _learned(gpt_opt, tables, peft, 1)
+  interop.save_merged(tmp_path / 'merged', gpt_opt.loaded.params, tables, cfg, peft, 1)
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'merged').eval()
-  assert type(hf) is type(saved.hf)
+  assert type(hf) is type(gpt_opt.hf)
   diff = np.abs(torch_logits(hf, LTOKENS, LMASK) - want)[LMASK].max()
-  print(f'merged {saved.arch} (lora+ia3+bitfit): max abs logit diff {diff:.2e}')
+  print(f'merged {gpt_opt.arch} (lora+ia3+bitfit): max abs logit diff {diff:.2e}')
   assert diff <= 1e-4
-  assert np.abs(want - saved.want)[LMASK].max() > 0.05
+  assert np.abs(want - gpt_opt.want)[LMASK].max() > 0.05
   assert checkpoints.load_decoder(tmp_path / 'merged', strict=True).config == cfg
 
 
-@pytest.mark.parametrize('saved', ['gpt2'], indirect=True)
-def test_learned_what_does_not_fit_is_an_error(saved, tmp_path):
+@pytest.mark.parametrize('gpt_opt', ['gpt2'], indirect=True)
+def test_learned_what_does_not_fit_is_an_error(gpt_opt, tmp_path):
   """GPT-2's fused c_attn: what a per-projection model cannot hold is named, nothing changed."""
   from safetensors.numpy import load_file, save_file
-  cfg = saved.loaded.config
+  cfg = gpt_opt.loaded.config
   qkv = PeftConfig(methods=('lora',), targets='q_proj,k_proj,v_proj', num_contexts=1,
                    lora=LoraConfig(rank=4, alpha=8.0))
   interop.export_peft(tmp_path / 'qkv', random_tables(fresh_tables(cfg, qkv), seed=6), cfg, qkv)

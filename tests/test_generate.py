@@ -22,7 +22,7 @@ from cpeft_jax.models.attention import KVCache
 from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vlm import VisionLanguageModel
-from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder)
+from helpers import PatchEncoder  # the shared stand-in encoder
 
 DEC = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=48, rope_theta=500.0)

@@ -13,7 +13,7 @@ from cpeft_jax.data.tokenizer import SpecialIds
 from cpeft_jax.evaluation import heatmaps
 from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.vlm import VisionLanguageModel
-from test_vlm import PatchEncoder  # noqa: E402  (the shared stand-in encoder: 8x8 patches)
+from helpers import PatchEncoder  # the shared stand-in encoder: 8x8 patches
 
 IDS = SpecialIds(bos=1, eos=2, pad=0)
 

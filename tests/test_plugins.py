@@ -15,12 +15,16 @@ import pytest
 from cpeft_jax import checkpoints, plugins
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.llama import Decoder
-from test_checkpoints import MASK, TOKENS
-from test_export import (PER_CONTEXT, base, fresh_tables, needs_specs,  # noqa: F401
-                         random_tables)
+from helpers import MASK, PER_CONTEXT, TOKENS, fresh_tables, random_tables
 
 PEFT = PeftConfig(methods=('lora', 'ia3'), targets='AF', num_contexts=2,
                   lora=LoraConfig(rank=4, alpha=8.0))
+
+
+@pytest.fixture(scope='module')
+def base(llama_base):
+  """conftest.py's tiny Llama: dir, cfg, params."""
+  return llama_base
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -55,7 +59,6 @@ def test_saved_plugin_loaded_elsewhere_gives_identical_outputs(base, tmp_path):
   np.testing.assert_allclose(got, run(base, PEFT, tables, zeros + 1), atol=1e-5)
 
 
-@needs_specs
 def test_plugin_of_a_per_context_model_is_that_context_alone(base):
   peft = dataclasses.replace(PEFT, methods=('lora',), contexts=PER_CONTEXT)
   tables = random_tables(fresh_tables(base.cfg, peft), seed=8)  # noise in the padding too
@@ -97,7 +100,6 @@ def test_assembled_plugins_reproduce_each_on_its_own_context(base):
   np.testing.assert_allclose(got[1][:3], want_plain[1][:3], atol=1e-5)
 
 
-@needs_specs
 def test_plugins_with_different_methods_assemble_with_per_context_specs(base):
   lora_peft = PeftConfig(methods=('lora',), targets='AF', lora=LoraConfig(rank=2, alpha=4.0))
   ia3_peft = PeftConfig(methods=('ia3', 'bitfit'), targets='AF', method_targets={'bitfit': 'all'})

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = '''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
-from test_train_loop import tiny
+from helpers import tiny
 from cpeft_jax.train import trainer
 import jax
 from absl import logging
@@ -71,7 +71,7 @@ from cpeft_jax.models.vlm import VisionLanguageModel, apply_fn
 from cpeft_jax import experiment, sharding, trees
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.train import state as state_lib, step as step_lib, trainer
-from test_vlm import PatchEncoder
+from helpers import PatchEncoder
 logging.set_verbosity(logging.INFO)  # the log line of each replicated scale axis
 dec = DecoderConfig(vocab_size=40, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                     intermediate_size=128)
@@ -197,6 +197,11 @@ def test_bad_batch_and_rules_error_clearly():
     sharding.parse_rules([('q_proj', (None, 'model'))])
 
 
+def _complete_lines(path):
+  """The newline-terminated lines of `path` so far (none while it does not exist)."""
+  return path.read_text().split('\n')[:-1] if path.exists() else []
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
   import signal
   import time
@@ -204,14 +209,22 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
                     workdir=str(tmp_path / 'run'), mesh=sharding.DEFAULT_MESH, info=False,
                     ).replace('tiny(1)', 'tiny(3)')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-  for line in proc.stdout:  # the first metrics line: training is under way
-    if line.startswith('step 5:'):
-      break
-  time.sleep(0.5)
+  log = tmp_path / 'stderr.txt'  # files, not pipes: nothing blocks on an unread pipe
+  with open(tmp_path / 'stdout.txt', 'w') as out, open(log, 'w') as errors:
+    proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
+                            stdout=out, stderr=errors)
+  # The event: the run has written step 5's metrics line (training is under way). Polled, with
+  # a generous deadline for a loaded machine (the whole 3-epoch run takes about a minute).
+  metrics = tmp_path / 'run' / 'metrics.jsonl'
+  deadline = time.monotonic() + 900
+  while not any(json.loads(l)['step'] >= 5 for l in _complete_lines(metrics)):
+    if proc.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'no step 5 in {metrics} (exit {proc.poll()}): {log.read_text()[-3000:]}')
+    time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
+  proc.wait(timeout=300)
+  err = log.read_text()
   assert proc.returncode != 0
   assert 'checkpoint saved, rerun the same command to resume' in err
   steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir()

@@ -17,21 +17,7 @@ from configs import demo  # noqa: E402
 from cpeft_jax import experiment  # noqa: E402
 from cpeft_jax import trainable as trainable_lib  # noqa: E402
 from cpeft_jax.train import pretrain, trainer  # noqa: E402
-
-
-def tiny(epochs, **kw):
-  c = demo.get_config(f'epochs={epochs},num_train=24,rank=4,pretrain_epochs=2')
-  c.pretrain.batch_size = 16
-  c.data.demo.num_validation = 8
-  c.data.seq_len = 80
-  c.vision.patch_size = 16  # 16 image tokens
-  c.model.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-  c.train.update(batch_size=8, log_every=5, checkpoint_every=7)
-  c.eval.batch_size = 5  # 8 validation images: the last batch is padded, never dropped
-  c.optim.update(warmup_steps=2, total_steps=45, learning_rate=3e-3)
-  for k, v in kw.items():
-    c.train[k] = v
-  return c
+from helpers import tiny  # noqa: E402
 
 
 def _best(workdir):

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cpeft_jax import losses
@@ -10,12 +11,12 @@ from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 from cpeft_jax.models import vlm
-from test_vlm import PatchEncoder, _batch, DEC, PEFT  # noqa: F401  (shared tiny model)
+from helpers import VLM_DEC as DEC, VLM_PEFT as PEFT, PatchEncoder, vlm_batch  # the tiny model
 
 
 @pytest.fixture(scope='module')
 def setup():
-  pixels, b = _batch()
+  pixels, b = vlm_batch()
   model = vlm.VisionLanguageModel(PatchEncoder(), DEC, PEFT)
   v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
   batch = {k: jnp.asarray(b[k]) for k in ('tokens', 'targets', 'kinds', 'context_ids',
@@ -85,6 +86,7 @@ def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
   assert min(want) > 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                s1.trainable, s2.trainable)
+  _check_accumulated_gradients(step, apply, trainable, frozen, batch, m1, m2)
   losses = [float(m1['loss'])]
   for i in range(15):
     s1, m = step(s1, frozen, batch, jax.random.key(i), apply_fn=apply, micro_steps=1,
@@ -92,6 +94,34 @@ def test_micro_batches_give_the_same_update_and_loss_decreases(setup):
     losses.append(float(m['loss']))
   assert losses[-1] < 0.9 * losses[0]
   assert int(s1.step) == 16
+
+
+def _check_accumulated_gradients(step, apply, trainable, frozen, batch, m1, m2):
+  """Adam's first update is about lr * sign(g), blind to the gradient's scale: compare the
+  gradients. Under SGD at rate 1 an update is minus the accumulated gradient, so the connector's
+  over 1 and over 2 micro-batches must both be the gradient of the whole batch's mean token
+  loss (step.loss_sums / tokens), and the gradient norms must agree."""
+  sgd = state_lib.TrainState.create(trainable, optax.sgd(1.0))
+  grads = {}
+  for k in (1, 2):
+    new, m = step(sgd, frozen, batch, jax.random.key(0), apply_fn=apply, micro_steps=k,
+                  num_contexts=3, num_tasks=2)
+    grads[k] = jax.tree.map(jnp.subtract, trainable, new.trainable)
+    np.testing.assert_allclose(m['grad_norm'], (m1, m2)[k - 1]['grad_norm'], rtol=1e-6)
+
+  def mean_loss(t):
+    s, n = step_lib.loss_sums(apply, state_lib.merge(t, frozen), batch, train=True,
+                              rng=jax.random.key(0))
+    return s / n
+  want = jax.grad(mean_loss)(trainable)
+  # float32 sums in another order (relative ~1e-7), and old - (old - g) rounds at |old|'s ulp.
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+  for k in (1, 2):
+    jax.tree.map(close, grads[k]['params']['connector'], want['params']['connector'])
+  assert all(np.abs(x).max() > 0 for x in jax.tree.leaves(want['params']['connector']))
+  np.testing.assert_allclose(m2['grad_norm'], m1['grad_norm'], rtol=1e-5)
+  np.testing.assert_allclose(m2['grad_norm'], optax.tree.norm(want), rtol=1e-5)
+  np.testing.assert_allclose(m2['grad_norm_row'], m1['grad_norm_row'], rtol=1e-5)
 
 
 def test_schedules():
@@ -144,7 +174,6 @@ def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
 def test_token_losses_and_gradient_equal_optax():
   """The cross-entropy's own backward pass gives optax's loss and gradient (weighted, as the
   loss mask weights it)."""
-  import optax
   rng = np.random.default_rng(0)
   logits = jnp.asarray(4 * rng.standard_normal((2, 5, 11)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)

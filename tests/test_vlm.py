@@ -2,41 +2,19 @@
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
 from cpeft_jax.models.connector import ConnectorConfig
-from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.llama import Decoder
 from cpeft_jax.models.vlm import VisionLanguageModel
+from helpers import VLM_DEC, VLM_PEFT, PatchEncoder, vlm_batch
 
-DEC = DecoderConfig(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4,
-                    intermediate_size=48)
-PEFT = PeftConfig(methods=('lora',), num_contexts=2, lora=LoraConfig(rank=2, alpha=2.0))
-N = 4  # image tokens: a 16x16 image in 8x8 patches
-
-
-class PatchEncoder(nn.Module):
-  """A stand-in frozen encoder: 8x8 patches, one linear map, [B, 4, 24]."""
-
-  @nn.compact
-  def __call__(self, pixels_BHWC):
-    B, H, W, C = pixels_BHWC.shape
-    p = pixels_BHWC.reshape(B, H // 8, 8, W // 8, 8, C).transpose(0, 1, 3, 2, 4, 5)
-    return nn.Dense(24)(p.reshape(B, (H // 8) * (W // 8), 64 * C))
-
-
-def _batch(boundary=False):
-  b = layout.layout_captions([[5, 6, 7], [8, 9]], num_image_tokens=N, seq_len=12, bos_id=1,
-                             eos_id=2, pad_id=0, boundary=boundary, context_map='modality')
-  pixels = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3))
-  return pixels, b
+DEC, PEFT = VLM_DEC, VLM_PEFT
 
 
 def _model(**kw):
@@ -50,7 +28,7 @@ def _apply(model, v, pixels, b, **kw):
 
 @pytest.mark.parametrize('connector', [ConnectorConfig(), ConnectorConfig(kind='mlp', pre_norm=True)])
 def test_logits_equal_decoder_on_hand_spliced_embeddings(connector):
-  pixels, b = _batch()
+  pixels, b = vlm_batch()
   model = _model(connector_cfg=connector)
   v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
   got = _apply(model, v, pixels, b)
@@ -73,7 +51,7 @@ def test_logits_equal_decoder_on_hand_spliced_embeddings(connector):
 
 
 def test_boundary_tokens_are_spliced_and_trained():
-  pixels, b = _batch(boundary=True)
+  pixels, b = vlm_batch(boundary=True)
   model = _model(connector_cfg=ConnectorConfig(boundary_tokens=True))
   v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
   assert v['params']['connector']['boundary'].shape == (2, DEC.hidden_size)
@@ -83,7 +61,7 @@ def test_boundary_tokens_are_spliced_and_trained():
 
 
 def test_only_connector_and_adaptors_receive_gradients_by_default():
-  pixels, b = _batch()
+  pixels, b = vlm_batch()
   model = _model()
   v = model.init(jax.random.key(0), pixels, b['tokens'], b['kinds'], b['context_ids'])
   v['adaptors'] = jax.tree.map(lambda a: a + 0.1, v['adaptors'])  # B != 0 so A gets gradient
@@ -102,7 +80,7 @@ def test_only_connector_and_adaptors_receive_gradients_by_default():
 
 
 def test_layout_image_count_must_match_encoder():
-  pixels, _ = _batch()
+  pixels, _ = vlm_batch()
   b = layout.layout_captions([[5, 6]], num_image_tokens=3, seq_len=12, bos_id=1, eos_id=2,
                              pad_id=0, context_map='modality')
   model = _model()
