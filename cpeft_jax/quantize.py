@@ -266,10 +266,12 @@ def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str
   """`leaf_fn(path, array)` for checkpoints.load_decoder_params: quantizes each leaf as it is read.
 
   `prefix` places the checkpoint's paths inside the VLM's 'params' ('decoder/' for a decoder).
+  Each leaf is ready before the next is read: an asynchronous quantization would hold the
+  loader's full-precision tensor alive until it ran, so two could be alive at once.
   """
   def leaf_fn(path, x):
     q = quantize_leaf(x, prefix + path, qcfg)
-    return jnp.asarray(x) if q is x else q
+    return jax.block_until_ready(jnp.asarray(x) if q is x else q)
   return leaf_fn
 
 

@@ -110,7 +110,7 @@ def _check_accumulated_gradients(step, apply, trainable, frozen, batch, m1, m2):
     np.testing.assert_allclose(m['grad_norm'], (m1, m2)[k - 1]['grad_norm'], rtol=1e-6)
 
   def mean_loss(t):
-    s, n = step_lib.loss_sums(apply, state_lib.merge(t, frozen), batch, train=True,
+    s, n = losses.loss_sums(apply, trainable_lib.merge(t, frozen), batch, train=True,
                               rng=jax.random.key(0))
     return s / n
   want = jax.grad(mean_loss)(trainable)
