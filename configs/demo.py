@@ -64,7 +64,7 @@ def get_config(arg=None):
   if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
     c.peft.contexts = configlib.context_specs(a.specs)
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
-                 checkpoint_every=200)
+                 checkpoint_every=200, max_zero_grad_steps=20)
   c.eval = dict(batch_size=50, num_captions=3)  # captions the two-variant demo prints
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
                  total_steps=0, grad_clip_norm=1.0)

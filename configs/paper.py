@@ -76,7 +76,7 @@ def get_config(arg=None):
       lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   mode = {'none': 'connector', 'full': 'full'}.get(a.method, 'peft')
   c.train = dict(mode=mode, batch_size=96, epochs=8, micro_steps=1, log_every=100,
-                 checkpoint_every=1000)
+                 checkpoint_every=1000, max_zero_grad_steps=20)
   c.eval = dict(batch_size=96)
   c.optim = dict(learning_rate=1e-4, b1=0.9, b2=0.95, schedule='constant', warmup_steps=0,
                  total_steps=0, grad_clip_norm=0.0)

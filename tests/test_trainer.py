@@ -3,10 +3,12 @@ files, the adaptor-only export and the atomic best-weights swap."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -168,3 +170,110 @@ def test_per_context_specs_train_on_the_demo(tmp_path):
   assert np.any(b[:, 0, :2] != 0) and np.any(b[:, 1] != 0)  # both contexts trained
   bitfit = np.asarray(q['bitfit'])
   assert np.any(bitfit[:, 0] != 0) and np.all(bitfit[:, 1] == 0)
+
+
+def test_checkpoint_every_step_saves_each_step_once_and_resumes(tmp_path):
+  """checkpoint_every=1 saves the epoch's last step before validation and again after it (its
+  progress changed): the step is rewritten, not refused; a rerun of the finished run resumes."""
+  c = tiny(2, checkpoint_every=1)
+  c.data.data_dir = str(tmp_path / 'tfds')
+  out = trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert out['steps'] == 30  # 15 steps an epoch
+  from cpeft_jax.train import checkpointing
+  with checkpointing.manager(str(tmp_path / 'w' / 'checkpoints')) as mgr:
+    assert mgr.all_steps() == [29, 30]
+    meta = mgr.restore(30, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  assert meta['epoch'] == 2 and meta['batch'] == 0 and meta['best_val_loss'] == out['val_loss']
+  again = trainer.train_and_evaluate(c, str(tmp_path / 'w'))  # nothing left to train
+  assert again == out
+
+
+@pytest.mark.parametrize('lr, match', [
+    (float('inf'), 'trainable parameters are not finite after step 1'),
+    (1e6, r'gradient norm has been exactly 0 for 3 steps up to step \d+'),
+])
+def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path, lr, match):
+  """lr=inf makes the parameters non-finite while the loss of the step was finite; lr=1e6
+  saturates the softmax so that the gradients vanish. Either stops the run by name, and no
+  checkpoint holds a non-finite value."""
+  c = tiny(2, checkpoint_every=1, max_zero_grad_steps=3)
+  c.data.data_dir = str(tmp_path / 'tfds')
+  c.optim.update(learning_rate=lr, warmup_steps=0, grad_clip_norm=0.0)
+  with pytest.raises(FloatingPointError, match=match):
+    trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  from cpeft_jax.train import checkpointing
+  with checkpointing.manager(str(tmp_path / 'w' / 'checkpoints')) as mgr:
+    for step in mgr.all_steps():
+      tree = mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore()))['state']['trainable']
+      assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)), step
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  """A 2-epoch run that nothing interrupts: its metrics and best weights."""
+  d = tmp_path_factory.mktemp('straight')
+  c = tiny(2)
+  c.data.data_dir = str(d / 'tfds')
+  out = trainer.train_and_evaluate(c, str(d / 'w'))
+  return c, out, _logged(d / 'w'), _best(str(d / 'w'))
+
+
+def _logged(workdir):
+  """{step: loss} of the training lines and [val_loss] of the epochs, from metrics.jsonl."""
+  lines = [json.loads(l) for l in open(workdir / 'metrics.jsonl')]
+  return ({l['step']: l['loss'] for l in lines if 'loss' in l},
+          [l['val_loss'] for l in lines if 'val_loss' in l])
+
+
+# device_batch calls: 15 train steps an epoch, then 2 validation batches (8 images, 5 a batch).
+@pytest.mark.parametrize('signals, call', [
+    ((signal.SIGINT,), 7),  # mid-epoch
+    ((signal.SIGINT,), 15),  # on the epoch's last step
+    ((signal.SIGINT,), 16),  # during validation
+    ((signal.SIGINT, signal.SIGINT), 22),  # twice, the second while the first is handled
+    ((signal.SIGTERM,), 17),  # during validation's last batch
+], ids=['sigint-mid-epoch', 'sigint-last-step', 'sigint-validation', 'sigint-twice',
+        'sigterm-validation'])
+def test_interrupted_runs_resume_bit_identical(tmp_path, monkeypatch, uninterrupted, signals,
+                                               call):
+  """A signal at any point saves the state with its data position; the rerun finishes with the
+  losses, validation losses and best weights of the run nothing interrupted."""
+  c, want_out, (want_losses, want_vals), want_best = uninterrupted
+  c = ml_collections.ConfigDict(c.to_dict())
+  c.data.data_dir = str(tmp_path / 'tfds')
+  real, calls = experiment.device_batch, [0]
+
+  def signalling(exp, batch):
+    calls[0] += 1
+    if calls[0] == call:
+      for s in signals:
+        os.kill(os.getpid(), s)
+    return real(exp, batch)
+
+  monkeypatch.setattr(experiment, 'device_batch', signalling)
+  with pytest.raises(SystemExit, match=f'Stopped by signal {int(signals[0])}'):
+    trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  monkeypatch.setattr(experiment, 'device_batch', real)
+  out = trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  losses, vals = _logged(tmp_path / 'w')
+  assert out == want_out and losses == want_losses and vals == want_vals
+  jax.tree.map(np.testing.assert_array_equal, _best(str(tmp_path / 'w')), want_best)
+
+
+def test_best_versions_are_named_by_step(tmp_path):
+  """Every host names a best version alike (its step); a leftover unlinked version of the same
+  step is replaced, the linked one is kept, and only the linked version survives a save."""
+  from cpeft_jax.train import checkpointing
+  w = str(tmp_path)
+  one, two = {'a': np.ones((2, 3), np.float32)}, {'a': np.full((2, 3), 2.0, np.float32)}
+  checkpointing.save_best(w, one, {'step': 3, 'val_loss': 2.0})
+  assert sorted(os.listdir(tmp_path / 'best_versions')) == ['3']
+  os.makedirs(tmp_path / 'best_versions' / '5')  # a save cut off before its swap
+  checkpointing.save_best(w, two, {'step': 5, 'val_loss': 1.0})
+  assert os.readlink(tmp_path / 'best') == os.path.join('best_versions', '5')
+  np.testing.assert_array_equal(_best(w)['a'], two['a'])
+  checkpointing.save_best(w, one, {'step': 5, 'val_loss': 1.0})  # replayed: linked, kept
+  np.testing.assert_array_equal(_best(w)['a'], two['a'])
+  assert sorted(os.listdir(tmp_path / 'best_versions')) == ['5']
+  assert json.load(open(tmp_path / 'best.json')) == {'step': 5, 'val_loss': 1.0}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from typing import Any
 
 import jax
@@ -33,7 +32,15 @@ def _tree(state: TrainState) -> dict:
 
 
 def save(mgr: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
+  """Saves `state` with `meta` at its step. A step already saved with the same meta is left
+  alone; with other meta (the same state before and after its epoch's validation) it is
+  rewritten, so each step has one checkpoint, the latest word on it."""
   step = int(jax.device_get(state.step))
+  if step in mgr.all_steps():
+    saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    if dict(saved) == meta:
+      return
+    mgr.delete(step)
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_tree(state)),
                                          meta=ocp.args.JsonSave(meta)), force=True)
   mgr.wait_until_finished()
@@ -62,18 +69,23 @@ BEST = workdir_lib.BEST  # the best-validation trainable tree; DIR/best.json its
 def save_best(workdir: str, trainable, info: dict[str, Any]) -> str:
   """Saves the best-validation weights so that an interruption keeps the previous ones.
 
-  Each save is a new orbax directory `best_versions/<step>.<time>` (written under a temporary
-  name and renamed by orbax when complete); `best` is a symlink swapped onto it with an atomic
-  rename, then older versions are deleted. `best.json` is replaced atomically after the swap.
+  Each save is an orbax directory `best_versions/<step>` (written under a temporary name and
+  renamed by orbax when complete), named by the step alone so that every host of a multi-host
+  run writes the same one; `best` is a symlink swapped onto it with an atomic rename, then
+  older versions are deleted. `best.json` is replaced atomically after the swap. A rerun that
+  replays to a step whose version is already linked (a stop between this save and the state's)
+  keeps that version: exact resumption makes it the same weights.
   """
   workdir = os.path.abspath(workdir)
   versions = os.path.join(workdir, workdir_lib.BEST_VERSIONS)
   os.makedirs(versions, exist_ok=True)
-  name = f"{int(info['step'])}.{time.time_ns()}"  # never the linked version's name
+  name = str(int(info['step']))
   target = os.path.join(versions, name)
-  with ocp.StandardCheckpointer() as ckpt:  # every process joins an orbax save
-    ckpt.save(target, trainable)
   link = os.path.join(workdir, BEST)
+  linked = os.path.islink(link) and os.path.realpath(link) == os.path.realpath(target)
+  if not linked:
+    with ocp.StandardCheckpointer() as ckpt:  # every process joins an orbax save
+      ckpt.save(target, trainable, force=True)  # force: replaces an unlinked leftover
   if jax.process_index():
     return link
   if os.path.isdir(link) and not os.path.islink(link):  # a real directory from an older run

@@ -46,6 +46,27 @@ def host_metrics(m, step: int, rows=(), tasks=()) -> dict[str, float]:
   return out
 
 
+class ZeroGradients:
+  """Stops a run whose gradients have been exactly zero for `limit` steps in a row: the loss is
+  stuck (a saturated softmax after too large a learning rate, or nothing that trains)."""
+
+  def __init__(self, limit: int):
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+      raise ValueError(f'train.max_zero_grad_steps={limit!r}; expected an integer >= 1.')
+    self.limit, self.count, self.step = limit, 0, None
+
+  def update(self, step: int, m: dict[str, float]) -> None:
+    if step == self.step:  # the same step's metrics read twice (before a save and after)
+      return
+    self.step = step
+    self.count = self.count + 1 if m.get('grad_norm', 1.0) == 0.0 else 0
+    if self.count >= self.limit:
+      raise FloatingPointError(
+          f'The gradient norm has been exactly 0 for {self.count} steps up to step {step} (loss '
+          f'stuck at {m["loss"]:.4g}): training has diverged or saturated, most likely from too '
+          'large an optim.learning_rate; the last checkpoint holds the state before it.')
+
+
 class Writer:
   """Writes scalars per step to the console, `metrics.jsonl` and TensorBoard.
 

@@ -5,6 +5,12 @@ config asks for it), places it on the mesh and hands it to a `Trainer`, whose st
 with a `Progress` record (epoch, batch of that epoch, best validation loss) saved beside it, so
 a rerun resumes exactly: same data order and RNG. The loop dispatches step n+1 before it pulls
 step n's metrics to the host; all I/O lives here, none in the step.
+
+SIGTERM and SIGINT (Ctrl-C) only raise a flag, read between steps and between validation
+batches, where the state and its progress agree: that pair is saved and the run stops. A second
+signal changes nothing. Every save (periodic, epoch end, signal) goes through `Trainer.save`,
+which never writes non-finite parameters and rewrites a step already saved only when its
+progress differs (the same step before and after its epoch's validation).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 import tqdm
@@ -144,6 +151,7 @@ class Trainer:
     self.seq_tokens = config.train.batch_size * config.data.seq_len  # positions a step computes
     self.stop_signal = None
     self.last: dict[str, float] = {}
+    self.zero_grads = metrics.ZeroGradients(config.train.get('max_zero_grad_steps', 20))
 
   def resume(self) -> None:
     """Continues from the latest checkpoint in the workdir, if there is one."""
@@ -155,16 +163,39 @@ class Trainer:
                  self.progress.epoch, self.progress.batch)
 
   def save(self) -> None:
+    """Saves the state with its progress, unless its parameters are not all finite."""
+    step = int(jax.device_get(self.state.step))
+    if not bool(_all_finite(self.state.trainable)):
+      raise FloatingPointError(f'The trainable parameters are not finite after step {step} '
+                               '(nothing saved; the last checkpoint in the workdir holds the '
+                               'state before it): lower optim.learning_rate?')
     checkpointing.save(self.mgr, self.state, self.progress.as_meta())
 
   def _host_metrics(self, pending) -> dict[str, float]:
-    return metrics.host_metrics(jax.device_get(pending[1]), pending[0], self.rows, self.tasks)
+    m = metrics.host_metrics(jax.device_get(pending[1]), pending[0], self.rows, self.tasks)
+    self.zero_grads.update(pending[0], m)
+    return m
+
+  def _stop(self, signum, frame) -> None:
+    del frame
+    if self.stop_signal is None:
+      self.stop_signal = signum
+      logging.warning('Signal %d: saving at the next step boundary, then stopping.', signum)
+
+  def stop_here(self, where: str) -> None:
+    """After a signal: saves the state and its progress as they are now, then exits."""
+    if self.stop_signal is None:
+      return
+    self.save()
+    raise SystemExit(f'Stopped by signal {self.stop_signal} {where}; checkpoint saved, rerun '
+                     'the same command to resume.')
 
   def train_epoch(self, epoch: int) -> None:
     """The rest of epoch `epoch` from the progress's batch; saves every train.checkpoint_every
-    steps and, after a SIGTERM, saves and stops."""
+    steps and, after a signal, saves and stops."""
     c, p, per_epoch = self.config, self.progress, self.steps_per_epoch
-    pending, t0, n0 = None, time.time(), p.batch
+    self.stop_here(f'at step {int(jax.device_get(self.state.step))}')
+    pending, clock = None, (time.time(), p.batch)
     bar = tqdm.tqdm(total=per_epoch, initial=p.batch, disable=not self.lead,
                     desc=f'epoch {epoch + 1}/{c.train.epochs}', unit='step',
                     dynamic_ncols=True, leave=False, mininterval=1.0)
@@ -176,32 +207,39 @@ class Trainer:
         self.last = self._host_metrics(pending)
         bar.update(1)
         bar.set_postfix(loss=f'{self.last["loss"]:.3f}', refresh=False)
-        if pending[0] % c.train.log_every == 0:
-          dt = max(time.time() - t0, 1e-9) / max(k - n0, 1)
-          self.writer.write(pending[0], {**self.last,
-                                         **metrics.rates(self.last, dt, self.seq_tokens),
-                                         'learning_rate': float(self.lr_at(pending[0] - 1))})
-          t0, n0 = time.time(), k
+        clock = self._log_step(pending[0], k, clock)
       pending = (int(epoch * per_epoch + k + 1), m)
       p.epoch, p.batch = epoch, k + 1
       if self.stop_signal is not None or (c.train.checkpoint_every and
                                           pending[0] % c.train.checkpoint_every == 0):
         self.last = self._host_metrics(pending)  # never save a NaN state
+        if self.stop_signal is not None and k + 1 < per_epoch:
+          self._log_step(pending[0], k + 1, clock)  # as the next step would have logged it
+        self.stop_here(f'at step {pending[0]}')
         self.save()
-        if self.stop_signal is not None:
-          raise SystemExit(f'Stopped by signal {self.stop_signal} at step {pending[0]}; '
-                           'checkpoint saved, rerun the same command to resume.')
     if pending is not None:
       self.last = self._host_metrics(pending)
       bar.update(1)
     bar.close()
 
+  def _log_step(self, step: int, k: int, clock):
+    """Writes step `step`'s metrics every train.log_every steps; `clock` is (time, batch) of
+    the last line, `k` the batch now; returns the new clock."""
+    if step % self.config.train.log_every:
+      return clock
+    dt = max(time.time() - clock[0], 1e-9) / max(k - clock[1], 1)
+    self.writer.write(step, {**self.last, **metrics.rates(self.last, dt, self.seq_tokens),
+                             'learning_rate': float(self.lr_at(step - 1))})
+    return time.time(), k
+
   def validate_and_keep_best(self, epoch: int) -> None:
     """Validation loss after epoch `epoch`; the best weights so far go to DIR/best, then the
     state is saved at the start of the next epoch."""
     p = self.progress
+    self.stop_here(f'before the validation of epoch {epoch + 1}')
     val_loss, val_ppl = perplexity.mean_loss(
-        self.eval_data, functools.partial(self.eval_fn, self.state.trainable, self.frozen),
+        _Interruptible(self.eval_data, self), functools.partial(
+            self.eval_fn, self.state.trainable, self.frozen),
         functools.partial(experiment.device_batch, self.exp))
     step = int(jax.device_get(self.state.step))
     self.writer.write(step, {'epoch': epoch + 1, 'train_loss': self.last.get('loss', float('nan')),
@@ -214,17 +252,15 @@ class Trainer:
     self.save()
 
   def fit(self) -> None:
-    """Every remaining epoch; SIGTERM saves and stops at the next step, Ctrl-C saves at once."""
-    old = signal.signal(signal.SIGTERM, lambda s, f: setattr(self, 'stop_signal', s))
+    """Every remaining epoch; SIGTERM or Ctrl-C saves at the next step boundary and stops."""
+    old = {s: signal.signal(s, self._stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
       for epoch in range(self.progress.epoch, self.config.train.epochs):
         self.train_epoch(epoch)
         self.validate_and_keep_best(epoch)
-    except KeyboardInterrupt:
-      self.save()
-      raise
     finally:
-      signal.signal(signal.SIGTERM, old)
+      for s, handler in old.items():
+        signal.signal(s, handler)
       self.writer.close()
 
   def finish(self) -> dict[str, float]:
@@ -246,6 +282,23 @@ class Trainer:
     return {'val_loss': best,
             'val_ppl': losses.perplexity(best) if best is not None else float('nan'),
             'steps': int(jax.device_get(self.state.step))}
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+@dataclasses.dataclass
+class _Interruptible:
+  """Validation batches that stop (saving the state after the epoch's last step) on a signal."""
+  data: Any
+  trainer: Trainer
+
+  def epoch(self, epoch: int, start: int = 0):
+    for batch in self.data.epoch(epoch, start=start):
+      self.trainer.stop_here('during validation')
+      yield batch
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
