@@ -199,23 +199,13 @@ def check_base_saved(config, workdir):
                             "captions, the demo's pre-trained base decoder).")
 
 
-def _dotted(d, prefix=''):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_dotted(v, f'{prefix}{k}.'))
-    else:
-      out[f'{prefix}{k}'] = v
-  return out
-
-
 def config_note(config, workdir, config_name) -> str:
   """The model-shaping entries where the workdir's config.json and `config` disagree."""
   path = os.path.join(workdir, workdir_lib.CONFIG)
   if not os.path.isfile(path):
     return ''
-  saved = _dotted(read_json(path))
-  given = _dotted(json.loads(config.to_json_best_effort()))
+  saved = trees.flatten(read_json(path), sep='.')
+  given = trees.flatten(json.loads(config.to_json_best_effort()), sep='.')
   keys = sorted(k for k in saved.keys() | given.keys()
                 if any(k == m or k.startswith(m + '.') for m in SHAPING_KEYS))
   diffs = [f'{k}={saved.get(k, "(absent)")!r} vs {given.get(k, "(absent)")!r}' for k in keys
