@@ -114,7 +114,7 @@ def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the giv
                       note: str = ''):
   """The checkpoint's trainable tree, placed as `abstract`; it must match in shapes first."""
   if ckpt.kind == 'latest':
-    with manager(ckpt.path) as mgr:
+    with steps_reader(ckpt.path) as mgr:
       saved = mgr.item_metadata(ckpt.step)['state']['trainable']
       _check_fits(saved, abstract, f'step {ckpt.step} of {ckpt.path}', config_name, note)
       # Only the trainable tree: evaluation needs neither the optimizer state nor its config.
@@ -131,7 +131,7 @@ def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the giv
 def read_trainable(ckpt: Checkpoint):
   """The checkpoint's trainable tree as saved (host arrays), with no model to fit."""
   if ckpt.kind == 'latest':
-    with manager(ckpt.path) as mgr:
+    with steps_reader(ckpt.path) as mgr:
       out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return out['state']['trainable']
   with ocp.StandardCheckpointer() as reader:
@@ -145,7 +145,7 @@ def _check_fits(saved, wanted, where: str, config_name: str, note: str):
       hint='different methods, ranks, contexts or targets?', note=note, error=CheckpointMismatch)
 
 
-def manager(directory: str) -> ocp.CheckpointManager:
+def steps_reader(directory: str) -> ocp.CheckpointManager:
   """A reader of DIR/checkpoints whose 'state' can be restored in part."""
   return ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(create=False),
@@ -171,7 +171,7 @@ def saved_tree(path: str):
 def latest_step(directory: str) -> int | None:
   if not os.path.isdir(directory):
     return None
-  with manager(directory) as mgr:
+  with steps_reader(directory) as mgr:
     return mgr.latest_step()
 
 
