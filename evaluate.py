@@ -67,8 +67,10 @@ def main(argv):
     return
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
+  from cpeft_jax import schema
   from cpeft_jax.data import pipeline
   from cpeft_jax.evaluation import captioning
+  schema.check(FLAGS.config)
   if FLAGS.heatmaps < 0 or (FLAGS.heatmaps and not FLAGS.captions):
     raise app.UsageError(f'--heatmaps={FLAGS.heatmaps}: expected a count >= 0, and heatmaps '
                          'are drawn for generated captions (not with --nocaptions).')
@@ -97,5 +99,12 @@ def main(argv):
   compare.write(workdirs, output=os.path.join(FLAGS.workdir, 'comparison.md'))
 
 
+def _main(argv):
+  from cpeft_jax import schema
+  with schema.exit_on_config_error():
+    main(argv)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  from cpeft_jax import schema
+  app.run(_main, flags_parser=schema.parse_flags)

@@ -63,18 +63,21 @@ def main(argv):
     with FLAGS.config.unlocked():
       FLAGS.config.mesh = _parse_mesh(FLAGS.mesh)
   import jax
-  from cpeft_jax import sharding
-  sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
-  if FLAGS.config.get('variants'):  # the two-variant demo: stage 0, then one run per variant
-    from cpeft_jax import demo
-    demo.run(FLAGS.config, FLAGS.workdir)
-    return
-  from cpeft_jax.train import trainer
-  result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from cpeft_jax import schema, sharding
+  with schema.exit_on_config_error():
+    sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
+    schema.check(FLAGS.config)
+    if FLAGS.config.get('variants'):  # the two-variant demo: stage 0, then one run per variant
+      from cpeft_jax import demo
+      demo.run(FLAGS.config, FLAGS.workdir)
+      return
+    from cpeft_jax.train import trainer
+    result = trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   logging.info('done: %s', result)
   print(f"best validation loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.3f} "
         f"after {result['steps']} steps; workdir {FLAGS.workdir}")
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from cpeft_jax import schema
+  app.run(main, flags_parser=schema.parse_flags)

@@ -64,8 +64,11 @@ def get_config(arg=None):
   if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
     c.peft.contexts = configlib.context_specs(a.specs)
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
-                 checkpoint_every=200, max_zero_grad_steps=20)
-  c.eval = dict(batch_size=50, num_captions=3)  # captions the two-variant demo prints
-  c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, schedule='cosine', warmup_steps=50,
-                 total_steps=0, grad_clip_norm=1.0)
+                 checkpoint_every=200, max_zero_grad_steps=20,
+                 export=True,  # DIR/export: the adaptor-only copy of the best weights
+                 freeze_connector=False, freeze_contexts=())
+  c.eval = dict(batch_size=50, num_captions=3,  # captions the two-variant demo prints
+                num_beams=1, max_new_tokens=0)  # 0: as many tokens as a training row holds
+  c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+                 schedule='cosine', warmup_steps=50, total_steps=0, grad_clip_norm=1.0)
   return c

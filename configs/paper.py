@@ -76,10 +76,12 @@ def get_config(arg=None):
       lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   mode = {'none': 'connector', 'full': 'full'}.get(a.method, 'peft')
   c.train = dict(mode=mode, batch_size=96, epochs=8, micro_steps=1, log_every=100,
-                 checkpoint_every=1000, max_zero_grad_steps=20)
-  c.eval = dict(batch_size=96)
-  c.optim = dict(learning_rate=1e-4, b1=0.9, b2=0.95, schedule='constant', warmup_steps=0,
-                 total_steps=0, grad_clip_norm=0.0)
+                 checkpoint_every=1000, max_zero_grad_steps=20,
+                 export=True,  # DIR/export: the adaptor-only copy of the best weights
+                 freeze_connector=False, freeze_contexts=())
+  c.eval = dict(batch_size=96, num_beams=1, max_new_tokens=0)
+  c.optim = dict(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
+                 schedule='constant', warmup_steps=0, total_steps=0, grad_clip_norm=0.0)
   return c
 
 

@@ -3,9 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; `problems` lists each as 'key=value: expected ...'.
+
+  Raised by `schema.check` before any work, and by the few checks that need what the config
+  builds (a schedule against the run's length, a rank against a checkpoint's widths); the
+  command lines print it without a traceback.
+  """
+
+  def __init__(self, problems: str | Sequence[str]):
+    self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+    head = 'Config error' if len(self.problems) == 1 else f'{len(self.problems)} config errors'
+    super().__init__(head + ':\n  ' + '\n  '.join(self.problems))
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, contexts, experiment, runs
+from cpeft_jax import checkpoints, contexts, experiment, runs, schema
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
@@ -41,23 +41,6 @@ def variant_config(config: ml_collections.ConfigDict, workdir: str,
                     feature_layer=-1, drop_cls=True)
     c.text_model = os.path.join(workdir, workdir_lib.BASE_LM)
   return c
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Refuses a bad demo config before any stage runs (names the bad value)."""
-  variants = config.get('variants')
-  if not variants or isinstance(variants, str) or len(set(variants)) != len(variants):
-    raise ValueError(f'variants={variants!r}; expected a tuple of distinct context maps, e.g. '
-                     f"('agnostic', 'modality').")
-  for v in variants:
-    if not isinstance(v, str) or v not in contexts.PRESETS:
-      raise ValueError(f'variants holds {v!r}; expected context presets among '
-                       f'{list(contexts.PRESETS)}.')
-  if config.vision.get('kind') == 'hf' or config.text_model:
-    raise ValueError('The two-variant demo pre-trains its own base models (stage 0); it takes '
-                     "neither vision.kind='hf' nor text_model. Give a contexts=... argument for "
-                     'a single run on other checkpoints.')
-  experiment.peft_config(config)  # unknown methods, bad ranks: before the minutes of stage 0
 
 
 def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
@@ -99,7 +82,9 @@ def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   """Stage 0 once, then every variant; prints and returns {variant: result}."""
-  validate(config)
+  schema.check(config)  # the demo config and each variant's, before any stage runs
+  for variant in config.variants:
+    schema.check(variant_config(config, workdir, variant))
   os.makedirs(workdir, exist_ok=True)
   stage0(config, workdir)
   results = {}

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cpeft_jax import (adaptors, catalog, checkpoints, plugins, quantize, sharding, trees,
-                       workdir as workdir_lib)
+from cpeft_jax import (adaptors, catalog, checkpoints, configlib, plugins, quantize, sharding,
+                       trees, workdir as workdir_lib)
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import pipeline, preprocess, sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
@@ -283,23 +283,27 @@ def vision_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def check_lora_rank(dec_cfg, peft):
-  """Refuses a LoRA rank above min(d_in, d_out) of a projection it adapts (the model's width).
+  """Refuses a LoRA rank (any context's) above min(d_in, d_out) of a projection it adapts.
 
   Such a rank adds parameters that cannot raise the update's rank; it is a config mistake.
   Checked on shapes only (jax.eval_shape), before any weights load.
   """
-  if 'lora' not in peft.methods:
+  ranks = {c: s.rank for c, s in enumerate(peft.specs) if s.methods and s.low_rank}
+  if not ranks:
     return
   flat = trees.flatten(jax.eval_shape(lambda: init_adaptors(dec_cfg, peft)))
   for path, a in flat.items():
     if not path.endswith('/lora_a'):
       continue
     d_in, d_out = a.shape[-2], flat[path[:-1] + 'b'].shape[-1]
-    if peft.lora.rank > min(d_in, d_out):
-      name = path.removesuffix('/lora_a').removeprefix('decoder/')
-      raise ValueError(f'peft.lora.rank={peft.lora.rank} is larger than the adapted projection '
-                       f'{name} ({d_in} -> {d_out}) of the decoder (hidden_size='
-                       f'{dec_cfg.hidden_size}); expected a rank <= {min(d_in, d_out)}.')
+    for c, rank in ranks.items():
+      if rank > min(d_in, d_out):
+        name = path.removesuffix('/lora_a').removeprefix('decoder/')
+        key = f'peft.contexts[{c}].rank' if peft.contexts is not None else 'peft.lora.rank'
+        raise configlib.ConfigError(
+            f'{key}={rank} is larger than the adapted projection {name} ({d_in} -> {d_out}) of '
+            f'the decoder (hidden_size={dec_cfg.hidden_size}); expected a rank <= '
+            f'{min(d_in, d_out)}.')
 
 
 def normalisation(directory, mean, std):
@@ -322,10 +326,24 @@ def dummy_kinds(N, L):
 
 
 def device_batch(exp: Experiment, batch):
-  """Global arrays split over ('data', 'fsdp') from each host's rows of the batch."""
+  """Global arrays split over ('data', 'fsdp') from each host's rows of the batch.
+
+  A context id outside [0, peft.num_contexts) is an error here: inside the jitted step it
+  would select no adaptor group and the token would silently see the frozen base.
+  """
+  check_context_ids(batch['context_ids'], exp.model.peft.num_contexts)
   s = sharding.batch_sharding(exp.mesh)
   return {k: jax.make_array_from_process_local_data(s, np.asarray(batch[k]))
           for k in BATCH_KEYS + ('tasks',) if k in batch}
+
+
+def check_context_ids(ids, num_contexts: int) -> None:
+  ids = np.asarray(ids)
+  if ids.size and (ids.min() < 0 or ids.max() >= num_contexts):
+    bad = sorted({int(i) for i in np.unique(ids) if not 0 <= i < num_contexts})
+    raise ValueError(f'A batch has context ids {bad}, outside [0, {num_contexts}) of '
+                     f'peft.num_contexts={num_contexts}: data.context_map, its rules or '
+                     'data.invocations give ids the model has no adaptor group for.')
 
 
 def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> sources.Split:

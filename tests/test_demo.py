@@ -349,7 +349,7 @@ def test_demo_rerun_skips_finished_stages(two_variants):
 
 @pytest.mark.parametrize('change, match', [
     (lambda c: c.update(variants=('agnostic', 'agnostic')), 'distinct context maps'),
-    (lambda c: c.update(variants=('modality', 'task')), "variants holds 'task'"),
+    (lambda c: c.update(variants=('modality', 'task')), r"\['task'\] are not presets"),
     (lambda c: c.peft.update(methods=('dora9',)), "Unknown PEFT method 'dora9'"),
     (lambda c: c.update(text_model='/some/llama'), 'pre-trains its own base models'),
 ])

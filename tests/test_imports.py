@@ -21,7 +21,7 @@ LAYERS = {
     'cpeft_jax.catalog': 5, 'cpeft_jax.plugins': 5, 'cpeft_jax.trainable': 5,
     'cpeft_jax.losses': 6,
     'cpeft_jax.experiment': 7,
-    'cpeft_jax.params': 8, 'cpeft_jax.runs': 8,
+    'cpeft_jax.params': 8, 'cpeft_jax.runs': 8, 'cpeft_jax.schema': 8,
     'cpeft_jax.evaluation': 9, 'cpeft_jax.interop': 9,
     'cpeft_jax.train': 10,
     'cpeft_jax.demo': 11, 'cpeft_jax.plugins.__main__': 11,

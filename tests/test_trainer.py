@@ -189,11 +189,11 @@ def test_checkpoint_every_step_saves_each_step_once_and_resumes(tmp_path):
 
 
 @pytest.mark.parametrize('lr, match', [
-    (float('inf'), 'trainable parameters are not finite after step 1'),
+    (1e30, r'Loss is nan at step \d+|trainable parameters are not finite'),
     (1e6, r'gradient norm has been exactly 0 for 3 steps up to step \d+'),
 ])
 def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path, lr, match):
-  """lr=inf makes the parameters non-finite while the loss of the step was finite; lr=1e6
+  """lr=1e30 makes the parameters overflow (an infinite lr is a config error now); lr=1e6
   saturates the softmax so that the gradients vanish. Either stops the run by name, and no
   checkpoint holds a non-finite value."""
   c = tiny(2, checkpoint_every=1, max_zero_grad_steps=3)
@@ -207,6 +207,21 @@ def test_divergence_stops_without_a_non_finite_checkpoint(tmp_path, lr, match):
       tree = mgr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore()))['state']['trainable']
       assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)), step
+
+
+def test_divergence_names_a_stuck_or_exploding_loss():
+  from cpeft_jax.train import metrics
+  watch = metrics.Divergence(limit=3, vocab_size=100)  # exploding above 2 ln(100) = 9.21
+  for step, loss in enumerate([12.0, 12.0, 3.0, 12.0, 12.0, 12.0, 12.0], 1):
+    watch.update(step, {'loss': loss, 'grad_norm': 1.0})
+  with pytest.raises(FloatingPointError, match=r'above 9.21 .* for 5 steps up to step 8'):
+    watch.update(8, {'loss': 9.3, 'grad_norm': 1.0})
+  watch = metrics.Divergence(limit=3, vocab_size=100)
+  watch.update(1, {'loss': 4.6, 'grad_norm': 0.0})
+  watch.update(1, {'loss': 4.6, 'grad_norm': 0.0})  # the same step read twice counts once
+  watch.update(2, {'loss': 4.6, 'grad_norm': 0.0})
+  with pytest.raises(FloatingPointError, match='exactly 0 for 3 steps up to step 3'):
+    watch.update(3, {'loss': 4.6, 'grad_norm': 0.0})
 
 
 @pytest.fixture(scope='module')

@@ -46,25 +46,42 @@ def host_metrics(m, step: int, rows=(), tasks=()) -> dict[str, float]:
   return out
 
 
-class ZeroGradients:
-  """Stops a run whose gradients have been exactly zero for `limit` steps in a row: the loss is
-  stuck (a saturated softmax after too large a learning rate, or nothing that trains)."""
+class Divergence:
+  """Stops a run that has diverged, naming the likely cause:
 
-  def __init__(self, limit: int):
+  - gradients exactly zero for `limit` steps in a row: the loss is stuck (a saturated softmax
+    after too large a learning rate, or nothing that trains);
+  - the loss above twice ln(vocab_size), worse than guessing every token uniformly twice over,
+    for `EXPLODING_STEPS` steps in a row: it is exploding.
+
+  A non-finite loss stops the run at once (`host_metrics`).
+  """
+
+  EXPLODING_STEPS = 5
+
+  def __init__(self, limit: int, vocab_size: int):
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
       raise ValueError(f'train.max_zero_grad_steps={limit!r}; expected an integer >= 1.')
-    self.limit, self.count, self.step = limit, 0, None
+    self.limit, self.ceiling = limit, 2 * math.log(max(vocab_size, 2))
+    self.zero, self.high, self.step = 0, 0, None
 
   def update(self, step: int, m: dict[str, float]) -> None:
     if step == self.step:  # the same step's metrics read twice (before a save and after)
       return
     self.step = step
-    self.count = self.count + 1 if m.get('grad_norm', 1.0) == 0.0 else 0
-    if self.count >= self.limit:
+    self.zero = self.zero + 1 if m.get('grad_norm', 1.0) == 0.0 else 0
+    self.high = self.high + 1 if m['loss'] > self.ceiling else 0
+    if self.zero >= self.limit:
       raise FloatingPointError(
-          f'The gradient norm has been exactly 0 for {self.count} steps up to step {step} (loss '
+          f'The gradient norm has been exactly 0 for {self.zero} steps up to step {step} (loss '
           f'stuck at {m["loss"]:.4g}): training has diverged or saturated, most likely from too '
           'large an optim.learning_rate; the last checkpoint holds the state before it.')
+    if self.high >= self.EXPLODING_STEPS:
+      raise FloatingPointError(
+          f'The loss has been above {self.ceiling:.4g} (twice ln(vocab_size)) for {self.high} '
+          f'steps up to step {step} ({m["loss"]:.4g}): training is diverging, most likely from '
+          'too large an optim.learning_rate (or no optim.grad_clip_norm); the last checkpoint '
+          'holds the state before it.')
 
 
 class Writer:

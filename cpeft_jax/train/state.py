@@ -34,12 +34,15 @@ class OptimConfig:
 
   def __post_init__(self):
     if self.schedule not in SCHEDULES:
-      raise ValueError(f'optim.schedule={self.schedule!r}; expected one of {SCHEDULES}.')
+      raise configlib.ConfigError(f'optim.schedule={self.schedule!r}; expected one of '
+                                  f'{SCHEDULES}.')
     if self.schedule != 'constant' and self.total_steps <= self.warmup_steps:
-      raise ValueError(f'optim.schedule={self.schedule!r} needs optim.total_steps '
-                       f'({self.total_steps}) > optim.warmup_steps ({self.warmup_steps}).')
+      raise configlib.ConfigError(
+          f'optim.schedule={self.schedule!r} needs optim.total_steps ({self.total_steps}; 0 in '
+          'a config: the run\'s train.epochs x batches per epoch) > optim.warmup_steps '
+          f'({self.warmup_steps}).')
     if not self.learning_rate > 0:
-      raise ValueError(f'optim.learning_rate must be > 0, got {self.learning_rate}.')
+      raise configlib.ConfigError(f'optim.learning_rate must be > 0, got {self.learning_rate}.')
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> OptimConfig:

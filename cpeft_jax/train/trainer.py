@@ -29,7 +29,7 @@ import ml_collections
 import optax
 import tqdm
 
-from cpeft_jax import experiment, losses, params, plugins, runs, sharding
+from cpeft_jax import experiment, losses, params, plugins, runs, schema, sharding
 from cpeft_jax import adaptors
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
@@ -151,7 +151,8 @@ class Trainer:
     self.seq_tokens = config.train.batch_size * config.data.seq_len  # positions a step computes
     self.stop_signal = None
     self.last: dict[str, float] = {}
-    self.zero_grads = metrics.ZeroGradients(config.train.get('max_zero_grad_steps', 20))
+    self.divergence = metrics.Divergence(config.train.get('max_zero_grad_steps', 20),
+                                         exp.model.decoder_cfg.vocab_size)
 
   def resume(self) -> None:
     """Continues from the latest checkpoint in the workdir, if there is one."""
@@ -173,7 +174,7 @@ class Trainer:
 
   def _host_metrics(self, pending) -> dict[str, float]:
     m = metrics.host_metrics(jax.device_get(pending[1]), pending[0], self.rows, self.tasks)
-    self.zero_grads.update(pending[0], m)
+    self.divergence.update(pending[0], m)
     return m
 
   def _stop(self, signum, frame) -> None:
@@ -303,6 +304,7 @@ class _Interruptible:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains; returns the final metrics. Resumes from the latest checkpoint in `workdir`."""
+  schema.check(config)  # every key known, typed and in range, before any work
   experiment.make_mesh(config)  # a bad mesh, batch size or partition rule fails before any work
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
