@@ -44,6 +44,10 @@ def get_config(arg=None):
   # training captions and saves it as a Hugging Face checkpoint (workdir/base_lm), which is
   # then loaded frozen. Set text_model to a checkpoint directory or hub id to skip it.
   c.text_model = ''
+  # Checkpoint tensors (fnmatch patterns of their names, e.g. ('lm_head.weight',) for a new
+  # head) allowed to be missing from the loaded base models, which then keep their random init
+  # with a warning; anything else missing from, or unused in, a checkpoint is an error.
+  c.partial_load = ()
   c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3,
                     # The two-variant demo's vision tower: a tiny CLIP trained on scene labels.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,

@@ -64,6 +64,9 @@ def get_config(arg=None):
   c.text_model = a.text_model
   c.vision = dict(kind='hf', path=ENCODERS.get(a.encoder, a.encoder), feature_layer=-1,
                   drop_cls=True, dtype='bfloat16')  # frozen: weights and compute in bf16
+  # Checkpoint tensors (fnmatch patterns of their names) allowed to be missing from text_model
+  # and the encoder, which then keep their random init; anything else missing is an error.
+  c.partial_load = ()
   # text_model's config.json decides the decoder's shape; these set its numerics. Mixed
   # precision: bf16 compute, float32 weights (adaptor tables and connector are float32 too).
   c.model = dict(dtype='bfloat16', param_dtype='float32', residual_dropout=0.1,

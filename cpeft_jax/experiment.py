@@ -157,6 +157,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split, *,
   variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
   if text_dir:
     loaded['decoder'], _ = checkpoints.load_decoder_params(text_dir, dec_cfg,
+                                                   partial_load=config.get('partial_load', ()),
                                                    leaf_fn=quantize.leaf_quantizer(qcfg))
   variables['params'].update(loaded)
   if plugged:
@@ -185,6 +186,7 @@ def _encoder(config, qcfg):
   encoder, params = checkpoints.load_vision(
       directory, dtype=vision.get('dtype', 'float32'),
       feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True),
+      partial_load=config.get('partial_load', ()),
       leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/'))  # quantized as each tensor loads
   mean, std = normalisation(directory, mean, std)
   return encoder, params, mean, std

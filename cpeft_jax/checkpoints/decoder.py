@@ -2,10 +2,12 @@
 
 config.json's model_type picks the name map (Llama, Mistral and Qwen2 share Llama's; GPT-2;
 OPT), which says which checkpoint tensor, or `Split`/`Concat` piece of tensors, fills each leaf.
-Per-layer tensors go straight into the stacked [layers, ...] leaves of 'params'. Missing tensors
-are freshly initialised and reported, unexpected ones reported, and `strict=True` turns either
-into an error. Adaptor tables always start fresh (models.decoders.init_adaptors). Locating,
-reading, planning and filling are io.py's; the writers that invert these maps are hf_save.py's.
+Per-layer tensors go straight into the stacked [layers, ...] leaves of 'params'. A missing
+tensor is an error naming the file unless `partial_load` allows it (it is then freshly
+initialised, with a warning); so is an unexpected one, except known buffers (`ignore`) and the
+stored copy of tied embeddings. Adaptor tables always start fresh (models.decoders.init_adaptors).
+Locating, reading, planning and filling are io.py's; the writers that invert these maps are
+hf_save.py's.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import jax.numpy as jnp
 from cpeft_jax import trees
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.checkpoints.io import (CONFIG, CONV1D, EMBED, FLAX_LAYOUT, LINEAR, TORCH_LAYOUT,
-                                      VECTOR, Arrays, Concat, LoadReport, Split, Views, dense,
-                                      fill_leaves, layer_norm, log_report, open_weights,
+                                      VECTOR, Arrays, Concat, LoadReport, Split, Views,
+                                      check_report, dense, fill_leaves, layer_norm, open_weights,
                                       plan_leaves, read_config, resolve)
 from cpeft_jax.models import hf_configs
 from cpeft_jax.models.decoders import init_adaptors, make_decoder
@@ -64,7 +66,8 @@ LLAMA = DecoderNames(
         'layers/mlp/gate_up_proj/kernel': (Concat((_LAYER + 'mlp.gate_proj.weight',
                                                    _LAYER + 'mlp.up_proj.weight')), LINEAR),
     },
-    ignore=(r'model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq',),  # older PyTorch buffers
+    # RoPE buffers of older transformers, with or without the base model's prefix.
+    ignore=(r'(model\.)?(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq',),
     tied_copies=('lm_head.weight',))
 
 _H = 'transformer.h.{layer}.'
@@ -121,43 +124,50 @@ class Pretrained(NamedTuple):
 
 
 def load_decoder(path_or_id: str | os.PathLike, peft: PeftConfig | None = None,
-                 dtype: str = 'float32', *, strict: bool = False, seed: int = 0,
+                 dtype: str = 'float32', *, partial_load=(), strict: bool = True, seed: int = 0,
                  revision: str | None = None, cache_dir: str | os.PathLike | None = None,
                  **overrides) -> Pretrained:
   """A pre-trained decoder: (config, params in `dtype`, fresh adaptor tables, load report).
 
   `dtype` is that of the frozen weights and of the computation; `overrides` set other
   `DecoderConfig` fields (e.g. dtype='bfloat16' with param_dtype='float32', remat=True).
+  `partial_load`: fnmatch patterns of checkpoint tensor names allowed to be missing (e.g.
+  ('lm_head.weight',) for a new head); `strict=False` only warns of any mismatch.
   """
   directory = resolve(path_or_id, revision=revision, cache_dir=cache_dir)
-  cfg = hf_configs.decoder_config(read_config(directory),
-                                  **{'dtype': dtype, 'param_dtype': dtype, **overrides})
-  params, report = load_decoder_params(directory, cfg, strict=strict, seed=seed)
+  hf = read_config(directory)
+  try:
+    cfg = hf_configs.decoder_config(hf, **{'dtype': dtype, 'param_dtype': dtype, **overrides})
+  except ValueError as e:
+    raise ValueError(f'{directory / CONFIG}: {e}') from e
+  params, report = load_decoder_params(directory, cfg, partial_load=partial_load, strict=strict,
+                                       seed=seed)
   return Pretrained(cfg, params, init_adaptors(cfg, peft, seed), report)
 
 
-def load_decoder_params(path: str | os.PathLike, cfg: DecoderConfig, *, strict: bool = False,
-                        seed: int = 0, leaf_fn: Callable | None = None
+def load_decoder_params(path: str | os.PathLike, cfg: DecoderConfig, *, partial_load=(),
+                        strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None
                         ) -> tuple[dict, LoadReport]:
   """The 'params' tree of `cfg` (in cfg.param_dtype) from a checkpoint directory or cached id.
 
   `leaf_fn(path, array)`, if given, transforms each leaf as soon as it is filled (e.g.
   cpeft_jax.quantize.leaf_quantizer), so the whole tree never exists untransformed.
+  `partial_load` and `strict` are as in `load_decoder`.
   """
   directory = resolve(path)
   model_type = read_config(directory).get('model_type')
   names = _name_map(model_type, cfg, f'{directory / CONFIG} has model_type')
-  return _assemble_decoder(open_weights(directory), cfg, names, strict, seed, str(directory),
+  return _assemble_decoder(open_weights(directory), cfg, names, partial_load, strict, seed,
                            leaf_fn)
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], cfg: DecoderConfig, *,
-                           model_type: str = 'llama', strict: bool = False,
+                           model_type: str = 'llama', partial_load=(), strict: bool = True,
                            seed: int = 0) -> tuple[dict, LoadReport]:
   """The 'params' tree from an in-memory PyTorch state dict (numpy-convertible tensors)."""
   names = _name_map(model_type, cfg, 'model_type')
-  return _assemble_decoder(Arrays(state_dict, torch_layout=True), cfg, names, strict, seed,
-                           'the state dict')
+  return _assemble_decoder(Arrays(state_dict, torch_layout=True), cfg, names, partial_load,
+                           strict, seed)
 
 
 def _name_map(model_type, cfg: DecoderConfig, what: str) -> DecoderNames:
@@ -172,8 +182,10 @@ def _name_map(model_type, cfg: DecoderConfig, what: str) -> DecoderNames:
 # ----------------------------------------------------------------------------- assembling
 
 
-def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, strict: bool, seed: int,
-                      where: str, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, partial_load,
+                      strict: bool, seed: int, leaf_fn: Callable | None = None
+                      ) -> tuple[dict, LoadReport]:
+  where = source.where
   model = make_decoder(cfg)
   tokens = jnp.zeros((1, 1), jnp.int32)
   init = lambda key: model.init(key, tokens)['params']
@@ -220,6 +232,6 @@ def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, strict: b
     skip += [re.compile(re.escape(lookup(n, LINEAR))) for n in names.tied_copies]
   unexpected = sorted(k for k in keys - used if not any(p.fullmatch(k) for p in skip))
   report = LoadReport(tuple(missing), tuple(unexpected))
-  log_report(report, where, strict)
+  check_report(report, where, partial_load, strict, what='decoder')
   return fill_leaves(plan, shapes, views, layout, init, seed, cfg.param_dtype, where,
                      leaf_fn), report

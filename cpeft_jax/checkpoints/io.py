@@ -9,11 +9,18 @@ one at a time; `plan_leaves` checks every shape before anything is read and `fil
 the tensors straight into the leaves in the requested dtype, so a model is never held twice.
 The name maps that say which tensor fills which leaf are decoder.py's and vision.py's; `dense`
 and `layer_norm` are the entries both kinds of map are made of.
+
+Loading is strict: a tensor of the wrong shape or a non-float dtype, a tensor the model needs
+and the file lacks, or one the file holds and the model does not use (beyond the name maps'
+known-unused buffers) is an error naming the file and the tensors, as is a file that cannot be
+read. `partial_load` (fnmatch patterns of checkpoint tensor names, e.g. ('lm_head.weight',))
+lists the tensors allowed to be missing: they keep their fresh init, with a warning.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import os
@@ -107,7 +114,17 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
   path = pathlib.Path(directory) / CONFIG
   if not path.is_file():
     raise FileNotFoundError(f'No {CONFIG} in checkpoint directory {directory}.')
-  return json.loads(path.read_text())
+  config = _read_json(path)
+  if not isinstance(config, dict):
+    raise ValueError(f'{path} holds a JSON {type(config).__name__}; expected an object.')
+  return config
+
+
+def _read_json(path: pathlib.Path):
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from e
 
 
 def swap_in(tmp: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
@@ -127,18 +144,33 @@ def swap_in(tmp: pathlib.Path, directory: pathlib.Path) -> pathlib.Path:
 # ----------------------------------------------------------------------------- tensor sources
 
 
+def floating(dtype: str) -> bool:
+  """Whether a dtype name (safetensors' 'F32', 'BF16', ... or numpy's) is a floating one."""
+  return str(dtype).lower().startswith(('f', 'bf'))
+
+
 class Safetensors:
-  """Safetensors files read one tensor at a time; names and layouts are PyTorch's."""
+  """Safetensors files read one tensor at a time; names and layouts are PyTorch's.
+
+  `where` names the checkpoint in errors: the file, or the index of a sharded one.
+  """
   torch_layout, sep = True, '.'
 
-  def __init__(self, files):
+  def __init__(self, files, where: str | None = None):
     from safetensors import safe_open  # imported where the format is read
-    self._file_of = {}
+    self._file_of, self._path_of = {}, {}
+    self.where = where or ', '.join(map(str, files))
     with jax.default_device(jax.devices('cpu')[0]):
       for file in files:
         # 'flax', not 'numpy': numpy has no bfloat16. Reads go to the CPU (see `read`).
-        handle = safe_open(str(file), framework='flax')
+        # safe_open checks the header and that the data covers every tensor (a truncated file
+        # fails here); its errors do not name the file.
+        try:
+          handle = safe_open(str(file), framework='flax')
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+          raise ValueError(f'{file} is not a readable safetensors file: {e}') from e
         self._file_of.update(dict.fromkeys(handle.keys(), handle))
+        self._path_of.update(dict.fromkeys(handle.keys(), str(file)))
 
   def name(self, hf_name: str, kind: str) -> str:
     del kind
@@ -150,16 +182,23 @@ class Safetensors:
   def shape(self, key):
     return tuple(self._file_of[key].get_slice(key).get_shape())
 
+  def dtype(self, key) -> str:
+    return self._file_of[key].get_slice(key).get_dtype()
+
   def read(self, key) -> np.ndarray:
     with jax.default_device(jax.devices('cpu')[0]):  # host memory, not an accelerator's
-      return np.asarray(self._file_of[key].get_tensor(key))
+      try:
+        return np.asarray(self._file_of[key].get_tensor(key))
+      except Exception as e:  # noqa: BLE001 - SafetensorError, ...
+        raise ValueError(f'{self._path_of[key]}: tensor {key} cannot be read: {e}') from e
 
 
 class Arrays:
   """In-memory arrays keyed by name: a PyTorch state dict, or a flattened Flax msgpack."""
 
-  def __init__(self, arrays: Mapping[str, Any], torch_layout: bool):
-    self._arrays, self.torch_layout = dict(arrays), torch_layout
+  def __init__(self, arrays: Mapping[str, Any], torch_layout: bool,
+               where: str = 'the state dict'):
+    self._arrays, self.torch_layout, self.where = dict(arrays), torch_layout, where
     self.sep = '.' if torch_layout else '/'
 
   def name(self, hf_name: str, kind: str) -> str:
@@ -178,18 +217,32 @@ class Arrays:
   def shape(self, key):
     return tuple(np.shape(self._arrays[key]))
 
+  def dtype(self, key) -> str:
+    x = self._arrays[key]
+    dtype = getattr(x, 'dtype', None)
+    if dtype is None:
+      dtype = np.asarray(x).dtype
+    return str(dtype).removeprefix('torch.')  # numpy's or PyTorch's name
+
   def read(self, key) -> np.ndarray:
     return np.asarray(self._arrays.pop(key))  # popped: each tensor is used once, then freed
 
 
-def _read_msgpack(files) -> Arrays:
+def _read_msgpack(files, where: str | None = None) -> Arrays:
   """transformers' Flax checkpoints are msgpack (no random access): each file is read whole."""
   flat = {}
   for file in files:
-    state = flax.serialization.msgpack_restore(pathlib.Path(file).read_bytes())
+    try:
+      state = flax.serialization.msgpack_restore(pathlib.Path(file).read_bytes())
+    except Exception as e:  # noqa: BLE001 - msgpack raises many types on a bad file
+      raise ValueError(f'{file} is not a readable Flax msgpack file: {type(e).__name__}: '
+                       f'{e}') from e
+    if not isinstance(state, dict):
+      raise ValueError(f'{file} holds a msgpack {type(state).__name__}; expected a tree of '
+                       'arrays.')
     flat.update(trees.flatten(state))  # shards hold flat '/' keys
     del state
-  return Arrays(flat, torch_layout=False)
+  return Arrays(flat, torch_layout=False, where=where or ', '.join(map(str, files)))
 
 
 def open_weights(directory: pathlib.Path, msgpack: bool = True):
@@ -199,14 +252,18 @@ def open_weights(directory: pathlib.Path, msgpack: bool = True):
     formats.append((MSGPACK, MSGPACK_INDEX, _read_msgpack))
   for single, index, opener in formats:
     if (directory / single).is_file():
-      return opener([directory / single])
+      return opener([directory / single], str(directory / single))
     if (directory / index).is_file():
-      weight_map = json.loads((directory / index).read_text())['weight_map']
+      index_data = _read_json(directory / index)
+      weight_map = index_data.get('weight_map') if isinstance(index_data, dict) else None
+      if not isinstance(weight_map, dict) or not all(
+          isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f'{directory / index} has no "weight_map" of tensor name -> file name.')
       files = [directory / f for f in dict.fromkeys(weight_map.values())]
       absent = [f.name for f in files if not f.is_file()]
       if absent:
         raise FileNotFoundError(f'{directory / index} lists shards that are not there: {absent}.')
-      return opener(files)
+      return opener(files, str(directory / index))
   names = [name for single, index, _ in formats for name in (single, index)]
   present = sorted(p.name for p in directory.iterdir())
   raise FileNotFoundError(
@@ -239,7 +296,7 @@ class Views:
 
   def __init__(self, source, layout):
     self.source, self.layout = source, layout
-    self.torch_layout, self.sep = source.torch_layout, source.sep
+    self.torch_layout, self.sep, self.where = source.torch_layout, source.sep, source.where
     self._views, self._uses, self._held = {}, {}, {}
     self._present = set(source.keys())
 
@@ -282,6 +339,11 @@ class Views:
       out[axis] = sum(s[axis] for s in shapes)
     return tuple(out)
 
+  def dtype(self, key) -> str:
+    """The stored dtype; of pieces, the first that is not floating, if any."""
+    dtypes = [self.source.dtype(p) for p in self.sources(key)]
+    return next((d for d in dtypes if not floating(d)), dtypes[0])
+
   def _read(self, name):
     if name not in self._held:
       self._held[name] = self.source.read(name)
@@ -299,8 +361,8 @@ class Views:
     axis = self._axis(kind, xs[0].ndim)
     if isinstance(spec, Split):
       if xs[0].shape[axis] % spec.parts:
-        raise ValueError(f'{spec.name} has {xs[0].shape[axis]} features along axis {axis}, '
-                         f'which do not split into {spec.parts} equal parts.')
+        raise ValueError(f'{self.where}: {spec.name} has {xs[0].shape[axis]} features along '
+                         f'axis {axis}, which do not split into {spec.parts} equal parts.')
       return np.split(xs[0], spec.parts, axis=axis)[spec.index]
     return np.concatenate(xs, axis=axis)
 
@@ -318,11 +380,12 @@ def plan_leaves(shapes: Mapping[str, Any], source, tensor_of: Callable[[str], tu
   """Which tensor fills each slot of each leaf, and which are missing; nothing is read.
 
   `tensor_of(path)` gives a leaf's (layer index -> checkpoint name, stacked, kind); `layout`
-  maps a kind to the permutation from the stored tensor to the leaf. Every shape is checked
-  first, and any mismatch (worded by `mismatch`) is an error before anything loads.
+  maps a kind to the permutation from the stored tensor to the leaf. Every shape and dtype is
+  checked first: a shape mismatch (worded by `mismatch`) or a tensor that is not floating point
+  (int32, bool: every leaf is a float weight) is an error before anything loads.
   """
   keys = set(source.keys())
-  plan, missing, mismatched = {}, [], []
+  plan, missing, mismatched, typed = {}, [], [], []
   for path, leaf in shapes.items():
     name_of, stacked, kind = tensor_of(path)
     want = tuple(leaf.shape[1:] if stacked else leaf.shape)
@@ -334,13 +397,19 @@ def plan_leaves(shapes: Mapping[str, Any], source, tensor_of: Callable[[str], tu
       if key not in keys:
         missing.append(key)
         key = None
-      elif source.shape(key) != want:
-        mismatched.append(mismatch.format(key=key, got=source.shape(key), want=want))
+      else:
+        if source.shape(key) != want:
+          mismatched.append(mismatch.format(key=key, got=source.shape(key), want=want))
+        if not floating(source.dtype(key)):
+          typed.append(f'{key} ({source.dtype(key)})')
       slots.append(key)
     plan[path] = (slots, stacked, kind)
   if mismatched:
     raise ValueError(f'Shape mismatch between {where} and the model config (nothing loaded):\n  '
                      + '\n  '.join(mismatched))
+  if typed:
+    raise ValueError(f'{where}: {len(typed)} tensor(s) are not floating point, where the model '
+                     f'expects float weights (nothing loaded): {_brief(typed)}.')
   return plan, missing
 
 
@@ -373,19 +442,45 @@ def fill_leaves(plan: Plan, shapes: Mapping[str, Any], source,
   return trees.unflatten(out)
 
 
-def log_report(report: LoadReport, where: str, strict: bool, what: str = 'model'):
-  """Warns of missing and unexpected tensors; with `strict`, they are an error naming `what`."""
-  def brief(keys):
-    return ', '.join(keys[:20]) + (f' and {len(keys) - 20} more' if len(keys) > 20 else '')
+def partial_patterns(partial_load) -> tuple[str, ...]:
+  """`partial_load` as a tuple of fnmatch patterns; a string is a comma-separated list."""
+  if partial_load is None:
+    return ()
+  if isinstance(partial_load, str):
+    return tuple(p.strip() for p in partial_load.split(',') if p.strip())
+  patterns = tuple(partial_load)
+  if not all(isinstance(p, str) and p for p in patterns):
+    raise ValueError(f'partial_load={partial_load!r}; expected a tuple of fnmatch patterns of '
+                     "checkpoint tensor names, e.g. ('lm_head.weight',).")
+  return patterns
+
+
+def check_report(report: LoadReport, where: str, partial_load=(), strict: bool = True,
+                 what: str = 'model'):
+  """Missing tensors that `partial_load` does not match, and unexpected ones, are an error
+  naming `where` and the tensors (with `strict=False`, a warning); allowed missing ones a
+  warning. Missing tensors keep their fresh init; unexpected ones are never loaded."""
+  patterns = partial_patterns(partial_load)
+  allowed = [k for k in report.missing if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+  missing = [k for k in report.missing if k not in allowed]
   problems = []
-  if report.missing:
-    problems.append(f'{len(report.missing)} tensor(s) missing from {where}, initialised fresh: '
-                    f'{brief(report.missing)}')
+  if missing:
+    problems.append(f'{len(missing)} tensor(s) the {what} needs are missing: {_brief(missing)} '
+                    '(config.partial_load lists fnmatch patterns of tensors allowed to be '
+                    'missing, which then keep their random init)')
   if report.unexpected:
-    problems.append(f'{len(report.unexpected)} unexpected tensor(s) in {where}, not loaded: '
-                    f'{brief(report.unexpected)}')
+    problems.append(f'{len(report.unexpected)} tensor(s) in the file are not used by the '
+                    f'{what}: {_brief(report.unexpected)}')
   if problems and strict:
-    raise ValueError(f'Checkpoint does not match the {what} (strict=True): '
+    raise ValueError(f'{where} does not match the {what} (nothing loaded): '
                      + '; '.join(problems) + '.')
   for p in problems:
-    log.warning(p)
+    log.warning('%s (strict=False: loading anyway): %s.', where, p)
+  if allowed:
+    log.warning('%s: %d tensor(s) missing, allowed by partial_load=%s, keep their random init: '
+                '%s.', where, len(allowed), patterns, _brief(allowed))
+
+
+def _brief(keys) -> str:
+  keys = list(keys)
+  return ', '.join(keys[:20]) + (f' and {len(keys) - 20} more' if len(keys) > 20 else '')

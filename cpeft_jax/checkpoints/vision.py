@@ -4,10 +4,11 @@ config.json's model_type picks the architecture (CLIP, SigLIP, Swin V2): its con
 Flax module and name map. The tower is found inside any checkpoint that holds it (a bare vision
 model, a full CLIP/SigLIP model, an image classifier) by the prefix of its patch-embedding
 tensor. Only safetensors are read. Tensors outside the tower (text tower, heads, classifier) are
-ignored; tensors of layers past `feature_layer` are skipped; anything else unused is reported as
-unexpected, and tensors the encoder needs but the checkpoint lacks are reported missing and
-initialised fresh (`strict=True` turns either into an error). Locating, reading, planning,
-filling and reporting are io.py's; hf_save.save_vision writes a CLIP tower back through CLIP.
+ignored; tensors of layers past `feature_layer` are skipped; anything else unused in the tower
+is an error naming the file, as is a tensor the encoder needs but the checkpoint lacks, unless
+`partial_load` allows it (it is then initialised fresh, with a warning). Locating, reading,
+planning, filling and reporting are io.py's; hf_save.save_vision writes a CLIP tower back
+through CLIP.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from cpeft_jax import trees
-from cpeft_jax.checkpoints.io import (TORCH_LAYOUT, VECTOR, LoadReport, dense, fill_leaves,
-                                      layer_norm, log_report, open_weights, plan_leaves,
+from cpeft_jax.checkpoints.io import (CONFIG, TORCH_LAYOUT, VECTOR, LoadReport, check_report,
+                                      dense, fill_leaves, layer_norm, open_weights, plan_leaves,
                                       read_config, resolve)
 from cpeft_jax.models import clip, siglip, swinv2
 from cpeft_jax.models.vision import ViT
@@ -132,7 +133,7 @@ ARCHITECTURES = {
 
 
 def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_layer: int = -1,
-                drop_cls: bool = True, *, strict: bool = False, seed: int = 0,
+                drop_cls: bool = True, *, partial_load=(), strict: bool = True, seed: int = 0,
                 leaf_fn: Callable | None = None) -> tuple[nn.Module, dict]:
   """A frozen vision encoder and its 'params' tree, from a Hugging Face checkpoint.
 
@@ -142,6 +143,8 @@ def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_
   `module.apply({'params': params}, pixels_BHWC)` -> [B, N, D]. `leaf_fn(path, array)`
   transforms each leaf as soon as it is read, e.g. `quantize.leaf_quantizer(qcfg, 'encoder/')`
   stores the projections quantized without a full-precision copy of the whole tower.
+  `partial_load`: fnmatch patterns of checkpoint tensor names allowed to be missing;
+  `strict=False` only warns of missing and unexpected tensors.
   """
   directory = resolve(path_or_dir)
   hf = read_config(directory)
@@ -149,8 +152,12 @@ def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_
   model_type = hf.get('model_type')
   if model_type in ARCHITECTURES and ARCHITECTURES[model_type].module is ViT:
     overrides['drop_cls'] = drop_cls
-  module = vision_module(hf, **overrides)
-  params, _ = load_vision_params(directory, module, strict=strict, seed=seed, leaf_fn=leaf_fn)
+  try:
+    module = vision_module(hf, **overrides)
+  except ValueError as e:
+    raise ValueError(f'{directory / CONFIG}: {e}') from e
+  params, _ = load_vision_params(directory, module, partial_load=partial_load, strict=strict,
+                                 seed=seed, leaf_fn=leaf_fn)
   return module, params
 
 
@@ -167,15 +174,19 @@ def architecture(model_type) -> Architecture:
   return ARCHITECTURES[model_type]
 
 
-def load_vision_params(directory: str | os.PathLike, module: nn.Module, *,
-                       strict: bool = False, seed: int = 0, leaf_fn: Callable | None = None
+def load_vision_params(directory: str | os.PathLike, module: nn.Module, *, partial_load=(),
+                       strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None
                        ) -> tuple[dict, LoadReport]:
   """The 'params' tree of `module` (in its param_dtype) from a checkpoint directory; each
   leaf goes through `leaf_fn(path, array)`, if given, as soon as it is filled."""
   directory = resolve(directory)
-  names = architecture(read_config(directory).get('model_type')).names
-  return _assemble_vision(open_weights(directory, msgpack=False), module, names, strict, seed,
-                          str(directory), leaf_fn)
+  model_type = read_config(directory).get('model_type')
+  try:
+    names = architecture(model_type).names
+  except ValueError as e:
+    raise ValueError(f'{directory / CONFIG}: {e}') from e
+  return _assemble_vision(open_weights(directory, msgpack=False), module, names, partial_load,
+                          strict, seed, leaf_fn)
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -197,8 +208,9 @@ def _find_prefix(keys, anchor: str, where: str) -> str:
   return prefixes[0]
 
 
-def _assemble_vision(source, module: nn.Module, names: VisionNames, strict: bool, seed: int,
-                     where: str, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+def _assemble_vision(source, module: nn.Module, names: VisionNames, partial_load, strict: bool,
+                     seed: int, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+  where = source.where
   cfg = module.cfg
   pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
   init = lambda key: module.init(key, pixels)['params']
@@ -235,6 +247,6 @@ def _assemble_vision(source, module: nn.Module, names: VisionNames, strict: bool
   log.info('%s: vision tower at prefix %r; %d tensors outside it ignored, %d past the feature '
            'layer skipped.', where, prefix, outside, skipped)
   report = LoadReport(tuple(missing), tuple(unexpected))
-  log_report(report, where, strict, what='vision encoder')
+  check_report(report, where, partial_load, strict, what='vision encoder')
   return fill_leaves(plan, shapes, source, LAYOUT, init, seed, cfg.param_dtype, where,
                      leaf_fn), report

@@ -4,7 +4,8 @@ Pure numpy + PIL. The steps and their arithmetic are those of transformers' PIL 
 processors (CLIPImageProcessor, SiglipImageProcessor, ViTImageProcessor; Swin V2 checkpoints
 name ViT's), so the arrays match theirs:
 
-  RGB      transparency composited onto white, any other mode converted by PIL
+  RGB      transparency composited onto white; 16-bit greyscale ('I;16', 'I') to 8 bits by its
+           high byte (as PIL reads 16-bit RGB); any other mode converted by PIL
   resize   PIL, with the checkpoint's filter, on the 8-bit image: to a fixed (height, width), or
            the shortest edge to n and the other to int(n * long / short)
   crop     a center crop (offsets floor((size - crop) / 2)), zero-padded where the image is
@@ -179,8 +180,14 @@ def processor_type(d: Mapping[str, Any]) -> str:
   return base
 
 
+# 16-bit greyscale as PIL opens it (PNG, TIFF); 'I' (32-bit) holds such data too. PIL's own
+# convert clips them at 255, which turns most of an image white.
+SIXTEEN_BIT = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+
+
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
-  """RGB, with any transparency composited onto white (as transformers' convert_to_rgb)."""
+  """RGB, with any transparency composited onto white (as transformers' convert_to_rgb);
+  16-bit greyscale is scaled to 8 bits (its high byte) first."""
   if isinstance(image, np.ndarray):
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
       raise ValueError(f'Array images must be uint8 [H, W] or [H, W, C], got {image.dtype} '
@@ -188,6 +195,9 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:
     image = Image.fromarray(image)
   if not isinstance(image, Image.Image):
     raise TypeError(f'Expected a PIL image or a uint8 array, got {type(image).__name__}.')
+  if image.mode in SIXTEEN_BIT:
+    x = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+    image = Image.fromarray(x.astype(np.uint8), 'L')
   if 'A' in image.getbands() or image.info.get('transparency') is not None:
     rgba = image.convert('RGBA')
     white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))

@@ -4,9 +4,11 @@ A `Split` gives an image by index (uint8 [H, W, 3]) and every image's reference 
 read once with image decoding skipped. COCO uses TFDS's `coco_captions` (Karpathy splits:
 train, val, test, restval), which must already be prepared in `data_dir` (preparing it needs
 TensorFlow and the download); the demo builds itself on first use. A user's own data is a
-folder of images plus a captions JSON in COCO or Karpathy layout; its unusable entries (empty
-captions, missing or corrupt image files) are skipped at load, each named in a warning and
-counted in `Split.skipped`, so that an epoch never fails on them.
+folder of images plus a captions JSON in COCO or Karpathy layout. A malformed JSON entry (a
+missing or non-string file name, one that leaves the image folder, a duplicate image id,
+captions that are not a list of strings) is an error naming it. Unusable data (empty captions,
+missing image files, images that do not decode in full) is skipped at load, each named in a
+warning and counted in `Split.skipped`, so that an epoch never fails on them.
 
 Every split has the task 'caption' (an empty prompt, a caption as target); the demo also has
 'qa' (a question about the scene as prompt, its answer as target), derived from the scenes.
@@ -27,6 +29,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cpeft_jax.data import preprocess
 from cpeft_jax.data.demo import builder, examples
 
 DATASETS = ('demo', 'coco_captions', 'folder')
@@ -140,6 +143,16 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
                task_sources=task_sources)
 
 
+def decode_image(path: str, draft: bool = False) -> np.ndarray:
+  """An image file as uint8 RGB [H, W, 3] (preprocess.to_rgb: 16-bit scaled to 8, transparency
+  onto white). `draft` lets a JPEG decode at a reduced scale: every byte is still read, so a
+  truncated file still fails, at a fraction of the cost (the check at load time)."""
+  with PIL.Image.open(path) as im:
+    if draft:
+      im.draft('RGB', (64, 64))
+    return np.asarray(preprocess.to_rgb(im))
+
+
 class ImageFiles(Sequence):
   """Image files decoded on access to uint8 RGB [H, W, 3]; [i]['image'] like a TFDS source."""
 
@@ -152,12 +165,11 @@ class ImageFiles(Sequence):
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     path = self.paths[index]
     try:
-      with PIL.Image.open(path) as im:
-        return {'image': np.asarray(im.convert('RGB'))}
+      return {'image': decode_image(path)}
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, ...
-      raise RuntimeError(f'Image {path} (index {index}) passed the check at load time but '
-                         f'cannot be decoded now: {type(e).__name__}: {e}. Fix or remove the '
-                         'file and its captions.') from e
+      raise RuntimeError(f'Image {path} (index {index}) decoded at load time but cannot be '
+                         f'decoded now (changed since?): {type(e).__name__}: {e}. Fix or remove '
+                         'the file and its captions.') from e
 
 
 def _read_json(path: str) -> dict:
@@ -171,7 +183,8 @@ def _read_json(path: str) -> dict:
 
 
 def _entries(data, path: str, split: str, restval_in_train: bool):
-  """(relative file, image id, raw captions) of each image of `split`, in file order."""
+  """(relative file, image id, captions) of each image of `split`, in file order, and the
+  number of orphan annotations; a malformed entry is an error naming it."""
   layouts = ('expected COCO layout {"images": [{"id", "file_name"}], "annotations": '
              '[{"image_id", "caption"}]} or Karpathy layout {"images": [{"filename", "split", '
              '"sentences": [{"raw"}]}]}')
@@ -180,43 +193,74 @@ def _entries(data, path: str, split: str, restval_in_train: bool):
   if not isinstance(images, list):
     raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}); {layouts}.')
 
-  def field(entry, i, *names):
+  def field(entry, i, *names, kind=None, where='images'):
     for name in names:
       if isinstance(entry, dict) and name in entry:
-        return entry[name]
-    raise ValueError(f'Captions JSON {path}: images[{i}] has no {" or ".join(map(repr, names))} '
+        value = entry[name]
+        if kind is not None and not isinstance(value, kind):
+          raise ValueError(f'Captions JSON {path}: {where}[{i}] has {name}={value!r}; expected '
+                           f'a {_kind_name(kind)}.')
+        return value
+    raise ValueError(f'Captions JSON {path}: {where}[{i}] has no {" or ".join(map(repr, names))} '
                      f'(its keys: {sorted(entry) if isinstance(entry, dict) else entry!r}).')
+
+  def relative(i, *parts):
+    """The file name joined to its folder, which it must not leave."""
+    rel = os.path.join(*parts)
+    norm = os.path.normpath(rel)
+    if not parts[-1] or os.path.isabs(rel) or norm == '..' or norm.startswith('..' + os.sep):
+      raise ValueError(f'Captions JSON {path}: images[{i}] has file name {rel!r}, which is not '
+                       'a path inside the image folder.')
+    return norm
+
+  def unique(ids, i, image_id):
+    if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+      raise ValueError(f'Captions JSON {path}: images[{i}] has image id {image_id!r}; expected '
+                       'an integer or a string.')
+    if image_id in ids:
+      raise ValueError(f'Captions JSON {path}: images[{i}] repeats image id {image_id!r} of '
+                       f'images[{ids[image_id]}].')
+    ids[image_id] = i
 
   if 'annotations' in data:  # COCO: the whole file is the split
     if not isinstance(data['annotations'], list):
       raise ValueError(f'Captions JSON {path}: "annotations" is a '
                        f'{type(data["annotations"]).__name__}, not a list; {layouts}.')
-    by_id = {}
+    by_id, ids = {}, {}
     for i, im in enumerate(images):
-      by_id.setdefault(field(im, i, 'id'), (field(im, i, 'file_name'), []))
+      image_id = field(im, i, 'id')
+      unique(ids, i, image_id)
+      by_id[image_id] = (relative(i, field(im, i, 'file_name', kind=str)), [])
     orphans = 0
-    for a in data['annotations']:
-      if not isinstance(a, dict) or a.get('image_id') not in by_id:
+    for j, a in enumerate(data['annotations']):
+      image_id = field(a, j, 'image_id', where='annotations')
+      caption = field(a, j, 'caption', kind=str, where='annotations')
+      if isinstance(image_id, (int, str)) and image_id in by_id:
+        by_id[image_id][1].append(caption)
+      else:
         orphans += 1
-        continue
-      by_id[a['image_id']][1].append(a.get('caption'))
     if orphans:
       logging.warning('%s: %d annotation(s) name no image listed in "images"; skipped.', path,
                       orphans)
     return [(f, i, caps) for i, (f, caps) in by_id.items()], orphans
   if not images or all(isinstance(im, dict) and 'sentences' in im for im in images):  # Karpathy
     wanted = {split, 'restval'} if split == 'train' and restval_in_train else {split}
-    out, found = [], set()
+    out, found, ids = [], set(), {}
     for i, im in enumerate(images):
-      s = field(im, i, 'split')
-      found.add(s)
-      if s not in wanted:
-        continue
-      rel = os.path.join(im.get('filepath', ''), field(im, i, 'filename'))
       image_id = im.get('cocoid', im.get('imgid', i))
-      caps = [c.get('raw', ' '.join(c.get('tokens', []))) if isinstance(c, dict) else c
-              for c in field(im, i, 'sentences')]
-      out.append((rel, image_id, caps))
+      unique(ids, i, image_id)  # over the whole file, every split
+      s = field(im, i, 'split', kind=str)
+      found.add(s)
+      rel = relative(i, field(im, i, 'filepath', kind=str) if 'filepath' in im else '',
+                     field(im, i, 'filename', kind=str))
+      sentences = field(im, i, 'sentences', kind=list)
+      if not sentences:
+        raise ValueError(f'Captions JSON {path}: images[{i}] ({rel}) has an empty "sentences" '
+                         'list.')
+      caps = [_sentence(c, f'images[{i}] ({rel}) sentences[{k}]', path)
+              for k, c in enumerate(sentences)]
+      if s in wanted:
+        out.append((rel, image_id, caps))
     if not out:
       raise ValueError(f'Captions JSON {path} (Karpathy layout) has no image in split {split!r}; '
                        f'its splits are {sorted(found)}.')
@@ -225,13 +269,29 @@ def _entries(data, path: str, split: str, restval_in_train: bool):
                    f'without "sentences" and no "annotations"); {layouts}.')
 
 
+def _sentence(c, where: str, path: str) -> str:
+  """A Karpathy sentence: a string, or {"raw": str} or {"tokens": [str, ...]}."""
+  if isinstance(c, str):
+    return c
+  if isinstance(c, dict) and isinstance(c.get('raw'), str):
+    return c['raw']
+  if isinstance(c, dict) and 'raw' not in c and isinstance(c.get('tokens'), list) and all(
+      isinstance(t, str) for t in c['tokens']):
+    return ' '.join(c['tokens'])
+  raise ValueError(f'Captions JSON {path}: {where} is {c!r}; expected a string or '
+                   '{"raw": string} (or {"tokens": [string, ...]}).')
+
+
+def _kind_name(kind) -> str:
+  return {str: 'string', list: 'list'}.get(kind, getattr(kind, '__name__', str(kind)))
+
+
 def _check_image(path: str) -> str | None:
-  """None if `path` opens as an image (header and structure checked, not decoded), else why."""
+  """None if `path` decodes in full to RGB, else why (a truncated JPEG fails here)."""
   if not os.path.isfile(path):
     return 'missing'
   try:
-    with PIL.Image.open(path) as im:
-      im.verify()
+    decode_image(path, draft=True)
   except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
     return f'{type(e).__name__}: {e}'
   return None
@@ -242,10 +302,12 @@ def load_folder(captions_json: str, split: str, image_dir: str | None = None, *,
   """A split of a user's own images and captions JSON (COCO or Karpathy layout).
 
   Karpathy entries are selected by their "split" field ("restval" joins "train" unless
-  restval_in_train is False); a COCO file is the split whatever its name. Empty captions,
-  images left without a caption, and missing or unreadable image files are skipped with a
-  warning naming each file, and counted in `Split.skipped`. Images are only verified here
-  (no decoding); decoding happens on access.
+  restval_in_train is False); a COCO file is the split whatever its name. Malformed entries
+  are errors (see `_entries`). Empty captions, images left without a caption, and missing or
+  undecodable image files are skipped with a warning naming each file, and counted in
+  `Split.skipped`. Every image is decoded once here (JPEGs at a reduced scale), so that a
+  truncated file is skipped now rather than failing mid-epoch; decoding for use happens on
+  access.
   """
   entries, orphans = _entries(_read_json(captions_json), captions_json, split, restval_in_train)
   image_dir = image_dir if image_dir is not None else os.path.dirname(captions_json)
