@@ -304,6 +304,11 @@ CONFIG = Section({
     'mesh': custom(_mesh, 'axis sizes like {"data": -1, "fsdp": 2}', required=False),
     'partition_rules': custom(lambda v: sharding.parse_rules(v), '(regex, axes) pairs',
                               required=False),
+    # checkpoint tensors that may be missing from the frozen bases (checkpoints/io.py)
+    'partial_load': Field(lambda v: None if isinstance(v, str) or (
+        isinstance(v, (tuple, list)) and all(isinstance(p, str) and p for p in v)) else
+        "a tuple of fnmatch patterns of checkpoint tensor names, e.g. ('lm_head.weight',)",
+        required=False),
 })
 
 

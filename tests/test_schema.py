@@ -214,6 +214,7 @@ BAD = {
     'peft.strategy': not_one_of(('auto', 'onehot', 'grouped', 'ragged')),
     'quantize.format': not_one_of(('', 'int8', 'int4', 'nf4')),
     'quantize.block_size': ints_below(1),
+    'partial_load': st.sampled_from([3, None, True, [1], ('lm_head.weight', 2), ('',)]),
     'pretrain.epochs': ints_below(0), 'pretrain.vision.epochs': ints_below(0),
     'pretrain.vision.learning_rate': floats_outside(0.0, None, lo_open=False),
 }
