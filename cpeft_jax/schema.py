@@ -431,7 +431,7 @@ def _agree(c: dict, where: str, problems: list[str]) -> None:
 
 
 def _vision(c, where, problems):
-  if c.get('vision_model'):
+  if c.get('vision_model') or c.get('variants'):  # the demo's variants load its stage-0 tower
     return
   v = c.get('vision')
   if v is None:

@@ -246,7 +246,8 @@ jax.distributed.initialize('localhost:{port}', num_processes=2, process_id={i})
 import types
 import numpy as np
 from cpeft_jax import experiment, sharding
-exp = types.SimpleNamespace(mesh=sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)))
+exp = types.SimpleNamespace(mesh=sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1)),
+                            model=types.SimpleNamespace(peft=types.SimpleNamespace(num_contexts=24)))
 rows = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
 batch = {{k: rows[{i} * 4:({i} + 1) * 4] for k in experiment.BATCH_KEYS}}  # this host's rows
 x = experiment.device_batch(exp, batch)['tokens']
