@@ -1,10 +1,12 @@
-"""Nothing lost, nothing silent: damaged checkpoints are errors that name them, the trainer
-resumes from the newest intact step, and leftovers of cut-off saves are removed.
+"""Nothing lost, nothing silent: damaged checkpoints and plug-ins are errors that name them, the
+trainer resumes from the newest intact step, and leftovers of cut-off saves are removed.
 
-Damage is made as a disk would make it: 8 flipped bytes in an orbax data file, a file gone.
+Damage is made as a disk would make it: 8 flipped bytes in an orbax data file, a file gone,
+plug-in tables scaled x1000, a field of plugin.json dropped.
 """
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -14,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 
-from cpeft_jax import integrity, runs
+from cpeft_jax import integrity, plugins, runs
+from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.train import checkpointing, trainer
 from cpeft_jax.train import state as state_lib
-from helpers import tiny
+from helpers import fresh_tables, random_tables, tiny
 
 
 def _flip(path, n=8):
@@ -181,3 +185,103 @@ def test_digests_name_the_changed_leaf():
   as_int64 = {'a': tree['a'], 'b': {'c': tree['b']['c'].astype(np.int64)}}
   with pytest.raises(integrity.Damaged, match='b/c'):  # same values, other dtype
     integrity.verify(recorded, as_int64, 'tree')
+
+
+# ----------------------------------------------------------------------------- plug-ins
+
+PEFT = PeftConfig(methods=('lora',), targets='A', num_contexts=2, lora=LoraConfig(rank=2))
+
+
+@pytest.fixture(scope='module')
+def saved_plugin(llama_base, tmp_path_factory):
+  tables = random_tables(fresh_tables(llama_base.cfg, PEFT), seed=1)
+  bases = {'decoder': plugins.fingerprint(llama_base.params, llama_base.cfg)}
+  plugin = plugins.extract(tables, PEFT, 1, bases, name='p', meta={'workdir': '/runs/a',
+                                                                    'context': 1})
+  d = tmp_path_factory.mktemp('plugin') / 'p'
+  plugins.save(d, plugin)
+  return plugin, d, bases
+
+
+def _plugin_copy(saved_plugin, tmp_path):
+  d = tmp_path / 'p'
+  shutil.copytree(saved_plugin[1], d)
+  return d, json.loads((d / 'plugin.json').read_text())
+
+
+def test_plugin_round_trip(saved_plugin):
+  plugin, d, bases = saved_plugin
+  loaded = plugins.load(d, bases)
+  assert (loaded.peft, loaded.name, loaded.bases) == (plugin.peft, plugin.name, bases)
+  jax.tree.map(np.testing.assert_array_equal, loaded.tables, plugin.tables)
+  assert len(json.loads((d / 'plugin.json').read_text())[plugins.TABLES_HASH]) == 64
+
+
+@pytest.mark.parametrize('change', ['x1000', 'one-byte'])
+def test_changed_plugin_tables_are_an_error(saved_plugin, tmp_path, change):
+  d, _ = _plugin_copy(saved_plugin, tmp_path)
+  path = d / 'tables.safetensors'
+  if change == 'x1000':
+    tables = safetensors.numpy.load_file(str(path))
+    safetensors.numpy.save_file({k: v * 1000 for k, v in tables.items()}, str(path))
+  else:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(data)
+  with pytest.raises(integrity.Damaged, match=f'Plug-in {d} is damaged: the sha256'):
+    plugins.load(d, saved_plugin[2])
+
+
+def _drop(path):
+  def edit(config):
+    *parents, last = path
+    for k in parents:
+      config = config[k]
+    del config[last]
+  return edit
+
+
+def _set(key, value):
+  return lambda config: config.__setitem__(key, value)
+
+
+@pytest.mark.parametrize('edit, message', [
+    (_set('bases', {}), r'"bases" is \{\}; expected the fingerprint of at least one base'),
+    (_drop(['bases', 'decoder', 'config']), r"base 'decoder' lacks field\(s\) \['config'\]"),
+    (_drop(['bases', 'decoder', 'tensors']), r"base 'decoder' lacks field\(s\) \['tensors'\]"),
+    (lambda c: c['bases']['decoder']['tensors'].clear(), '"tensors" is {}'),
+    (lambda c: c['bases']['decoder']['tensors']['norm/weight'].pop('stats'),
+     r"tensor 'norm/weight' lacks field\(s\) \['stats'\]"),
+    (lambda c: c['bases']['decoder']['tensors']['norm/weight']['stats'].pop(),
+     r"tensor 'norm/weight' has stats .* expected 10 numbers"),
+    (_set('bases', {'decoder': 'x'}), "base 'decoder' is str; expected an object"),
+], ids=['empty-bases', 'no-config', 'no-tensors', 'empty-tensors', 'no-stats', 'short-stats',
+        'not-an-object'])
+def test_incomplete_fingerprints_are_an_error(saved_plugin, tmp_path, edit, message):
+  d, config = _plugin_copy(saved_plugin, tmp_path)
+  edit(config)
+  (d / 'plugin.json').write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=f'Plug-in {d} \\(plugin.json\\): .*{message}'):
+    plugins.load(d)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{"format": "cpeft-plugin/1", ', 'is not valid JSON'),
+    ('[1, 2]', 'holds list; expected a JSON object'),
+    (None, r"lacks field\(s\) \['peft'\]"),
+    ('name', 'wrong types: name is int, expected str'),
+    ('old', r"has no 'tables_sha256'.*python -m cpeft_jax.plugins --workdir=/runs/a --context=1 "
+     r'--checkpoint=best --out='),
+], ids=['invalid-json', 'not-an-object', 'missing-key', 'wrong-type', 'without-hash'])
+def test_bad_plugin_json_is_an_error_naming_the_file(saved_plugin, tmp_path, text, message):
+  d, config = _plugin_copy(saved_plugin, tmp_path)
+  if text is None:
+    del config['peft']
+  elif text == 'name':
+    config['name'] = 3
+  elif text == 'old':
+    del config[plugins.TABLES_HASH]
+  path = d / 'plugin.json'
+  path.write_text(text if text not in (None, 'name', 'old') else json.dumps(config))
+  with pytest.raises(ValueError, match=f'{path}.*{message}'):
+    plugins.load(d)
