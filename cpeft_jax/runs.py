@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from cpeft_jax import experiment, plugins, trees
+from cpeft_jax import experiment, integrity, plugins, trees
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 
@@ -112,30 +112,65 @@ def restore_run(workdir: str, checkpoint: str = 'best') -> Restored:
 
 def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the given config',
                       note: str = ''):
-  """The checkpoint's trainable tree, placed as `abstract`; it must match in shapes first."""
+  """The checkpoint's trainable tree, placed as `abstract`; it must match in shapes first, and
+  its bytes the checksums saved with it (`integrity.Damaged` otherwise)."""
   if ckpt.kind == 'latest':
+    where = f'Step {ckpt.step} of {ckpt.path}'
     with steps_reader(ckpt.path) as mgr:
-      saved = mgr.item_metadata(ckpt.step)['state']['trainable']
+      metadata = _read(lambda: mgr.metadata(ckpt.step), where)
+      saved = _read(lambda: metadata.item_metadata['state']['trainable'], where)
       _check_fits(saved, abstract, f'step {ckpt.step} of {ckpt.path}', config_name, note)
       # Only the trainable tree: evaluation needs neither the optimizer state nor its config.
-      item = {'trainable': abstract}
-      out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-          partial_restore=True)))
-    return out['state']['trainable']
-  _check_fits(saved_tree(ckpt.path), abstract, ckpt.path, config_name, note)
+      item = {'trainable': integrity.as_saved(abstract, saved)}
+      out = _read(lambda: mgr.restore(ckpt.step, args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+              item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+              partial_restore=True))), where)
+    tree = out['state']['trainable']
+    _verify(os.path.join(ckpt.path, str(ckpt.step)), metadata.custom_metadata, tree, where,
+            'trainable')
+    return integrity.cast_like(tree, abstract)
+  saved = saved_tree(ckpt.path)
+  _check_fits(saved, abstract, ckpt.path, config_name, note)
   with ocp.StandardCheckpointer() as reader:
-    return reader.restore(ckpt.path, abstract)
+    custom = reader.metadata(ckpt.path).custom_metadata
+    tree = _read(lambda: reader.restore(ckpt.path, integrity.as_saved(abstract, saved)),
+                 ckpt.path)
+  _verify(ckpt.path, custom, tree, ckpt.path)
+  return integrity.cast_like(tree, abstract)
 
 
 def read_trainable(ckpt: Checkpoint):
-  """The checkpoint's trainable tree as saved (host arrays), with no model to fit."""
+  """The checkpoint's trainable tree as saved (host arrays), with no model to fit; checked
+  against the checksums saved with it."""
   if ckpt.kind == 'latest':
+    where = f'Step {ckpt.step} of {ckpt.path}'
     with steps_reader(ckpt.path) as mgr:
-      out = mgr.restore(ckpt.step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      custom = _read(lambda: mgr.metadata(ckpt.step), where).custom_metadata
+      # PyTreeRestore: steps_reader's handler (StandardRestore would not match it).
+      out = _read(lambda: mgr.restore(
+          ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())), where)
+    _verify(os.path.join(ckpt.path, str(ckpt.step)), custom, out['state'], where)
     return out['state']['trainable']
   with ocp.StandardCheckpointer() as reader:
-    return reader.restore(ckpt.path)
+    custom = _read(lambda: reader.metadata(ckpt.path), ckpt.path).custom_metadata
+    tree = _read(lambda: reader.restore(ckpt.path), ckpt.path)
+  _verify(ckpt.path, custom, tree, ckpt.path)
+  return tree
+
+
+def _read(fn, where: str):
+  """fn() (an orbax read); what it raises becomes `integrity.Damaged` naming `where`."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001  (whatever orbax raises for damaged files)
+    raise integrity.unreadable(where, e) from e
+
+
+def _verify(directory: str, custom_metadata, tree, where: str, prefix: str = ''):
+  recorded = integrity.recorded(directory, custom_metadata, where)
+  if recorded is not None:
+    integrity.verify(integrity.subtree(recorded, prefix) if prefix else recorded, tree, where)
 
 
 def _check_fits(saved, wanted, where: str, config_name: str, note: str):
@@ -163,6 +198,9 @@ def saved_tree(path: str):
     else:
       why = ''
   if metadata is None:
+    if os.path.isfile(os.path.join(path, integrity.STEP_METADATA)):  # orbax saved it, once
+      raise integrity.Damaged(f'{path} is damaged: orbax cannot read the metadata of its '
+                              f'tree{why}.')
     raise FileNotFoundError(f'{path} holds no orbax checkpoint of a trainable tree (a directory '
                             f'saved like DIR/best){why}.')
   return metadata.tree

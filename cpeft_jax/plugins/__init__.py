@@ -2,11 +2,13 @@
 and models assembled from plug-ins trained apart (`plugin.py`). `python -m cpeft_jax.plugins`
 takes one out of a training run's workdir (`__main__.py`, through `cpeft_jax.runs`)."""
 
-from cpeft_jax.plugins.plugin import (FORMAT, LEAF_METHODS, ROW_AXIS, Plugin, adapted_contexts,
-                                      assemble, check_base, check_plugin, extract, fingerprint,
+from cpeft_jax.plugins.plugin import (FORMAT, LEAF_METHODS, ROW_AXIS, TABLES_HASH, Plugin,
+                                      adapted_contexts, assemble, check_base,
+                                      check_fingerprints, check_plugin, extract, fingerprint,
                                       freeze_contexts, load, mask_rows, model_bases, save,
                                       take_row)
 
-__all__ = ['FORMAT', 'LEAF_METHODS', 'ROW_AXIS', 'Plugin', 'adapted_contexts', 'assemble',
-           'check_base', 'check_plugin', 'extract', 'fingerprint', 'freeze_contexts', 'load',
-           'mask_rows', 'model_bases', 'save', 'take_row']
+__all__ = ['FORMAT', 'LEAF_METHODS', 'ROW_AXIS', 'TABLES_HASH', 'Plugin', 'adapted_contexts',
+           'assemble', 'check_base', 'check_fingerprints', 'check_plugin', 'extract',
+           'fingerprint', 'freeze_contexts', 'load', 'mask_rows', 'model_bases', 'save',
+           'take_row']

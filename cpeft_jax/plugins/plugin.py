@@ -3,10 +3,12 @@
 A plug-in is a directory holding that context's rows of every table (as a one-context model's
 tables: lora_a [N, 1, d_in, r], ...), the one-context `PeftConfig` they belong to, and the
 fingerprints of the frozen base(s) they were trained on (a hash of the architecture plus a few
-statistics of every base tensor). Loading checks the fingerprints, so a plug-in cannot silently
-run on the wrong base. Plug-ins trained in separate runs are assembled into one model: their
-contexts become rows of the same tables, and a batch can mix examples (or tokens) of each.
-`freeze_contexts` trains some rows while others stay fixed (e.g. a new plug-in beside old ones).
+statistics of every base tensor) and a sha256 of its tables. Loading checks both, so a plug-in
+cannot silently run on the wrong base or with changed tables, and every fingerprint field is
+required, so that none can be dropped to skip a check. Plug-ins trained in separate runs are
+assembled into one model: their contexts become rows of the same tables, and a batch can mix
+examples (or tokens) of each. `freeze_contexts` trains some rows while others stay fixed (e.g.
+a new plug-in beside old ones).
 
     plugin = plugins.extract(tables, peft, context=1, bases={'decoder': fp}, name='qa')
     plugins.save('runs/qa_plugin', plugin)
@@ -35,11 +37,12 @@ import numpy as np
 import optax
 import safetensors.numpy
 
-from cpeft_jax import trees
+from cpeft_jax import integrity, trees
 from cpeft_jax.adaptors import PeftConfig
 
 FORMAT = 'cpeft-plugin/1'
 PLUGIN_CONFIG, PLUGIN_TABLES = 'plugin.json', 'tables.safetensors'
+TABLES_HASH = 'tables_sha256'  # plugin.json's sha256 of the tables (integrity.tree_sha256)
 # Table leaf name -> axis of the context rows, counted from the end (as params.py).
 ROW_AXIS = {'lora_a': -3, 'lora_b': -3, 'ia3': -2, 'bitfit': -2, 'dora_m': -2}
 # The methods whose tables each leaf belongs to.
@@ -129,6 +132,49 @@ def check_plugin(plugin: Plugin, bases: Mapping[str, Mapping[str, Any]], where: 
     check_base(plugin.bases[name], bases[name], f'{where} (base {name!r})')
 
 
+def check_fingerprints(bases, where: str) -> None:
+  """Raises unless `bases` is a non-empty {name: fingerprint} with every field `fingerprint`
+  writes present and well-formed, so that no check can be skipped by leaving a field out."""
+  if not isinstance(bases, Mapping) or not bases:
+    raise ValueError(f'{where}: "bases" is {bases!r}; expected the fingerprint of at least one '
+                     "base, {name: {'config': ..., 'tensors': ...}} as plugins.fingerprint "
+                     'writes it.')
+  for name, fp in bases.items():
+    what = f'{where}: the fingerprint of base {name!r}'
+    if not isinstance(fp, Mapping):
+      raise ValueError(f'{what} is {type(fp).__name__}; expected an object.')
+    if missing := [k for k in ('config', 'tensors') if k not in fp]:
+      raise ValueError(f'{what} lacks field(s) {missing}; expected "config" (a hash or null) '
+                       'and "tensors".')
+    if fp['config'] is not None and not isinstance(fp['config'], str):
+      raise ValueError(f'{what}: "config" is {fp["config"]!r}; expected a hash string or null.')
+    tensors = fp['tensors']
+    if not isinstance(tensors, Mapping) or not tensors:
+      raise ValueError(f'{what}: "tensors" is {tensors!r}; expected {{path: {{"shape", '
+                       '"stats"}}} of at least one tensor.')
+    for path, t in tensors.items():
+      if not isinstance(t, Mapping) or (missing := [k for k in ('shape', 'stats') if k not in t]):
+        raise ValueError(f'{what}: tensor {path!r} lacks field(s) '
+                         f'{missing if isinstance(t, Mapping) else ["shape", "stats"]}.')
+      shape, stats = t['shape'], t['stats']
+      if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise ValueError(f'{what}: tensor {path!r} has shape {shape!r}; expected a list of '
+                         'sizes.')
+      want = 2 + min(_SAMPLES, int(np.prod(shape)))
+      if not (isinstance(stats, list) and len(stats) == want
+              and all(_is_number(v) for v in stats)):
+        raise ValueError(f'{what}: tensor {path!r} has stats {stats!r}; expected {want} '
+                         'numbers (mean, rms and sampled values).')
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def model_bases(params, decoder_config=None, encoder_config=None) -> dict[str, dict[str, Any]]:
   """Fingerprints of a captioning model's parts that plug-in tables depend on.
 
@@ -192,6 +238,7 @@ def extract(tables, peft: PeftConfig, context: int, bases: Mapping[str, Mapping[
   if not bases:
     raise ValueError('A plug-in needs the fingerprint of at least one base, e.g. '
                      "bases={'decoder': plugins.fingerprint(params, cfg)}.")
+  check_fingerprints(bases, f'The plug-in of context {context}')
   single = _single(peft, context)
   return Plugin(single, _group(take_row(tables, row), single), dict(bases), name,
                 dict(meta or {}))
@@ -206,36 +253,83 @@ def _peft_to_json(peft: PeftConfig) -> dict:
 
 
 def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
-  """Writes plugin.json (config, bases, metadata) and tables.safetensors."""
+  """Writes plugin.json (config, bases, metadata, the tables' sha256) and tables.safetensors."""
   directory = pathlib.Path(directory)
+  check_fingerprints(plugin.bases, f'Plug-in {plugin.name or "(unnamed)"!r} for {directory}')
   directory.mkdir(parents=True, exist_ok=True)
-  flat = trees.flatten(plugin.tables)
-  safetensors.numpy.save_file({k: np.asarray(jax.device_get(v)) for k, v in flat.items()},
-                              str(directory / PLUGIN_TABLES))
+  arrays = {k: np.asarray(jax.device_get(v)) for k, v in trees.flatten(plugin.tables).items()}
+  safetensors.numpy.save_file(arrays, str(directory / PLUGIN_TABLES))
   (directory / PLUGIN_CONFIG).write_text(json.dumps(
       {'format': FORMAT, 'name': plugin.name, 'peft': _peft_to_json(plugin.peft),
-       'bases': plugin.bases, 'meta': plugin.meta}, indent=1) + '\n')
+       'bases': plugin.bases, 'meta': plugin.meta,
+       TABLES_HASH: integrity.tree_sha256(arrays)}, indent=1) + '\n')
   return directory
 
 
 def load(directory: str | os.PathLike,
          bases: Mapping[str, Mapping[str, Any]] | None = None) -> Plugin:
-  """A saved plug-in; `bases` ({name: fingerprint} of the bases at hand) are checked against it."""
+  """A saved plug-in; `bases` ({name: fingerprint} of the bases at hand) are checked against it.
+
+  Its tables must hash to the sha256 in plugin.json (`integrity.Damaged` otherwise) and its
+  plugin.json must hold every field `save` writes, well-formed (ValueError naming the file).
+  """
   directory = pathlib.Path(directory)
   path = directory / PLUGIN_CONFIG
   if not path.is_file() or not (directory / PLUGIN_TABLES).is_file():
     raise FileNotFoundError(f'{directory} is not a plug-in: expected {PLUGIN_CONFIG} and '
                             f'{PLUGIN_TABLES}.')
-  config = json.loads(path.read_text())
-  if config.get('format') != FORMAT:
-    raise ValueError(f'{path}: format {config.get("format")!r}, expected {FORMAT!r}.')
-  peft = PeftConfig.from_dict(config['peft'])
-  saved = safetensors.numpy.load_file(str(directory / PLUGIN_TABLES))
+  config = _read_config(path)
+  try:
+    peft = PeftConfig.from_dict(config['peft'])
+  except (TypeError, ValueError, KeyError) as e:
+    raise ValueError(f'{path}: "peft" is not a valid PeftConfig: {e}') from e
+  check_fingerprints(config['bases'], f'Plug-in {directory} ({PLUGIN_CONFIG})')
+  tables_path = directory / PLUGIN_TABLES
+  try:
+    saved = safetensors.numpy.load_file(str(tables_path))
+  except Exception as e:  # noqa: BLE001  (safetensors' errors for a broken file)
+    raise integrity.unreadable(f'Plug-in {directory} ({PLUGIN_TABLES})', e) from e
+  if integrity.tree_sha256(saved) != config[TABLES_HASH]:
+    raise integrity.Damaged(f'Plug-in {directory} is damaged: the sha256 of {PLUGIN_TABLES} is '
+                            f'not the {TABLES_HASH} in {PLUGIN_CONFIG} (its tables changed '
+                            'since it was saved).')
   flat = {k: jnp.asarray(v) for k, v in saved.items()}
-  plugin = Plugin(peft, trees.unflatten(flat), config['bases'],
-                  config.get('name', ''), config.get('meta', {}))
+  plugin = Plugin(peft, trees.unflatten(flat), config['bases'], config['name'], config['meta'])
   _check_bases(plugin, bases, f'Plug-in {directory}')
   return plugin
+
+
+_FIELDS = {'format': str, 'name': str, 'peft': dict, 'bases': dict, 'meta': dict,
+           TABLES_HASH: str}
+
+
+def _read_config(path: pathlib.Path) -> dict[str, Any]:
+  """plugin.json, with each field `save` writes present and of its type."""
+  try:
+    config = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path} is not valid JSON ({e}); expected the plug-in\'s config as '
+                     'plugins.save writes it.') from e
+  if not isinstance(config, dict):
+    raise ValueError(f'{path} holds {type(config).__name__}; expected a JSON object.')
+  if config.get('format') != FORMAT:
+    raise ValueError(f'{path}: format {config.get("format")!r}, expected {FORMAT!r}.')
+  if TABLES_HASH not in config:
+    meta = config.get('meta') if isinstance(config.get('meta'), dict) else {}
+    run = (f'--workdir={meta["workdir"]} --context={meta.get("context", "N")} '
+           f'--checkpoint={meta.get("checkpoint", "best")}' if meta.get('workdir')
+           else '--workdir=RUN --context=N')
+    raise ValueError(
+        f'{path} has no {TABLES_HASH!r}: the plug-in was written before plug-ins carried a hash '
+        'of their tables, so they cannot be checked. Re-export it: python -m cpeft_jax.plugins '
+        f'{run} --out={path.parent} (a plug-in converted from a PEFT adapter: rerun python -m '
+        'cpeft_jax.interop.convert with --plugin_out).')
+  if missing := [k for k in _FIELDS if k not in config]:
+    raise ValueError(f'{path} lacks field(s) {missing}; expected {sorted(_FIELDS)}.')
+  if wrong := [f'{k} is {type(config[k]).__name__}, expected {t.__name__}'
+               for k, t in _FIELDS.items() if not isinstance(config[k], t)]:
+    raise ValueError(f'{path}: wrong types: {"; ".join(wrong)}.')
+  return config
 
 
 # ----------------------------------------------------------------------------- assembly

@@ -155,10 +155,13 @@ class Trainer:
                                          exp.model.decoder_cfg.vocab_size)
 
   def resume(self) -> None:
-    """Continues from the latest checkpoint in the workdir, if there is one."""
-    if self.mgr.latest_step() is None:
+    """Continues from the newest intact checkpoint in the workdir, if there is one (damaged
+    newer ones are skipped with a warning), after removing leftovers of cut-off saves."""
+    checkpointing.clean_stale(self.workdir)
+    restored = checkpointing.restore_newest(self.mgr, self.state)
+    if restored is None:
       return
-    self.state, meta = checkpointing.restore(self.mgr, self.state)
+    self.state, meta = restored
     self.progress = Progress.from_meta(meta)
     logging.info('resumed from step %d (epoch %d, batch %d)', int(self.state.step),
                  self.progress.epoch, self.progress.batch)
