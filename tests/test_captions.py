@@ -1,5 +1,16 @@
-"""captions.score equals pycocoevalcap's own COCOEvalCap on a small fixed set; bad input errors."""
+"""captions.score equals pycocoevalcap's own COCOEvalCap on a small fixed set, also from a
+read-only pycocoevalcap; bad input errors."""
 
+import ctypes
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pycocoevalcap
 import pytest
 from pycocoevalcap import eval as coco_eval
 from pycocotools.coco import COCO
@@ -68,3 +79,65 @@ def test_java_missing(monkeypatch, tmp_path):
   monkeypatch.setenv('PATH', str(tmp_path))  # no java here
   with pytest.raises(FileNotFoundError, match='need Java on PATH.*--nocaptions'):
     captions.Scorer()
+
+
+_READ_ONLY_RUN = """
+import json, os, sys
+from pycocoevalcap.tokenizer import ptbtokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+from cpeft_jax.evaluation import captions
+# The read-only copy, not site-packages (pycocoevalcap is a namespace package: the first wins).
+assert ptbtokenizer.__file__.startswith(sys.argv[1]), ptbtokenizer.__file__
+try:
+  PTBTokenizer().tokenize({1: [{'caption': 'a cat'}]})
+  raise AssertionError('pycocoevalcap wrote into its read-only copy')
+except PermissionError:
+  pass  # what the wrapper works around
+refs, cands = json.loads(sys.argv[2])
+print(json.dumps(captions.score({int(k): v for k, v in refs.items()},
+                                {int(k): v for k, v in cands.items()}, spice=False)))
+"""
+
+
+def _drop_permission_override():
+  """In the child, before exec: root loses the capabilities that let it ignore permission bits
+  (CAP_DAC_OVERRIDE = 1, CAP_DAC_READ_SEARCH = 2), so a read-only folder is read-only to it."""
+  libc = ctypes.CDLL(None, use_errno=True)
+  for cap in (1, 2):
+    if libc.prctl(24, cap, 0, 0, 0):  # PR_CAPBSET_DROP
+      raise OSError(ctypes.get_errno(), f'prctl(PR_CAPBSET_DROP, {cap}) failed')
+
+
+def test_read_only_pycocoevalcap_scores_as_writable():
+  """A copy of pycocoevalcap whose folders are read-only (its files linked to the installed
+  ones), first on sys.path in a subprocess (which, when we are root, loses root's permission
+  override): its own PTBTokenizer fails there; captions.score works and equals the installed
+  package's scores."""
+  if shutil.which('java') is None:
+    pytest.skip('java is not on PATH: pycocoevalcap runs its PTB tokenizer and METEOR in Java')
+  base = tempfile.mkdtemp(prefix='cpeft_ro_')
+  try:
+    site = os.path.join(base, 'site')
+    copy = os.path.join(site, 'pycocoevalcap')
+    shutil.copytree(list(pycocoevalcap.__path__)[0], copy, copy_function=os.symlink,
+                    ignore=shutil.ignore_patterns('__pycache__'))
+    for folder, _, _ in os.walk(copy):
+      os.chmod(folder, 0o555)
+    os.chmod(site, 0o555)
+    home = os.path.join(base, 'home')
+    os.mkdir(home)
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([site, repo]), HOME=home,
+               PYTHONDONTWRITEBYTECODE='1')
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _READ_ONLY_RUN, copy, json.dumps([REFS, CANDS])], cwd=home,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_drop_permission_override if os.geteuid() == 0 else None)
+    writable = captions.score(REFS, CANDS, spice=False)  # meanwhile, from site-packages
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == writable
+  finally:
+    for folder, _, _ in os.walk(base):
+      os.chmod(folder, 0o755)
+    shutil.rmtree(base)

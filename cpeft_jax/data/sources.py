@@ -2,9 +2,10 @@
 
 A `Split` gives an image by index (uint8 [H, W, 3]) and every image's reference captions,
 read once with image decoding skipped. COCO uses TFDS's `coco_captions` (Karpathy splits:
-train, val, test, restval), which must already be prepared in `data_dir` (preparing it needs
-TensorFlow and the download); the demo builds itself on first use. A user's own data is a
-folder of images plus a captions JSON in COCO or Karpathy layout. A malformed JSON entry (a
+train, val, test, restval), which must already be prepared in `data_dir`, by `tfds build` (which
+needs TensorFlow) or from the COCO zips by `python -m cpeft_jax.data.coco_prepare` (which does
+not); the demo builds itself on first use. A user's own data is a folder of images plus a
+captions JSON in COCO or Karpathy layout. A malformed JSON entry (a
 missing or non-string file name, one that leaves the image folder, a duplicate image id,
 captions that are not a list of strings) is an error naming it. Unusable data (empty captions,
 missing image files, images that do not decode in full) is skipped at load, each named in a
@@ -20,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import io
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -119,7 +121,9 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
       b = tfds.builder(name, data_dir=data_dir, file_format='array_record')
     except Exception as e:  # noqa: BLE001 - TFDS raises many types here
       raise RuntimeError(f'Cannot open TFDS {name} in data_dir={data_dir!r}: {e}. '
-                         'Prepare it once with TensorFlow installed '
+                         'Prepare it once from the COCO 2014 zips and Karpathy\'s '
+                         'dataset_coco.json (python -m cpeft_jax.data.coco_prepare --images=... '
+                         '--karpathy=... --data_dir=...), or with TensorFlow installed '
                          '(tfds build coco_captions --file_format=array_record).') from e
   else:
     raise ValueError(f'Unknown dataset {dataset!r}; expected one of {DATASETS}.')
@@ -143,10 +147,11 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
                task_sources=task_sources)
 
 
-def decode_image(path: str, draft: bool = False) -> np.ndarray:
-  """An image file as uint8 RGB [H, W, 3] (preprocess.to_rgb: 16-bit scaled to 8, transparency
-  onto white). `draft` lets a JPEG decode at a reduced scale: every byte is still read, so a
-  truncated file still fails, at a fraction of the cost (the check at load time)."""
+def decode_image(path: str | io.BytesIO, draft: bool = False) -> np.ndarray:
+  """An image file (or its bytes in a BytesIO) as uint8 RGB [H, W, 3] (preprocess.to_rgb:
+  16-bit scaled to 8, transparency onto white). `draft` lets a JPEG decode at a reduced scale:
+  every byte is still read, so a truncated file still fails, at a fraction of the cost (the
+  check at load time)."""
   with PIL.Image.open(path) as im:
     if draft:
       im.draft('RGB', (64, 64))

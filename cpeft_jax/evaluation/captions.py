@@ -5,12 +5,18 @@ pycocoevalcap's PTB tokenizer and its scorers exactly as its `COCOEvalCap` does,
 are the COCO caption evaluation's. The tokenizer, METEOR and SPICE run Java. SPICE needs the
 Stanford CoreNLP 3.6.0 jars, which pycocoevalcap downloads at first use; where they are absent
 (offline machines) it is skipped with one logged line instead.
+
+pycocoevalcap's tokenizer and SPICE write temporary files beside their own module, which fails
+where site-packages is read-only; `Scorer` runs them from a copy of the module in a temporary
+folder, beside links to their jars (see `_writable_copy`), so their code runs unchanged.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Hashable
 
@@ -20,7 +26,6 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 # Metric names as pycocoevalcap's COCOEvalCap.eval writes them, in its order.
 METRICS = ('Bleu_1', 'Bleu_2', 'Bleu_3', 'Bleu_4', 'METEOR', 'ROUGE_L', 'CIDEr')
@@ -33,6 +38,40 @@ def spice_jars() -> list[str]:
   jar = get_stanford_models.JAR
   return [p for p in (os.path.join(lib, f'{jar}.jar'), os.path.join(lib, f'{jar}-models.jar'))
           if not os.path.isfile(p)]
+
+
+def _writable_copy(module: str, links: Sequence[str], workdir: str):
+  """pycocoevalcap's `module` loaded from a copy of its file in a new folder under `workdir`,
+  beside links to the `links` (jars, folders) of its own folder. Its code looks for those next to
+  its `__file__` and writes its temporary files there, so they now go to `workdir`."""
+  origin = importlib.util.find_spec(module).origin
+  package, name = module.rsplit('.', 1)
+  folder = os.path.join(workdir, name)
+  os.makedirs(folder)
+  shutil.copy(origin, folder)
+  for link in links:
+    os.symlink(os.path.join(os.path.dirname(origin), link), os.path.join(folder, link))
+  # Named inside its package so that its relative imports resolve; not put in sys.modules.
+  spec = importlib.util.spec_from_file_location(f'{package}._cpeft_copy_of_{name}',
+                                                os.path.join(folder, os.path.basename(origin)))
+  copy = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(copy)
+  return copy
+
+
+def _spice_cache() -> str:
+  """SPICE's parse cache: its folder in the package where writable, else a per-user folder."""
+  for cache in (os.path.join(get_stanford_models.SPICEDIR, 'cache'),
+                os.path.join(os.environ.get('XDG_CACHE_HOME', os.path.expanduser('~/.cache')),
+                             'cpeft_jax', 'spice')):
+    try:
+      os.makedirs(cache, exist_ok=True)
+      if os.access(cache, os.W_OK):
+        return cache
+    except OSError:
+      pass
+  raise PermissionError(f'SPICE needs a writable cache folder; neither {cache} nor the '
+                        'pycocoevalcap package\'s spice/cache is writable (set XDG_CACHE_HOME).')
 
 
 def check(references: Mapping[Hashable, Sequence[str]],
@@ -82,7 +121,14 @@ class Scorer:
       logging.warning('SPICE skipped: it needs %s, which pycocoevalcap downloads at first use.',
                       ', '.join(missing))
     self.spice = spice is not False and not missing
-    self.meteor = Meteor()
+    self._workdir = tempfile.TemporaryDirectory(prefix='cpeft_cocoeval_')
+    self._tokenizer = _writable_copy('pycocoevalcap.tokenizer.ptbtokenizer',
+                                     ['stanford-corenlp-3.4.1.jar'], self._workdir.name)
+    if self.spice:
+      self._spice = _writable_copy('pycocoevalcap.spice.spice', ['spice-1.0.jar', 'lib'],
+                                   self._workdir.name)
+      os.symlink(_spice_cache(), os.path.join(self._workdir.name, 'spice', 'cache'))
+    self.meteor = Meteor()  # reads its jar and data beside it, writes nothing
 
   def __enter__(self) -> Scorer:
     return self
@@ -93,13 +139,14 @@ class Scorer:
   def close(self) -> None:
     self.meteor.meteor_p.kill()
     self.meteor.meteor_p.wait()
+    self._workdir.cleanup()
 
   def score(self, references: Mapping[Hashable, Sequence[str]],
             candidates: Mapping[Hashable, str]) -> dict[str, float]:
     """Corpus-level metrics of `candidates` ({image_id: caption}) against `references`
     ({image_id: [captions]}), under pycocoevalcap's names (METRICS, plus SPICE when it runs)."""
     check(references, candidates)
-    tokenizer = PTBTokenizer()
+    tokenizer = self._tokenizer.PTBTokenizer()
     gts = tokenizer.tokenize({k: [{'caption': r} for r in refs]
                               for k, refs in references.items()})
     res = tokenizer.tokenize({k: [{'caption': candidates[k]}] for k in references})
@@ -109,8 +156,7 @@ class Scorer:
     out['ROUGE_L'], _ = Rouge().compute_score(gts, res)
     out['CIDEr'], _ = Cider().compute_score(gts, res)
     if self.spice:
-      from pycocoevalcap.spice.spice import Spice
-      out[SPICE], _ = Spice().compute_score(gts, res)
+      out[SPICE], _ = self._spice.Spice().compute_score(gts, res)
     return {k: float(v) for k, v in out.items()}
 
 
