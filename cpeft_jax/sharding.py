@@ -2,13 +2,32 @@
 
 `config.mesh = dict(data=-1, fsdp=1, tensor=1)` names the size of each axis; -1 takes the
 devices the others leave. The batch is split over ('data', 'fsdp'). Parameters are placed by
-regex rules over their paths ('collection/module/.../leaf', optimizer state included, since
-its paths end with the parameter's): the frozen base kernels shard their input/output
-features over 'fsdp' and 'tensor' in the Megatron layout (q/k/v/gate/up column-parallel,
-o/down row-parallel), adaptor tables follow the tensor split of their base kernel, and
-everything else is replicated. A rule's axes apply to the *trailing* dimensions of a leaf, so
-one rule covers a kernel with or without the scanned layer axis and a table with its leading
-(layer, context) axes. A dimension that its mesh axis does not divide is left replicated.
+regex rules over their paths ('collection/module/.../leaf'): the first rule whose regex is
+found in the path wins, and its axes apply to the *trailing* dimensions of the leaf, so one
+rule covers a kernel with or without the scanned layer axis and a table with its leading
+(layer, context) axes. An axis entry may name several mesh axes, ('tensor', 'fsdp'): the
+dimension is split over their product, the first one major. Where the mesh does not divide a
+dimension, mesh axes are dropped from the end of its entry until it does (at worst the
+dimension is replicated); a rule never makes a leaf fail to place.
+
+The frozen base follows the Megatron layout, by the projection names of every supported
+architecture (Llama, GPT-2 with its fused c_attn already split into q/k/v_proj, OPT; the
+CLIP/SigLIP towers and the MLP connector share OPT's names):
+  column-parallel  q/k/v/gate/up/gate_up_proj, c_fc, fc1   kernel [d_in, d_out] (fsdp, tensor),
+                                                           bias [d_out] over tensor
+  row-parallel     o/down/out_proj, c_proj, fc2            kernel (tensor, fsdp), bias replicated
+  embed_tokens (tensor, fsdp); embed_positions (-, fsdp); lm_head (fsdp, tensor);
+  OPT's project_in/out (fsdp, -); norms, the other biases, the rest: replicated.
+
+The adaptor tables ('adaptors': [layers, contexts, ...] per projection) are split over fsdp
+as well as tensor, along the feature axis they share with their base kernel: a
+column-parallel projection's lora_a [d_in, r] over fsdp and its lora_b [r, d_out], ia3,
+bitfit and dora_m [d_out] over (tensor, fsdp); a row-parallel one's lora_a [d_in, r] and ia3
+[d_in] over (tensor, fsdp), its lora_b [r, d_out], bitfit and dora_m over fsdp. So each
+device holds 1/fsdp of every table (1/(fsdp x tensor) of those split over both). The
+optimizer state mirrors the trainable tree: `state_shardings` gives each of its leaves that
+stands for a parameter (its path ends with the parameter's, same shape: Adam's mu and nu)
+that parameter's sharding, whatever the rules say about the longer path.
 
 A quantized frozen leaf (cpeft_jax/quantize.py) is a small pytree under its kernel's path:
 '.../kernel/qarray/qvalue' (the 4/8-bit values, the kernel's shape) and '.../qarray/scale'
@@ -37,17 +56,28 @@ DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
 # The parts of a quantized leaf, matched by the rules as the kernel they stand for.
 _QUANTIZED_PART = re.compile(r'/qarray/(qvalue|scale|zero_point)$')
 
-_COL = r'(q|k|v|gate|up|gate_up)_proj'  # column-parallel: output features over 'tensor'
-_ROW = r'(o|down)_proj'  # row-parallel: input features over 'tensor'
+_COL = r'(?:(?:q|k|v|gate|up|gate_up)_proj|c_fc|fc1)'  # output features over 'tensor'
+_ROW = r'(?:(?:o|down|out)_proj|c_proj|fc2)'  # input features over 'tensor'
+_TF = ('tensor', 'fsdp')  # one dimension over both: the kernel's tensor split, then fsdp
 # (regex searched in the leaf path, axes of the trailing dims); the first match wins.
 DEFAULT_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    # The frozen base.
     (rf'/{_COL}/kernel$', ('fsdp', 'tensor')),
     (rf'/{_ROW}/kernel$', ('tensor', 'fsdp')),
+    (rf'/{_COL}/bias$', ('tensor',)),
     (r'/embed_tokens/embedding$', ('tensor', 'fsdp')),
+    (r'/embed_positions/embedding$', (None, 'fsdp')),
     (r'/lm_head/kernel$', ('fsdp', 'tensor')),
-    (rf'/{_COL}/lora_b$', (None, 'tensor')),
-    (rf'/{_ROW}/lora_a$', ('tensor', None)),
-    (r'.*', ()),  # norms, biases, connector, vision encoder, small tables: replicated
+    (r'/project_(in|out)/kernel$', ('fsdp', None)),
+    # The adaptor tables [layers, contexts, ...] (and, by their paths, their Adam moments).
+    (rf'/{_COL}/lora_a$', ('fsdp', None)),
+    (rf'/{_COL}/lora_b$', (None, _TF)),
+    (rf'/{_COL}/(ia3|bitfit|dora_m)$', (_TF,)),
+    (rf'/{_ROW}/lora_a$', (_TF, None)),
+    (rf'/{_ROW}/lora_b$', (None, 'fsdp')),
+    (rf'/{_ROW}/ia3$', (_TF,)),  # a row-parallel projection scales its input
+    (rf'/{_ROW}/(bitfit|dora_m)$', ('fsdp',)),
+    (r'.*', ()),  # norms, other biases, the connector's proj, the vision stem: replicated
 )
 
 
@@ -135,11 +165,15 @@ def spec_for(path: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules) 
   for i, a in enumerate(dims):
     if a is None:
       continue
-    size = int(np.prod([mesh.shape[n] for n in (a if isinstance(a, (tuple, list)) else (a,))]))
-    if shape[i] % size:
-      logging.info('sharding: %s dim %d (%d) is not divisible by mesh axis %s (%d); replicated.',
-                   path, i, shape[i], a, size)
-      dims[i] = None
+    names = tuple(a) if isinstance(a, (tuple, list)) else (a,)
+    keep = names
+    while keep and shape[i] % int(np.prod([mesh.shape[n] for n in keep])):
+      keep = keep[:-1]
+    if keep != names:
+      logging.info('sharding: %s dim %d (%d) is not divisible by mesh axis %s (%d); %s.',
+                   path, i, shape[i], a, int(np.prod([mesh.shape[n] for n in names])),
+                   f'split over {keep} only' if keep else 'replicated')
+    dims[i] = keep if len(keep) > 1 else (keep[0] if keep else None)
   return P(*dims)
 
 
@@ -149,6 +183,33 @@ def tree_shardings(tree, mesh: jax.sharding.Mesh, rules=None):
   return jax.tree_util.tree_map_with_path(
       lambda kp, x: NamedSharding(
           mesh, spec_for(trees.path_str(kp), tuple(np.shape(x)), mesh, rules)), tree)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules=None):
+  """NamedShardings of a train state (`.trainable`, `.opt_state`, arrays or shapes).
+
+  The trainable tree is placed by the rules; every optimizer leaf whose path ends with a
+  parameter's path and has its shape (Adam's mu and nu, under any chain or mask) takes that
+  parameter's sharding, so the moments are split exactly as what they track; other optimizer
+  leaves (counts, hyperparameters) by the rules.
+  """
+  rules = parse_rules(None) if rules is None else rules
+  trainable_sh = tree_shardings(state.trainable, mesh, rules)
+  params = {trees.path_str(kp): (tuple(np.shape(x)), sh) for (kp, x), sh in zip(
+      jax.tree_util.tree_flatten_with_path(state.trainable)[0], jax.tree.leaves(trainable_sh))}
+
+  def mirror(kp, x):
+    path, shape = 'opt_state/' + trees.path_str(kp), tuple(np.shape(x))
+    parts = path.split('/')
+    for i in range(1, len(parts)):
+      param = params.get('/'.join(parts[i:]))
+      if param is not None and param[0] == shape:
+        return param[1]
+    return NamedSharding(mesh, spec_for(path, shape, mesh, rules))
+
+  rest = tree_shardings(state.replace(trainable=None, opt_state=None), mesh, rules)  # the step
+  return rest.replace(trainable=trainable_sh,
+                      opt_state=jax.tree_util.tree_map_with_path(mirror, state.opt_state))
 
 
 def describe(shardings) -> dict[str, str]:

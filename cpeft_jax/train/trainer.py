@@ -77,7 +77,7 @@ def place(exp: experiment.Experiment, trainable, frozen, tx) -> Placed:
   """
   rules = sharding.parse_rules(exp.config.get('partition_rules'))
   create = lambda t: state_lib.TrainState.create(t, tx)
-  state_sh = sharding.tree_shardings(jax.eval_shape(create, trainable), exp.mesh, rules)
+  state_sh = sharding.state_shardings(jax.eval_shape(create, trainable), exp.mesh, rules)
   frozen_sh = sharding.tree_shardings(frozen, exp.mesh, rules)
   logging.info('sharded leaves on mesh %s: %s', dict(exp.mesh.shape),
                sharding.describe({'frozen': frozen_sh, 'state': state_sh}))
