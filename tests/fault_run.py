@@ -74,8 +74,11 @@ def main(argv):
 def run(workdir, data_dir, *faults, kill_after: float | None = None):
   """Runs this file in a subprocess; returns its exit code (negative: killed by a signal)."""
   cmd = [sys.executable, os.path.abspath(__file__), str(workdir), str(data_dir), *faults]
+  # Unoptimised CPU code compiles sooner; every run of a comparison uses it.
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
+      ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')).strip())
   with open(os.path.join(os.path.dirname(str(workdir)) or '.', 'fault_run.log'), 'a') as log:
-    p = subprocess.Popen(cmd, stdout=log, stderr=log)
+    p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
     try:
       p.wait(timeout=kill_after)
     except subprocess.TimeoutExpired:

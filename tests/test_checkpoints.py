@@ -189,7 +189,9 @@ def test_missing_tensor_is_reported_and_initialised(llama, tmp_path, caplog):
   np.testing.assert_array_equal(down[0], llama.loaded.params['layers']['mlp']['down_proj'][
       'kernel'][0])
   fresh = Decoder(loaded.config).init(jax.random.key(7), jnp.asarray(TOKENS))['params']
-  np.testing.assert_array_equal(down[1], fresh['layers']['mlp']['down_proj']['kernel'][1])
+  # The same draw; jitted and eager sampling may round the last bit differently.
+  np.testing.assert_allclose(down[1], fresh['layers']['mlp']['down_proj']['kernel'][1],
+                             rtol=1e-5, atol=1e-7)
   with pytest.raises(ValueError, match=f'ckpt/model.safetensors does not match.*missing: {gone}'):
     checkpoints.load_decoder(path)
 

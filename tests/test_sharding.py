@@ -32,7 +32,9 @@ trainer.train_and_evaluate(c, {workdir!r})
 
 def _run(tmp_path, devices, mesh=None):
   workdir = tmp_path / f'mesh{devices}'
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  # Unoptimised CPU code compiles sooner; both sides of the comparison use it.
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
+             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
              JAX_PLATFORMS='cpu')
   code = RUN.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=str(tmp_path / 'tfds'),
                     workdir=str(workdir), mesh=mesh or sharding.DEFAULT_MESH, info=True)
@@ -119,7 +121,8 @@ def test_quantized_base_trains_sharded_as_unsharded(tmp_path):
   """An int4 base (decoder projections, LM head, embeddings, vision) on an 8-device mesh: the
   4-bit values are split as their kernels, the scales along the axes they share with them, and
   three train steps give the losses and tables of the same steps on one device."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
+             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', QUANTIZED.format(
       root=ROOT, tests=os.path.join(ROOT, 'tests'))], env=env, capture_output=True, text=True,
