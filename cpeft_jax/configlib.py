@@ -23,6 +23,16 @@ class ConfigError(ValueError):
     super().__init__(head + ':\n  ' + '\n  '.join(self.problems))
 
 
+def is_int(v) -> bool:
+  """An int, not a bool (which Python counts as one)."""
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+  """An int or a float, not a bool."""
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   """Parses 'key=value,key2=value2' (big_vision style) over typed defaults.
 

@@ -16,7 +16,8 @@ from cpeft_jax.checkpoints.decoder import (ARCH_OF, NAME_MAPS, DecoderNames, Pre
                                            params_from_state_dict)
 from cpeft_jax.checkpoints.hf_save import save_decoder, save_vision
 from cpeft_jax.checkpoints.io import (CONFIG, SAFETENSORS, SAFETENSORS_INDEX, LoadReport,
-                                      open_weights, read_config, resolve, swap_in)
+                                      read_config, resolve, swap_in)
+from cpeft_jax.checkpoints.tensors import open_weights
 from cpeft_jax.checkpoints.vision import load_vision, vision_module
 
 __all__ = [

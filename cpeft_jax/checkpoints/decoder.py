@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from cpeft_jax import trees
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.checkpoints.io import (CONFIG, CONV1D, EMBED, FLAX_LAYOUT, LINEAR, TORCH_LAYOUT,
-                                      VECTOR, Arrays, Concat, LoadReport, Split, Views,
-                                      check_report, dense, fill_leaves, layer_norm, open_weights,
-                                      plan_leaves, read_config, resolve)
+                                      VECTOR, LoadReport, check_report, dense, fill_leaves,
+                                      layer_norm, plan_leaves, read_config, resolve)
+from cpeft_jax.checkpoints.tensors import Arrays, Concat, Split, Views, open_weights
 from cpeft_jax.models import hf_configs
 from cpeft_jax.models.decoders import init_adaptors, make_decoder
 from cpeft_jax.models.llama import DecoderConfig

@@ -20,7 +20,8 @@ import numpy as np
 
 from cpeft_jax import trees
 from cpeft_jax.checkpoints.decoder import NAME_MAPS, DecoderNames
-from cpeft_jax.checkpoints.io import CONFIG, LINEAR, SAFETENSORS, Concat, Split, swap_in
+from cpeft_jax.checkpoints.io import CONFIG, LINEAR, SAFETENSORS, swap_in
+from cpeft_jax.checkpoints.tensors import Concat, Split
 from cpeft_jax.checkpoints import vision
 from cpeft_jax.models.llama import DecoderConfig
 from cpeft_jax.models.vision import ViTConfig

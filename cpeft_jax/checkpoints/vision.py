@@ -26,8 +26,9 @@ import jax.numpy as jnp
 
 from cpeft_jax import trees
 from cpeft_jax.checkpoints.io import (CONFIG, TORCH_LAYOUT, VECTOR, LoadReport, check_report,
-                                      dense, fill_leaves, layer_norm, open_weights, plan_leaves,
-                                      read_config, resolve)
+                                      dense, fill_leaves, layer_norm, plan_leaves, read_config,
+                                      resolve)
+from cpeft_jax.checkpoints.tensors import open_weights
 from cpeft_jax.models import clip, siglip, swinv2
 from cpeft_jax.models.vision import ViT
 
