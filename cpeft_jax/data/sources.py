@@ -187,91 +187,108 @@ def _read_json(path: str) -> dict:
     raise ValueError(f'Captions JSON {path} is not valid JSON: {e}') from e
 
 
+_LAYOUTS = ('expected COCO layout {"images": [{"id", "file_name"}], "annotations": '
+            '[{"image_id", "caption"}]} or Karpathy layout {"images": [{"filename", "split", '
+            '"sentences": [{"raw"}]}]}')
+
+
 def _entries(data, path: str, split: str, restval_in_train: bool):
   """(relative file, image id, captions) of each image of `split`, in file order, and the
   number of orphan annotations; a malformed entry is an error naming it."""
-  layouts = ('expected COCO layout {"images": [{"id", "file_name"}], "annotations": '
-             '[{"image_id", "caption"}]} or Karpathy layout {"images": [{"filename", "split", '
-             '"sentences": [{"raw"}]}]}')
   keys = sorted(data) if isinstance(data, dict) else type(data).__name__
   images = data.get('images') if isinstance(data, dict) else None
   if not isinstance(images, list):
-    raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}); {layouts}.')
+    raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}); '
+                     f'{_LAYOUTS}.')
+  entries = _Entries(path)
+  if 'annotations' in data:  # COCO: the whole file is the split
+    return entries.coco(images, data['annotations'])
+  if not images or all(isinstance(im, dict) and 'sentences' in im for im in images):  # Karpathy
+    wanted = {split, 'restval'} if split == 'train' and restval_in_train else {split}
+    return entries.karpathy(images, split, wanted), 0
+  raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}, images '
+                   f'without "sentences" and no "annotations"); {_LAYOUTS}.')
 
-  def field(entry, i, *names, kind=None, where='images'):
+
+class _Entries:
+  """Reads the entries of one captions JSON; every error names the file and the entry."""
+
+  def __init__(self, path: str):
+    self.path, self.ids = path, {}
+
+  def field(self, entry, i, *names, kind=None, where='images'):
     for name in names:
       if isinstance(entry, dict) and name in entry:
         value = entry[name]
         if kind is not None and not isinstance(value, kind):
-          raise ValueError(f'Captions JSON {path}: {where}[{i}] has {name}={value!r}; expected '
-                           f'a {_kind_name(kind)}.')
+          raise ValueError(f'Captions JSON {self.path}: {where}[{i}] has {name}={value!r}; '
+                           f'expected a {_kind_name(kind)}.')
         return value
-    raise ValueError(f'Captions JSON {path}: {where}[{i}] has no {" or ".join(map(repr, names))} '
-                     f'(its keys: {sorted(entry) if isinstance(entry, dict) else entry!r}).')
+    raise ValueError(f'Captions JSON {self.path}: {where}[{i}] has no '
+                     f'{" or ".join(map(repr, names))} (its keys: '
+                     f'{sorted(entry) if isinstance(entry, dict) else entry!r}).')
 
-  def relative(i, *parts):
+  def relative(self, i, *parts):
     """The file name joined to its folder, which it must not leave."""
     rel = os.path.join(*parts)
     norm = os.path.normpath(rel)
     if not parts[-1] or os.path.isabs(rel) or norm == '..' or norm.startswith('..' + os.sep):
-      raise ValueError(f'Captions JSON {path}: images[{i}] has file name {rel!r}, which is not '
-                       'a path inside the image folder.')
+      raise ValueError(f'Captions JSON {self.path}: images[{i}] has file name {rel!r}, which is '
+                       'not a path inside the image folder.')
     return norm
 
-  def unique(ids, i, image_id):
+  def unique(self, i, image_id):
     if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
-      raise ValueError(f'Captions JSON {path}: images[{i}] has image id {image_id!r}; expected '
-                       'an integer or a string.')
-    if image_id in ids:
-      raise ValueError(f'Captions JSON {path}: images[{i}] repeats image id {image_id!r} of '
-                       f'images[{ids[image_id]}].')
-    ids[image_id] = i
+      raise ValueError(f'Captions JSON {self.path}: images[{i}] has image id {image_id!r}; '
+                       'expected an integer or a string.')
+    if image_id in self.ids:
+      raise ValueError(f'Captions JSON {self.path}: images[{i}] repeats image id {image_id!r} '
+                       f'of images[{self.ids[image_id]}].')
+    self.ids[image_id] = i
 
-  if 'annotations' in data:  # COCO: the whole file is the split
-    if not isinstance(data['annotations'], list):
-      raise ValueError(f'Captions JSON {path}: "annotations" is a '
-                       f'{type(data["annotations"]).__name__}, not a list; {layouts}.')
-    by_id, ids = {}, {}
+  def coco(self, images, annotations):
+    if not isinstance(annotations, list):
+      raise ValueError(f'Captions JSON {self.path}: "annotations" is a '
+                       f'{type(annotations).__name__}, not a list; {_LAYOUTS}.')
+    by_id = {}
     for i, im in enumerate(images):
-      image_id = field(im, i, 'id')
-      unique(ids, i, image_id)
-      by_id[image_id] = (relative(i, field(im, i, 'file_name', kind=str)), [])
+      image_id = self.field(im, i, 'id')
+      self.unique(i, image_id)
+      by_id[image_id] = (self.relative(i, self.field(im, i, 'file_name', kind=str)), [])
     orphans = 0
-    for j, a in enumerate(data['annotations']):
-      image_id = field(a, j, 'image_id', where='annotations')
-      caption = field(a, j, 'caption', kind=str, where='annotations')
+    for j, a in enumerate(annotations):
+      image_id = self.field(a, j, 'image_id', where='annotations')
+      caption = self.field(a, j, 'caption', kind=str, where='annotations')
       if isinstance(image_id, (int, str)) and image_id in by_id:
         by_id[image_id][1].append(caption)
       else:
         orphans += 1
     if orphans:
-      logging.warning('%s: %d annotation(s) name no image listed in "images"; skipped.', path,
-                      orphans)
+      logging.warning('%s: %d annotation(s) name no image listed in "images"; skipped.',
+                      self.path, orphans)
     return [(f, i, caps) for i, (f, caps) in by_id.items()], orphans
-  if not images or all(isinstance(im, dict) and 'sentences' in im for im in images):  # Karpathy
-    wanted = {split, 'restval'} if split == 'train' and restval_in_train else {split}
-    out, found, ids = [], set(), {}
+
+  def karpathy(self, images, split, wanted):
+    out, found = [], set()
     for i, im in enumerate(images):
       image_id = im.get('cocoid', im.get('imgid', i))
-      unique(ids, i, image_id)  # over the whole file, every split
-      s = field(im, i, 'split', kind=str)
+      self.unique(i, image_id)  # over the whole file, every split
+      s = self.field(im, i, 'split', kind=str)
       found.add(s)
-      rel = relative(i, field(im, i, 'filepath', kind=str) if 'filepath' in im else '',
-                     field(im, i, 'filename', kind=str))
-      sentences = field(im, i, 'sentences', kind=list)
+      rel = self.relative(i, self.field(im, i, 'filepath', kind=str) if 'filepath' in im else '',
+                          self.field(im, i, 'filename', kind=str))
+      sentences = self.field(im, i, 'sentences', kind=list)
       if not sentences:
-        raise ValueError(f'Captions JSON {path}: images[{i}] ({rel}) has an empty "sentences" '
-                         'list.')
-      caps = [_sentence(c, f'images[{i}] ({rel}) sentences[{k}]', path)
+        raise ValueError(f'Captions JSON {self.path}: images[{i}] ({rel}) has an empty '
+                         '"sentences" list.')
+      caps = [_sentence(c, f'images[{i}] ({rel}) sentences[{k}]', self.path)
               for k, c in enumerate(sentences)]
       if s in wanted:
         out.append((rel, image_id, caps))
     if not out:
-      raise ValueError(f'Captions JSON {path} (Karpathy layout) has no image in split {split!r}; '
-                       f'its splits are {sorted(found)}.')
-    return out, 0
-  raise ValueError(f'Captions JSON {path} has an unknown layout (top level: {keys}, images '
-                   f'without "sentences" and no "annotations"); {layouts}.')
+      raise ValueError(f'Captions JSON {self.path} (Karpathy layout) has no image in split '
+                       f'{split!r}; its splits are {sorted(found)}.')
+    return out
 
 
 def _sentence(c, where: str, path: str) -> str:
