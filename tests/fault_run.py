@@ -1,15 +1,16 @@
 """One tiny training run in its own process, optionally hit by a signal at a chosen moment.
 
     python tests/fault_run.py WORKDIR DATA_DIR [--fault=WHERE:N:SIGNAL]
-    python tests/fault_run.py --sweep OUTDIR [--kills=20] [--seed=0]
+    python tests/fault_run.py --sweep OUTDIR [--kills=20] [--seed=0] [--points=KILL,INT,TERM]
 
 WHERE is `batch` (the N-th batch placed on the devices: training steps, then each epoch's
 validation batches) or `rename` (the N-th rename that commits an orbax save: the state or the
 best weights are fully written, not yet committed). SIGNAL is KILL, INT or TERM. A finished run
 writes WORKDIR/result.json. tests/test_faults.py drives it. `--sweep` runs the fault table of
-issue 18: kill -9 at random moments, SIGINT and SIGTERM at chosen batches (mid-epoch, last
-step, mid-validation) and mid-save, each rerun to the end and compared with a run nothing
-interrupted (losses, validation losses, result and best weights, bit for bit).
+issue 18: kill -9 at random moments, and kill -9, SIGINT and SIGTERM at chosen batches
+(mid-epoch, last step, mid-validation) and mid-save (`cases`), each rerun to the end and
+compared with a run nothing interrupted (losses, validation losses, result and best weights,
+bit for bit).
 """
 
 import hashlib
@@ -111,29 +112,44 @@ def resume_until_done(workdir, data_dir, limit: int = 6) -> int:
   raise RuntimeError(f'{workdir} did not finish in {limit} reruns')
 
 
-def sweep(outdir: str, kills: int, seed: int) -> None:
+def _saved(workdir) -> int:
+  """How many complete checkpoints a stopped run left."""
+  d = os.path.join(workdir, 'checkpoints')
+  return sum(n.isdigit() for n in os.listdir(d)) if os.path.isdir(d) else 0
+
+
+def cases(kills: int, length: float, rng: random.Random, points: str) -> list[tuple]:
+  """(kind, fault flag or None, kill time or None) of each case.
+
+  15 steps an epoch, then 2 validation batches: batch 3 and 7 mid-epoch, 15 the epoch's last
+  step, 16 and 17 validation (the run has 34 batches); rename N is the N-th orbax commit (the
+  checkpoints every 4 steps, at epoch ends and of the best weights), stopped mid-save.
+  """
+  out = [('kill -9', None, rng.uniform(0.15, 1.0) * length) for _ in range(kills)]
+  sigs = {'INT': 'SIGINT', 'TERM': 'SIGTERM', 'KILL': 'kill -9'}
+  for sig in points.split(',') if points else ():
+    out += [(sigs[sig], f'--fault=batch:{n}:{sig}', None) for n in (3, 7, 15, 16, 17, 25)]
+    out += [(sigs[sig], f'--fault=rename:{n}:{sig}', None) for n in (1, 2, 4)]
+  return out
+
+
+def sweep(outdir: str, kills: int, seed: int, points: str) -> None:
   rng = random.Random(seed)
   data_dir = os.path.join(outdir, 'tfds')
   t = time.time()
   assert run(os.path.join(outdir, 'ref'), data_dir) == 0
   length = time.time() - t
   want = outcome(os.path.join(outdir, 'ref'))
-  cases = [('kill -9', None, rng.uniform(0.15, 1.0) * length) for _ in range(kills)]
-  # 15 steps an epoch, then 2 validation batches: batch 7 mid-epoch, 15 the last step, 16 and
-  # 17 validation; rename 1..3: the commit of a checkpoint or of the best weights.
-  for sig in ('INT', 'TERM'):
-    cases += [(f'SIG{sig}', f'--fault=batch:{n}:{sig}', None) for n in (3, 7, 15, 16, 17)]
-    cases += [(f'SIG{sig}', f'--fault=rename:{n}:{sig}', None) for n in (1, 2)]
-  cases += [('kill -9', f'--fault=rename:{n}:KILL', None) for n in (1, 2, 3)]
   rows = []
-  for i, (kind, fault, after) in enumerate(cases):
+  for i, (kind, fault, after) in enumerate(cases(kills, length, rng, points)):
     w = os.path.join(outdir, f'case{i}')
     code = run(w, data_dir, *([fault] if fault else []), kill_after=after)
+    saved = _saved(w)
     reruns = resume_until_done(w, data_dir)
     same = outcome(w) == want
     where = fault.removeprefix('--fault=') if fault else f'at {after:.1f}s'
     rows.append((kind, where, code, reruns, same))
-    print(f'{kind:8s} {where:22s} exit {code:4d}, reruns {reruns}, '
+    print(f'{kind:8s} {where:22s} exit {code:4d}, {saved} checkpoint(s) left, reruns {reruns}, '
           f'{"bit-identical" if same else "DIFFERENT"}', flush=True)
   print(f'{sum(r[4] for r in rows)} of {len(rows)} resumed runs bit-identical '
         f'(uninterrupted run {length:.0f}s)')
@@ -142,6 +158,7 @@ def sweep(outdir: str, kills: int, seed: int) -> None:
 if __name__ == '__main__':
   if sys.argv[1] == '--sweep':
     opts = dict(a.removeprefix('--').split('=') for a in sys.argv[3:])
-    sweep(sys.argv[2], int(opts.get('kills', 20)), int(opts.get('seed', 0)))
+    sweep(sys.argv[2], int(opts.get('kills', 20)), int(opts.get('seed', 0)),
+          opts.get('points', 'KILL,INT,TERM'))
   else:
     main(sys.argv)
