@@ -85,7 +85,10 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
   nctx = peft.num_contexts if peft else 0
 
   def make(variables):
-    trainable, frozen = trainable_lib.split(variables, 'peft' if mode == 'peft' else 'full')
+    # 'full' here is every decoder weight, the input embeddings too (training's default keeps
+    # them frozen, as the paper does): the recorded numbers measure every weight.
+    trainable, frozen = trainable_lib.split(variables, 'peft' if mode == 'peft' else 'full',
+                                            train_embeddings=True)
     return state_lib.TrainState.create(trainable, tx), frozen
 
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply, num_contexts=nctx),

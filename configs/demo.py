@@ -70,9 +70,13 @@ def get_config(arg=None):
   c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
                  checkpoint_every=200, max_zero_grad_steps=20,
                  export=True,  # DIR/export: the adaptor-only copy of the best weights
-                 freeze_connector=False, freeze_contexts=())
+                 freeze_connector=False, freeze_contexts=(),
+                 # mode=full: False keeps the input embedding table frozen, as the paper does
+                 full_embeddings=False,
+                 adaptor_dropout=0.0)  # per-token: a token loses its adaptor (the authors')
   c.eval = dict(batch_size=50, num_captions=3,  # captions the two-variant demo prints
-                num_beams=1, max_new_tokens=0)  # 0: as many tokens as a training row holds
+                num_beams=1, max_new_tokens=0,  # 0: as many tokens as a training row holds
+                all_references=False)  # True: validation PPL over every caption of an image
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                  schedule='cosine', warmup_steps=50, total_steps=0, grad_clip_norm=1.0)
   return c

@@ -12,6 +12,24 @@ Usage: --config=configs/paper.py:method=lora,rank=64,targets=AF,contexts=specifi
     exact shape). Its own tokenizer is used.
   dataset: coco_captions (TFDS, Karpathy splits) | folder (set data.captions_json)
 `grid()` lists the arg strings of the whole grid. Hyper-parameters are the paper's section 4.1.
+
+The paper's recipe, and where this config still differs (paper vs ours):
+  - Full fine-tuning (method=full) trains the LM and connector with the input embedding table
+    frozen, as the paper does (train.full_embeddings=True trains it too). SmolLM2 ties its LM
+    head to that table, so the head stays frozen as well; the paper's LM has an untied head,
+    which trains (configs/paper_llm150m.py). `python -m cpeft_jax.params --grid` counts that
+    row for the paper's shape as 151,874,304 (the LM less its 38,608,896 input embeddings); the
+    paper's Table 3 says 153,196,032, 1,321,728 more, which its text does not explain (the
+    connector would be 590,592 with Swin-tiny).
+  - Validation perplexity averages over every reference caption of each image, as the authors'
+    code does (eval.all_references=True: five times the pairs of first captions only; False:
+    each image's first caption, the library's default).
+  - Training reads the Karpathy train split only, as the paper does (data.restval=True adds
+    Karpathy's 'restval' images: a folder JSON's entries, or TFDS 'train+restval').
+  - The authors' per-token adaptor dropout on the context mask: train.adaptor_dropout (0.0,
+    off; the paper does not give a rate).
+  - Not the paper's: the LM (SmolLM2-135M and its tokenizer, above), LoRA alpha = rank, and the
+    augmentation strengths (the paper names flip, crop and colour jitter without strengths).
 """
 
 import itertools
@@ -55,6 +73,7 @@ def get_config(arg=None):
       dataset=a.dataset, data_dir='', train_split='train', eval_split='val',
       # dataset=folder: a COCO- or Karpathy-format JSON (and the evaluation split's own file).
       captions_json='', eval_captions_json='', image_dir='',
+      restval=False,  # True: Karpathy's 'restval' images join train (the paper: train only)
       seq_len=128,  # BOS + 64 image tokens + up to 62 caption tokens + EOS, then PAD
       context_map=CONTEXT_MAPS[a.contexts],
       # The paper names flip, crop and colour jitter but not their strengths.
@@ -81,8 +100,13 @@ def get_config(arg=None):
   c.train = dict(mode=mode, batch_size=96, epochs=8, micro_steps=1, log_every=100,
                  checkpoint_every=1000, max_zero_grad_steps=20,
                  export=True,  # DIR/export: the adaptor-only copy of the best weights
-                 freeze_connector=False, freeze_contexts=())
-  c.eval = dict(batch_size=96, num_beams=1, max_new_tokens=0)
+                 freeze_connector=False, freeze_contexts=(),
+                 # mode=full: False keeps the input embedding table frozen, as the paper does
+                 full_embeddings=False,
+                 adaptor_dropout=0.0)  # per-token: a token loses its adaptor (the authors')
+  c.eval = dict(batch_size=96, num_beams=1, max_new_tokens=0,
+                # validation PPL over all references, as the authors (False: first captions)
+                all_references=True)
   c.optim = dict(learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                  schedule='constant', warmup_steps=0, total_steps=0, grad_clip_norm=0.0)
   return c

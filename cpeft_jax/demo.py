@@ -62,7 +62,7 @@ def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
   split = experiment.open_split(config, workdir, config.data.eval_split)
   r = runs.restore(config, workdir, checkpoint='best')
   exp = r.exp
-  batch = exp.batches(split, train=False).batch(0, 0)
+  batch = exp.batches(split, train=False, all_references=False).batch(0, 0)
   batch = {k: v[:num] for k, v in batch.items()}
   ids = tokenizer_lib.special_ids(exp.tokenizer)
   text_context = contexts.validate(config.data.context_map)['text']

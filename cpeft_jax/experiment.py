@@ -52,9 +52,16 @@ class Experiment:
   image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
   image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
-  def batches(self, split: sources.Split, *, train: bool) -> pipeline.CaptionBatches:
-    """This host's share of the batches: batch_size / process_count rows of each."""
+  def batches(self, split: sources.Split, *, train: bool,
+              all_references: bool | None = None) -> pipeline.CaptionBatches:
+    """This host's share of the batches: batch_size / process_count rows of each.
+
+    Evaluation batches hold every reference caption of each image when `all_references`
+    (None: the config's eval.all_references, default False: each image's first caption).
+    """
     c = self.config
+    if all_references is None:
+      all_references = bool(c.eval.get('all_references', False))
     size = c.train.batch_size if train else c.eval.batch_size
     return pipeline.CaptionBatches(
         split, self.tokenizer, batch_size=size // jax.process_count(),
@@ -63,7 +70,8 @@ class Experiment:
         std=self.image_std, train=train, seed=c.seed,
         augment=pipeline.AugmentConfig(**c.data.augment), boundary=c.connector.boundary_tokens,
         host=(jax.process_index(), jax.process_count()), tasks=self.tasks,
-        invocations=dict(c.data.get('invocations') or {}))
+        invocations=dict(c.data.get('invocations') or {}),
+        all_references=not train and all_references)
 
   @property
   def tasks(self) -> tuple[str, ...]:
@@ -353,11 +361,17 @@ def open_split(config: ml_collections.ConfigDict, workdir: str, name: str) -> so
 
   dataset='folder': a user's images plus a COCO- or Karpathy-format captions JSON. A COCO file
   is one split: training's file for the train split, eval_captions_json for any other.
+  data.restval (default False, the paper's train split only): Karpathy's 'restval' images join
+  'train' (a Karpathy JSON's entries; coco_captions opens 'train+restval').
   """
   d = config.data
   demo = demo_builder.make_config(**d.demo) if d.dataset == 'demo' else None
   captions_json = d.get('captions_json') or None
   if name != d.train_split:
     captions_json = d.get('eval_captions_json') or captions_json
+  restval = bool(d.get('restval', False))
+  if restval and d.dataset == 'coco_captions' and name == 'train':
+    name = 'train+restval'
   return sources.load(d.dataset, name, d.data_dir or os.path.join(workdir, workdir_lib.TFDS),
-                      demo, captions_json=captions_json, image_dir=d.get('image_dir') or None)
+                      demo, captions_json=captions_json, image_dir=d.get('image_dir') or None,
+                      restval_in_train=restval)

@@ -7,7 +7,11 @@ the largest, rows of contexts without a method) is reported apart, in entries an
     python -m cpeft_jax.params --config=configs/paper_llm150m.py:method=lora,rank=64
     python -m cpeft_jax.params --config=configs/paper_llm150m.py --grid   # the paper's Table 3
 
-Shapes come from `jax.eval_shape`, so no parameter memory is ever allocated.
+Table 3's full fine-tuning row counts what train.mode='full' trains in the LM: every decoder
+parameter except the input embedding table, which stays frozen as the paper's (OPT-125m's)
+do; an untied LM head counts, a tied one is that frozen table. With the config's
+train.full_embeddings=True the table counts too. The connector, trained in every row, is not
+counted in any. Shapes come from `jax.eval_shape`, so no parameter memory is ever allocated.
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ class Report:
   peft: PeftConfig
   padding: int = 0
   padding_bytes: int = 0
+  embeddings: int = 0  # the input embedding table's share of `base`
+
+  def full_trainable(self, embeddings: bool = False) -> int:
+    """The LM parameters full fine-tuning trains: the base less its input embeddings (frozen
+    as in the paper) unless `embeddings` (train.full_embeddings)."""
+    return self.base - (0 if embeddings else self.embeddings)
 
   @property
   def adaptor_total(self) -> int:
@@ -62,7 +72,9 @@ class Report:
       lines.append(f'\npadding: {self.padding:,} stored entries ({self.padding_bytes / 2**20:.2f} '
                    'MiB) hold no parameters (ranks padded to the largest, rows of contexts '
                    'without a method); they stay zero/one and receive no gradient')
-    lines.append(f'\nfrozen base parameters: {self.base:,} (trainable under full fine-tuning)')
+    lines.append(f'\nfrozen base parameters: {self.base:,}; full fine-tuning trains '
+                 f'{self.full_trainable():,} of them (all but the {self.embeddings:,} of the '
+                 'input embeddings, frozen as in the paper; train.full_embeddings=True: all)')
     return '\n'.join(lines)
 
 
@@ -128,18 +140,22 @@ def count_adaptors(tables, peft: PeftConfig, targets=None) -> dict[str, dict[int
 
 def report(cfg: DecoderConfig, peft: PeftConfig) -> Report:
   shapes = variable_shapes(cfg, peft)
-  base = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes['params']))
+  size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  base = size(shapes['params'])
   targets = adaptors.resolve_targets(peft, cfg.projections())
   counts, padding, padding_bytes = count_tables(shapes.get(adaptors.ADAPTORS, {}), peft, targets)
-  return Report(counts, base, peft, padding, padding_bytes)
+  return Report(counts, base, peft, padding, padding_bytes,
+                embeddings=size(shapes['params'].get('embed_tokens', {})))
 
 
 GRID = (('IA3', ('ia3',), None), ('BitFit', ('bitfit',), None), ('LoRA r=1', ('lora',), 1),
         ('LoRA r=8', ('lora',), 8), ('LoRA r=64', ('lora',), 64))
 
 
-def grid(cfg: DecoderConfig, peft: PeftConfig, num_specific: int = 2) -> str:
-  """The paper's Table 3 for this model and targets: agnostic vs context-specific counts."""
+def grid(cfg: DecoderConfig, peft: PeftConfig, num_specific: int = 2,
+         full_embeddings: bool = False) -> str:
+  """The paper's Table 3 for this model and targets: agnostic vs context-specific counts; the
+  full fine-tuning row counts the LM less its input embeddings unless `full_embeddings`."""
   lines = [f'| adaptor ({peft.targets}) | context-agnostic | context-specific ({num_specific}) |',
            '|---|---|---|']
   for label, methods, rank in GRID:
@@ -149,8 +165,10 @@ def grid(cfg: DecoderConfig, peft: PeftConfig, num_specific: int = 2) -> str:
                                               contexts=None))
               .adaptor_total for C in (1, num_specific)]
     lines.append(f'| {label} | {counts[0]:,} | {counts[1]:,} |')
-  full = report(cfg, dataclasses.replace(peft, methods=())).base
-  lines.append(f'| full fine-tuning (all base parameters) | {full:,} | |')
+  base = report(cfg, dataclasses.replace(peft, methods=()))
+  label = ('all LM parameters' if full_embeddings else
+           f'LM less its {base.embeddings:,} frozen input embeddings')
+  lines.append(f'| full fine-tuning ({label}) | {base.full_trainable(full_embeddings):,} | |')
   return '\n'.join(lines)
 
 
@@ -159,7 +177,8 @@ def main(argv):
   config = FLAGS.config
   cfg, peft = experiment.decoder_config(config), experiment.peft_config(config)
   if FLAGS.grid:
-    print(grid(cfg, peft))
+    print(grid(cfg, peft, full_embeddings=bool(
+        (config.get('train') or {}).get('full_embeddings', False))))
   else:
     print(f'methods={peft.methods} targets={peft.targets!r} contexts={peft.num_contexts} '
           f'adapted={peft.rows} rank={peft.lora.rank}')

@@ -28,7 +28,8 @@ from cpeft_jax import workdir as workdir_lib
 CHECKPOINTS = ('best', 'latest')
 # Config entries that decide the trainable tree's shapes, compared with the run's config.json
 # to say which setting disagrees when a checkpoint does not fit.
-SHAPING_KEYS = ('peft', 'model', 'connector', 'vision', 'text_model', 'tokenizer', 'train.mode')
+SHAPING_KEYS = ('peft', 'model', 'connector', 'vision', 'text_model', 'tokenizer', 'train.mode',
+                'train.full_embeddings')
 
 
 class CheckpointMismatch(ValueError):
@@ -91,7 +92,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str 
   check_base_saved(config, workdir)
   # The tokenizer and the base decoder are read from the workdir, so build needs no train split.
   exp = experiment.build(config, workdir, None)
-  trainable, frozen = trainable_lib.split(exp.variables, config.train.mode)
+  trainable, frozen = trainable_lib.split_for(exp.variables, config)
   replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           trainable)

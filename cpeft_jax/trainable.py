@@ -2,8 +2,14 @@
 
 Which leaves train is a rule over variable paths ('collection/module/.../leaf'): adaptor
 tables and the connector for PEFT, the connector alone for the paper's "projection only"
-baseline, everything but the vision encoder for full fine-tuning. Only the trainable tree is
+baseline, the connector and the decoder for full fine-tuning. Only the trainable tree is
 differentiated and only it has optimizer state; the frozen tree is a separate argument.
+
+Full fine-tuning keeps the decoder's input embedding table (`embed_tokens`) frozen, as the
+paper does (its LM's input embeddings are OPT-125m's, frozen), unless `train_embeddings`
+(config: train.full_embeddings=True). With tied embeddings the LM head is that same table, so
+it stays frozen too: only an untied `lm_head` trains. Learned position tables (GPT-2, OPT) are
+not input token embeddings and train under full fine-tuning.
 """
 
 from __future__ import annotations
@@ -20,20 +26,34 @@ TRAINABLE = {
     'connector': (r'^params/connector/',),
     'full': (r'^adaptors/', r'^params/connector/', r'^params/decoder/'),
 }
+# The decoder's input embedding table, frozen under full fine-tuning unless asked to train.
+EMBEDDINGS = r'^params/decoder/embed_tokens/'
 
 
-def split(variables: Mapping[str, Any], mode: str) -> tuple[dict, dict]:
-  """(trainable, frozen): two nested dicts of the same collections; each leaf in exactly one."""
+def split(variables: Mapping[str, Any], mode: str, *,
+          train_embeddings: bool = False) -> tuple[dict, dict]:
+  """(trainable, frozen): two nested dicts of the same collections; each leaf in exactly one.
+
+  `train_embeddings` (mode 'full' only): the input embedding table trains as well.
+  """
   if mode not in TRAINABLE:
     raise ValueError(f'train mode {mode!r}; expected one of {sorted(TRAINABLE)}.')
   patterns = [re.compile(p) for p in TRAINABLE[mode]]
+  keep_frozen = re.compile(EMBEDDINGS) if mode == 'full' and not train_embeddings else None
   flat = trees.flatten(variables)
-  trainable = {k: v for k, v in flat.items() if any(p.search(k) for p in patterns)}
+  trainable = {k: v for k, v in flat.items() if any(p.search(k) for p in patterns)
+               and not (keep_frozen and keep_frozen.search(k))}
   if not trainable:
     raise ValueError(f'train mode {mode!r} selects no variable; the model has '
                      f'{sorted({k.split("/")[0] + "/" + k.split("/")[1] for k in flat})}.')
   frozen = {k: v for k, v in flat.items() if k not in trainable}
   return trees.unflatten(trainable), trees.unflatten(frozen)
+
+
+def split_for(variables: Mapping[str, Any], config) -> tuple[dict, dict]:
+  """`split` as a config asks: train.mode, and train.full_embeddings (default False)."""
+  return split(variables, config.train.mode,
+               train_embeddings=bool(config.train.get('full_embeddings', False)))
 
 
 def merge(trainable: Mapping[str, Any], frozen: Mapping[str, Any]) -> dict:

@@ -37,6 +37,23 @@ def test_cli_prints_table3_grid():
     assert f'| {agnostic:,} | {specific:,} |' in out
 
 
+def test_full_fine_tuning_row_counts_the_lm_less_its_input_embeddings():
+  """Table 3's full fine-tuning row is what train.mode='full' trains in the LM: its layers,
+  final norm and untied head, not the input embedding table (frozen, as the paper's)."""
+  config = paper_llm150m.get_config('method=none')
+  D, V, L = 768, 50272, 12
+  layer = 4 * D * D + D * 2 * 3072 + 3072 * D + 2 * D  # q k v o, fused gate+up, down, 2 norms
+  want = L * layer + D + D * V  # + final norm + untied LM head
+  cfg, peft = experiment.decoder_config(config), experiment.peft_config(config)
+  rep = params.report(cfg, peft)
+  assert (rep.full_trainable(), rep.embeddings) == (want, V * D)
+  assert rep.full_trainable(embeddings=True) == rep.base == want + V * D
+  assert f'| full fine-tuning (LM less its {V * D:,} frozen input embeddings) | {want:,} | |' in (
+      params.grid(cfg, peft))
+  assert f'| full fine-tuning (all LM parameters) | {want + V * D:,} | |' in params.grid(
+      cfg, peft, full_embeddings=True)
+
+
 def test_per_context_split_with_unadapted_context():
   config = paper_llm150m.get_config('method=lora+bitfit,rank=8,targets=A')
   peft = dataclasses.replace(experiment.peft_config(config), num_contexts=3, adapted_contexts=(2,))

@@ -1,11 +1,21 @@
-"""CaptionBatches: determinism, augmentation, host sharding, evaluation padding."""
+"""CaptionBatches: determinism, augmentation, host sharding, evaluation padding, validation
+over every reference caption."""
 
+import functools
+import types
+
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
-from cpeft_jax.data import pipeline, tokenizer
+from cpeft_jax import experiment, losses
+from cpeft_jax.data import layout, pipeline, tokenizer
+from cpeft_jax.evaluation import perplexity
+from cpeft_jax.models import vlm
 from cpeft_jax.data.demo import examples
 from cpeft_jax.data.sources import Split
+from helpers import VLM_DEC, VLM_PEFT, PatchEncoder  # the tiny vision-language model
 
 
 @pytest.fixture(scope='module')
@@ -87,3 +97,60 @@ def test_bad_host_and_small_split_errors(split):
     _data(split, host=(3, 3))
   with pytest.raises(ValueError, match='fewer than one batch of 64'):
     _data(split, batch_size=64)
+
+
+def _references_split():
+  """Three 16x16 images with 3, 1 and 2 reference captions."""
+  rng = np.random.default_rng(0)
+  captions = [['a red square', 'the red box', 'a square'], ['two blue circles'],
+              ['a green circle', 'one small green disc']]
+  return Split('refs/val', [{'image': rng.integers(0, 256, (16, 16, 3), np.uint8)}
+                            for _ in captions], captions, np.asarray([7, 8, 9]))
+
+
+def test_all_references_perplexity_matches_each_pair_computed_alone():
+  """eval.all_references: validation's token-weighted mean loss over every (image, caption)
+  pair equals the one computed pair by pair, each on its own hand-built one-row batch; the
+  default (first captions) equals the same sum over first captions only."""
+  split = _references_split()
+  tok = tokenizer.word_level(t for caps in split.captions for t in caps)
+  model = vlm.VisionLanguageModel(PatchEncoder(), VLM_DEC, VLM_PEFT)
+  common = dict(batch_size=4, num_image_tokens=4, seq_len=12, context_map='modality',
+                image_size=16, train=False)
+  first, every = (pipeline.CaptionBatches(split, tok, all_references=a, **common)
+                  for a in (False, True))
+  b0 = first.batch(0, 0)
+  v = model.init(jax.random.key(0), b0['pixels'], b0['tokens'], b0['kinds'], b0['context_ids'])
+  step = jax.jit(functools.partial(losses.eval_step, v, {}, apply_fn=vlm.apply_fn(model)))
+  put = lambda b: {k: b[k] for k in experiment.BATCH_KEYS}
+  assert (len(first), len(every)) == (1, 2)  # 3 and 6 rows, the last batch padded
+  ids = tokenizer.special_ids(tok)
+  sums = {}  # (image, caption) -> (loss sum, tokens), one row at a time
+  for i, caps in enumerate(split.captions):
+    pixels = (split.image(i)[None].astype(np.float32) / 255.0 - 0.5) / 0.5
+    for j, cap in enumerate(caps):
+      row = layout.layout_captions(tokenizer.encode(tok, [cap]), num_image_tokens=4, seq_len=12,
+                                   bos_id=ids.bos, eos_id=ids.eos, pad_id=ids.pad,
+                                   context_map='modality')
+      out = step(put(dict(row, pixels=pixels)))
+      sums[i, j] = (float(out['loss_sum']), float(out['tokens']))
+  for data, pairs in ((every, list(sums)), (first, [(i, 0) for i in range(3)])):
+    want = sum(sums[p][0] for p in pairs) / sum(sums[p][1] for p in pairs)
+    loss, ppl = perplexity.mean_loss(data, step, put)
+    np.testing.assert_allclose(loss, want, rtol=1e-5)
+    np.testing.assert_allclose(ppl, np.exp(want), rtol=1e-5)
+  assert abs(perplexity.mean_loss(every, step, put)[0]
+             - perplexity.mean_loss(first, step, put)[0]) > 1e-3  # the option changes the PPL
+  # Experiment.batches takes the option from the config's eval.all_references (default False)
+  # for evaluation only; caption generation asks for first captions explicitly.
+  config = ml_collections.ConfigDict(dict(
+      seed=0, train=dict(batch_size=4), eval=dict(batch_size=4),
+      data=dict(seq_len=12, context_map='modality', augment={}),
+      connector=dict(boundary_tokens=False)))
+  exp = types.SimpleNamespace(config=config, tokenizer=tok, num_image_tokens=4, image_size=16,
+                              image_mean=(0.5,) * 3, image_std=(0.5,) * 3, tasks=('caption',))
+  batches = lambda **kw: experiment.Experiment.batches(exp, split, **kw)._pairs.shape[0]
+  assert batches(train=False) == 3
+  config.eval.all_references = True
+  assert (batches(train=False), batches(train=True), batches(train=False, all_references=False)
+          ) == (6, 6, 3)

@@ -3,10 +3,12 @@
 import json
 import logging
 
+import ml_collections
 import numpy as np
 import PIL.Image
 import pytest
 
+from cpeft_jax import experiment
 from cpeft_jax.data import pipeline
 from cpeft_jax.data import sources
 from cpeft_jax.data import tokenizer as tokenizer_lib
@@ -112,14 +114,14 @@ def test_karpathy_split_selection(tmp_path, caplog):
   path = str(_karpathy(tmp_path))
   kw = dict(captions_json=path, image_dir=str(tmp_path / 'imgs'))
   with caplog.at_level(logging.WARNING):
-    train = sources.load('folder', 'train', **kw)
+    train = sources.load('folder', 'train', restval_in_train=True, **kw)
   assert train.image_ids.tolist() == [10, 11]  # restval joins train; the corrupt one is skipped
   assert train.captions == [['a red square'], ['restval one', 'restval two']]
   assert train.skipped['corrupt_images'] == 1
   assert str(tmp_path / 'imgs' / 'corrupt.jpg') in caplog.text
   assert train.image(1).shape == (12, 10, 3)  # found under its "filepath"
 
-  only_train = sources.load('folder', 'train', restval_in_train=False, **kw)
+  only_train = sources.load('folder', 'train', **kw)  # the default: train only, as the paper
   assert only_train.image_ids.tolist() == [10]
   assert sources.load('folder', 'restval', **kw).image_ids.tolist() == [11]
   assert sources.load('folder', 'val', **kw).captions == [['a grey image']]
@@ -129,6 +131,31 @@ def test_karpathy_split_selection(tmp_path, caplog):
       v for k, v in test.skipped.items() if k != 'empty_captions')
   with pytest.raises(ValueError, match=r"no image in split 'dev'.*'restval', 'test', 'train'"):
     sources.load('folder', 'dev', **kw)
+
+
+def test_config_restval_option(tmp_path, monkeypatch):
+  """data.restval (default False): a Karpathy JSON's restval images join train only when asked;
+  coco_captions then opens TFDS's 'train+restval'. Evaluation splits never take them."""
+  path = str(_karpathy(tmp_path))
+  config = ml_collections.ConfigDict(dict(data=dict(
+      dataset='folder', data_dir='', train_split='train', eval_split='val', captions_json=path,
+      image_dir=str(tmp_path / 'imgs'))))
+  open_ids = lambda name: experiment.open_split(config, str(tmp_path), name).image_ids.tolist()
+  assert open_ids('train') == [10]  # no data.restval key: the default, train only
+  config.data.restval = False
+  assert open_ids('train') == [10]
+  config.data.restval = True
+  assert open_ids('train') == [10, 11] and open_ids('val') == [12]
+  opened = []
+  monkeypatch.setattr(sources, 'load', lambda dataset, name, *a, **kw: opened.append(
+      (dataset, name, kw['restval_in_train'])))
+  config.data.dataset = 'coco_captions'
+  for restval in (False, True):
+    config.data.restval = restval
+    experiment.open_split(config, str(tmp_path), 'train')
+    experiment.open_split(config, str(tmp_path), 'val')
+  assert opened == [('coco_captions', 'train', False), ('coco_captions', 'val', False),
+                    ('coco_captions', 'train+restval', True), ('coco_captions', 'val', True)]
 
 
 def test_clear_errors(tmp_path):

@@ -1,5 +1,7 @@
 """Trainable/frozen split, the loss against a numpy reference, gradient accumulation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from cpeft_jax import trainable as trainable_lib
 from cpeft_jax.train import state as state_lib
 from cpeft_jax.train import step as step_lib
 from cpeft_jax.models import vlm
-from helpers import VLM_DEC as DEC, VLM_PEFT as PEFT, PatchEncoder, vlm_batch  # the tiny model
+from helpers import VLM_DEC as DEC, VLM_PEFT as PEFT  # the tiny model
+from helpers import PatchEncoder, randomize, vlm_batch
 
 
 @pytest.fixture(scope='module')
@@ -31,18 +34,82 @@ def _paths(tree):
 
 def test_split_modes(setup):
   _, v, _ = setup
-  for mode, prefixes in (('peft', ('adaptors/', 'params/connector/')),
-                         ('connector', ('params/connector/',)),
-                         ('full', ('adaptors/', 'params/connector/', 'params/decoder/'))):
-    trainable, frozen = trainable_lib.split(v, mode)
+  embed = 'params/decoder/embed_tokens/embedding'
+  for mode, prefixes, train_embeddings in (
+      ('peft', ('adaptors/', 'params/connector/'), False),
+      ('connector', ('params/connector/',), False),
+      ('full', ('adaptors/', 'params/connector/', 'params/decoder/'), True),
+      ('full', ('adaptors/', 'params/connector/', 'params/decoder/'), False)):
+    trainable, frozen = trainable_lib.split(v, mode, train_embeddings=train_embeddings)
     t, f = _paths(trainable), _paths(frozen)
     assert t and all(p.startswith(prefixes) for p in t)
-    assert not any(p.startswith(prefixes) for p in f)
+    assert {p for p in f if p.startswith(prefixes)} == (
+        {embed} if mode == 'full' and not train_embeddings else set())
     assert _paths(v) == t | f
     merged = trainable_lib.merge(trainable, frozen)
     jax.tree.map(np.testing.assert_array_equal, merged, jax.tree.map(lambda x: x, dict(v)))
   with pytest.raises(ValueError, match="train mode 'lora'"):
     trainable_lib.split(v, 'lora')
+
+
+def test_full_fine_tuning_keeps_input_embeddings_frozen(setup):
+  """train.mode='full': every decoder leaf trains but the input embedding table, which gets no
+  update (it is not even differentiated); with train_embeddings the same step moves it, so it is
+  frozen by the split, not for want of a gradient. The count: all variables less the encoder's
+  and the table's."""
+  model, v, batch = setup
+  apply = vlm.apply_fn(model)
+  step = jax.jit(step_lib.train_step, static_argnames=('apply_fn',))
+  tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=1e-2))
+  table = np.asarray(v['params']['decoder']['embed_tokens']['embedding'])
+  assert table.shape == (DEC.vocab_size, DEC.hidden_size)
+  encoder = (8 * 8 * 3) * 24 + 24  # helpers.PatchEncoder: one Dense over 8x8x3 patches
+  total = sum(x.size for x in jax.tree.leaves(v))
+  for train_embeddings in (False, True):
+    trainable, frozen = trainable_lib.split(v, 'full', train_embeddings=train_embeddings)
+    n = sum(x.size for x in jax.tree.leaves(trainable))
+    assert n == total - encoder - (0 if train_embeddings else DEC.vocab_size * DEC.hidden_size)
+    st = state_lib.TrainState.create(trainable, tx)
+    st, _ = step(st, frozen, batch, jax.random.key(0), apply_fn=apply)
+    new = trainable_lib.merge(st.trainable, frozen)['params']['decoder']
+    moved = not np.array_equal(np.asarray(new['embed_tokens']['embedding']), table)
+    assert moved == train_embeddings
+    assert not np.array_equal(np.asarray(new['lm_head']['kernel']),
+                              np.asarray(v['params']['decoder']['lm_head']['kernel']))
+  # Tied embeddings: the LM head is the same table, so under full fine-tuning it stays frozen.
+  tied = vlm.VisionLanguageModel(PatchEncoder(), dataclasses.replace(DEC, tie_embeddings=True),
+                                 PEFT)
+  host = {k: np.asarray(batch[k]) for k in ('pixels', 'tokens', 'kinds', 'context_ids')}
+  shapes = jax.eval_shape(lambda: tied.init(jax.random.key(0), host['pixels'], host['tokens'],
+                                            host['kinds'], host['context_ids']))
+  trainable, frozen = trainable_lib.split(shapes, 'full')
+  assert 'embed_tokens' in frozen['params']['decoder']
+  assert not {'embed_tokens', 'lm_head'} & set(trainable['params']['decoder'])
+
+
+def test_adaptor_dropout_runs_dropped_tokens_through_the_base(setup):
+  """train.adaptor_dropout: in training each token loses its adaptor with the given rate; the
+  logits equal a model whose dropped tokens sit in a third, unadapted context (the same two
+  table rows); evaluation never drops."""
+  model, v, batch = setup
+  model = model.clone(connector_cfg=model.connector_cfg.__class__(dropout=0.0))  # no other noise
+  v = {**v, 'adaptors': randomize(v['adaptors'], 5)}  # adaptors that change every token
+  rng = jax.random.key(7)
+  train = jax.jit(vlm.apply_fn(model, adaptor_dropout=0.5), static_argnames='train')
+  keep = np.asarray(jax.random.bernoulli(
+      jax.random.fold_in(rng, vlm.ADAPTOR_DROPOUT_STREAM), 0.5, batch['context_ids'].shape))
+  assert 0 < keep.mean() < 1
+  ref = model.clone(peft=dataclasses.replace(PEFT, num_contexts=3, adapted_contexts=(0, 1)))
+  ids = np.where(keep, np.asarray(batch['context_ids']), 2)
+  want = ref.apply(v, batch['pixels'], batch['tokens'], batch['kinds'], ids,
+                   batch['attention_mask'])
+  np.testing.assert_allclose(train(v, batch, train=True, rng=rng), want, rtol=1e-5, atol=1e-5)
+  plain = vlm.apply_fn(model)(v, batch)
+  assert np.abs(np.asarray(plain) - np.asarray(want)).max() > 1e-3  # dropping mattered
+  np.testing.assert_allclose(train(v, batch, train=False), plain, rtol=1e-5, atol=1e-6)
+  ids_BL = vlm.drop_contexts(jnp.zeros((400, 100), jnp.int32), 0.3, rng, 2)
+  assert set(np.unique(ids_BL).tolist()) == {0, 2}
+  assert abs(float(jnp.mean(ids_BL == 2)) - 0.3) < 0.01
 
 
 def test_loss_matches_numpy_reference(setup):

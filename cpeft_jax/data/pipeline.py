@@ -3,8 +3,9 @@
 Training yields one example per (image, caption) pair, shuffled per epoch by (seed, epoch) and
 split across hosts (each host reads a disjoint part); an epoch's batch k is the same whatever
 happened before, so (epoch, batch) is the whole iterator state. Evaluation yields every image
-once with its first caption, and pads the last batch with rows whose loss mask is zero, so no
-example is skipped.
+once with its first caption (`all_references`: once per caption, the authors' validation over
+all references), and pads the last batch with rows whose loss mask is zero, so no example is
+skipped.
 
 With several `tasks` (e.g. ('caption', 'qa')) every image gives examples of each task (a
 prompt and a target, see `Split.texts`), mixed in one shuffled stream; evaluation yields every
@@ -109,6 +110,7 @@ class CaptionBatches:
   # occurrence of a text's tokens onwards move to its context (contexts.invocation_contexts);
   # the tokens before it keep the context map's ids.
   invocations: Mapping[str, int] | None = None
+  all_references: bool = False  # evaluation: every (image, caption) pair, not first captions
 
   def __post_init__(self):
     index, count = self.host
@@ -121,7 +123,7 @@ class CaptionBatches:
     self._texts = [self.split.texts(task) for task in self.tasks]
     self._check_prompts()
     # Rows are (image, text, task); a caption-only run has today's order of (image, caption).
-    if self.train:
+    if self.train or self.all_references:
       pairs = [(i, j, t) for t, texts in enumerate(self._texts) for i, own in enumerate(texts)
                for j in range(len(own))]
     else:  # each image's first text of each task

@@ -99,7 +99,7 @@ def _texts(example) -> list[str]:
 
 def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None, *,
          captions_json: str | None = None, image_dir: str | None = None,
-         restval_in_train: bool = True) -> Split:
+         restval_in_train: bool = False) -> Split:
   """Opens one split; errors name the dataset or split and list what exists.
 
   dataset='folder' reads `captions_json` (COCO or Karpathy layout, told apart by its keys) with
@@ -320,11 +320,12 @@ def _check_image(path: str) -> str | None:
 
 
 def load_folder(captions_json: str, split: str, image_dir: str | None = None, *,
-                restval_in_train: bool = True, workers: int = 8) -> Split:
+                restval_in_train: bool = False, workers: int = 8) -> Split:
   """A split of a user's own images and captions JSON (COCO or Karpathy layout).
 
-  Karpathy entries are selected by their "split" field ("restval" joins "train" unless
-  restval_in_train is False); a COCO file is the split whatever its name. Malformed entries
+  Karpathy entries are selected by their "split" field ("restval" joins "train" only when
+  restval_in_train: the paper trains on the train split only); a COCO file is the split
+  whatever its name. Malformed entries
   are errors (see `_entries`). Empty captions, images left without a caption, and missing or
   undecodable image files are skipped with a warning naming each file, and counted in
   `Split.skipped`. Every image is decoded once here (JPEGs at a reduced scale), so that a

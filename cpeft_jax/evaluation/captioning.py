@@ -80,7 +80,7 @@ def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',
   variables = r.variables
   sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec('data'))
   keys = ('pixels', 'tokens', 'kinds', 'context_ids')
-  data = exp.batches(split, train=False)
+  data = exp.batches(split, train=False, all_references=False)
   index = {int(i): n for n, i in enumerate(split.image_ids)}
   out = []
   for batch in tqdm.tqdm(data.epoch(0), total=len(data), unit='batch', file=sys.stderr,

@@ -82,13 +82,34 @@ class VisionLanguageModel(nn.Module):
                         cache=cache)
 
 
-def apply_fn(model: VisionLanguageModel):
-  """(variables, batch, *, train, rng) -> logits, for the train and eval steps."""
+ADAPTOR_DROPOUT_STREAM = 1  # folded into the step's rng: the adaptor-dropout mask's own key
+
+
+def drop_contexts(context_ids_BL, rate: float, rng, num_contexts: int):
+  """Per-token adaptor dropout (the authors' adaptor_dropout on the context mask): each token
+  loses its adaptor with probability `rate` and runs through the frozen base alone, its id set
+  to `num_contexts`, which routes to no table (under jit: concrete ids out of range are
+  refused by the decoder's check). Nothing is rescaled: the mask is 0 or 1, as theirs."""
+  keep_BL = jax.random.bernoulli(rng, 1.0 - rate, context_ids_BL.shape)
+  return jnp.where(keep_BL, context_ids_BL, num_contexts).astype(context_ids_BL.dtype)
+
+
+def apply_fn(model: VisionLanguageModel, adaptor_dropout: float = 0.0):
+  """(variables, batch, *, train, rng) -> logits, for the train and eval steps.
+
+  adaptor_dropout (config: train.adaptor_dropout): training drops each token's adaptor with
+  this probability (`drop_contexts`); evaluation never does.
+  """
   train_model = model.clone(deterministic=False)
+  drop = adaptor_dropout > 0 and model.peft is not None and bool(model.peft.methods)
 
   def apply(variables, batch, *, train=False, rng=None):
     m = train_model if train else model
-    return m.apply(variables, batch['pixels'], batch['tokens'], batch['kinds'],
-                   batch['context_ids'], batch['attention_mask'],
-                   rngs={'dropout': rng} if train else None)
+    ids_BL = batch['context_ids']
+    if train and drop:
+      ids_BL = drop_contexts(ids_BL, adaptor_dropout,
+                             jax.random.fold_in(rng, ADAPTOR_DROPOUT_STREAM),
+                             model.peft.num_contexts)
+    return m.apply(variables, batch['pixels'], batch['tokens'], batch['kinds'], ids_BL,
+                   batch['attention_mask'], rngs={'dropout': rng} if train else None)
   return apply

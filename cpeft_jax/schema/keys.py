@@ -87,6 +87,8 @@ DATA = Section({
                           '{context id: token-id sequence}', required=False),
     'captions_json': string(required=False), 'eval_captions_json': string(required=False),
     'image_dir': string(required=False),
+    # dataset='folder', Karpathy layout: 'restval' images join the train split
+    'restval': boolean(required=False),
 })
 
 VISION_PRETRAIN = Section({
@@ -117,12 +119,18 @@ TRAIN = Section({
     'freeze_contexts': seq_of(lambda c: is_int(c) and c >= 0, 'context ids (ints >= 0)',
                                required=False),
     'freeze_connector': boolean(required=False), 'export': boolean(required=False),
-    'plugins': boolean(required=False)})
+    'plugins': boolean(required=False),
+    # mode='full': the decoder's input embedding table trains too (default: frozen, the paper's)
+    'full_embeddings': boolean(required=False),
+    # per-token adaptor dropout on the context mask (the authors' adaptor_dropout; 0: off)
+    'adaptor_dropout': number(0.0, 1.0, hi_open=True, required=False)})
 
 EVAL = Section({
     'batch_size': POSITIVE, 'num_captions': integer(0, required=False),
     'num_beams': integer(1, required=False), 'max_new_tokens': integer(0, required=False),
-    'length_penalty': number(required=False)})
+    'length_penalty': number(required=False),
+    # validation perplexity over every reference caption of each image (default: the first)
+    'all_references': boolean(required=False)})
 
 OPTIM = Section({
     'learning_rate': number(0.0, lo_open=True),

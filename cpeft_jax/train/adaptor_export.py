@@ -82,7 +82,7 @@ def load(export_dir: str):
   with open(os.path.join(export_dir, CONFIG)) as f:
     config = ml_collections.ConfigDict(json.load(f))
   exp = experiment.build(config, export_dir, None)
-  init, frozen = trainable_lib.split(exp.variables, config.train.mode)
+  init, frozen = trainable_lib.split_for(exp.variables, config)
   got = safetensors.numpy.load_file(os.path.join(export_dir, WEIGHTS))
   trees.require_same_shapes(trees.shapes(trees.flatten(init)), trees.shapes(got),
                             f'{export_dir}/{WEIGHTS}', got_name='the export',

@@ -129,7 +129,7 @@ class Trainer:
     self.state, self.frozen = placed.state, placed.frozen
     self.progress = Progress()
     self.steps_per_epoch = len(train_data)
-    apply = vlm.apply_fn(exp.model)
+    apply = vlm.apply_fn(exp.model, config.train.get('adaptor_dropout', 0.0))
     peft = exp.model.peft
     self.rows = peft.rows if peft.methods else ()
     self.tasks = exp.tasks if len(exp.tasks) > 1 else ()  # per-task losses of a multi-task run
@@ -317,7 +317,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   exp = experiment.build(config, workdir, train_split, text_lm=pretrain.text_lm)
   train_data, eval_data = exp.batches(train_split, train=True), exp.batches(eval_split, train=False)
 
-  trainable, frozen = trainable_lib.split(exp.variables, config.train.mode)
+  trainable, frozen = trainable_lib.split_for(exp.variables, config)
   counts = {m: sum(v.values()) for m, v in adaptor_counts(exp, trainable).items()}
   n_train = sum(x.size for x in jax.tree.leaves(trainable))
   logging.info('trainable parameters: %s (%s)', f'{n_train:,}', counts)
