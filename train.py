@@ -46,24 +46,21 @@ def _start_distributed():
                   jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _parse_mesh(text: str) -> dict[str, int]:
-  try:
-    return {k.strip(): int(v) for k, v in (item.split('=') for item in text.split(','))}
-  except ValueError:
-    raise app.UsageError(f'--mesh={text!r}; expected axis=size pairs like data=2,fsdp=2,tensor=2.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
   _start_distributed()
-  if FLAGS.mesh:
-    with FLAGS.config.unlocked():
-      FLAGS.config.mesh = _parse_mesh(FLAGS.mesh)
   import jax
   from cpeft_jax import schema, sharding
+  if FLAGS.mesh:
+    try:
+      mesh = sharding.parse_mesh(FLAGS.mesh)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+    with FLAGS.config.unlocked():
+      FLAGS.config.mesh = mesh
   with schema.exit_on_config_error():
     sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
     schema.check(FLAGS.config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from absl import logging
@@ -216,13 +216,18 @@ def _text_model(config, workdir, train_split, tok, num_image_tokens, text_lm):
   return catalog.resolve(text_model) if text_model else None
 
 
+def decoder_numerics(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What config.model sets on a decoder whose shape comes from elsewhere (a checkpoint's
+  config.json): its dtypes (param_dtype defaults to dtype), dropout and remat."""
+  m = config.model
+  return {'dtype': m.get('dtype', 'float32'), 'param_dtype': m.get('dtype', 'float32'),
+          **{k: m[k] for k in ('residual_dropout', 'remat', 'param_dtype') if k in m}}
+
+
 def _decoder_config(config, text_dir, tok) -> DecoderConfig:
   if text_dir:  # a pre-trained decoder: its config.json decides the shape
-    overrides = {k: config.model[k] for k in ('residual_dropout', 'remat', 'param_dtype')
-                 if k in config.model}
-    dec_cfg = hf_configs.decoder_config(
-        checkpoints.read_config(text_dir),
-        **{'dtype': config.model.dtype, 'param_dtype': config.model.dtype, **overrides})
+    dec_cfg = hf_configs.decoder_config(checkpoints.read_config(text_dir),
+                                        **decoder_numerics(config))
   else:
     model_dict = dict(config.model)
     if not model_dict.get('vocab_size'):
@@ -234,20 +239,26 @@ def _decoder_config(config, text_dir, tok) -> DecoderConfig:
   return dec_cfg
 
 
-def load_plugins(config, peft: adaptors.PeftConfig):
-  """(assembled PeftConfig, tables, {context: (dir, Plugin)}) of peft.plugins, or None."""
-  spec = config.peft.get('plugins')
+def plugin_dirs(spec) -> dict[int, str]:
+  """peft.plugins as {context id: plug-in directory}: a dict keyed by context, or a list (or a
+  comma-separated string) of directories for contexts 0, 1, ...; empty when unset."""
   if not spec:
-    return None
+    return {}
   if isinstance(spec, str):
     spec = [d for d in spec.split(',') if d]
-  if isinstance(spec, (dict, ml_collections.ConfigDict)):
+  if isinstance(spec, (Mapping, ml_collections.ConfigDict)):
     try:
-      dirs = {int(c): d for c, d in dict(spec).items()}
+      return {int(c): d for c, d in dict(spec).items()}
     except ValueError:
       raise ValueError(f'peft.plugins={dict(spec)!r}: expected context ids (integers) as keys.')
-  else:
-    dirs = dict(enumerate(spec))
+  return dict(enumerate(spec))
+
+
+def load_plugins(config, peft: adaptors.PeftConfig):
+  """(assembled PeftConfig, tables, {context: (dir, Plugin)}) of peft.plugins, or None."""
+  dirs = plugin_dirs(config.peft.get('plugins'))
+  if not dirs:
+    return None
   loaded = {}
   for c, d in sorted(dirs.items()):
     try:

@@ -105,10 +105,7 @@ def human(n: int) -> str:
 
 def parse_mesh(text: str) -> dict[str, int]:
   """'data=1,fsdp=256,tensor=1' -> axis sizes (every axis explicit: no devices to fill -1)."""
-  try:
-    spec = {k.strip(): int(v) for k, v in (item.split('=') for item in text.split(','))}
-  except ValueError:
-    raise ValueError(f'--mesh={text!r}; expected axis=size pairs like data=2,fsdp=4,tensor=2.')
+  spec = sharding.parse_mesh(text)
   bad = {a: n for a, n in spec.items() if a not in sharding.AXES or n < 1}
   if bad:
     raise ValueError(f'--mesh={text!r} has {bad}; expected positive sizes of {sharding.AXES} '
@@ -120,8 +117,7 @@ def decoder_config(config: ml_collections.ConfigDict, model: str | None = None) 
   """The decoder of `config`: its shape from `model` (preset, JSON or checkpoint directory),
   else from config.text_model's config.json, else config.model; numerics from config.model."""
   m = dict(config.model)
-  numerics = {'dtype': m.get('dtype', 'float32'), 'param_dtype': m.get('dtype', 'float32'),
-              **{k: m[k] for k in ('residual_dropout', 'remat', 'param_dtype') if k in m}}
+  numerics = experiment.decoder_numerics(config)
   if model and model in PRESETS:
     return DecoderConfig.from_dict({**PRESETS[model], **numerics})
   if model and model.lstrip().startswith('{'):
@@ -164,7 +160,7 @@ def shapes(config: ml_collections.ConfigDict, dec_cfg: DecoderConfig):
       out[adaptors.ADAPTORS] = {'decoder': v[adaptors.ADAPTORS]}
     return out
   variables = jax.eval_shape(init, jax.random.key(0))
-  trainable, frozen = trainable_lib.split(variables, config.train.mode)
+  trainable, frozen = trainable_lib.split_for(variables, config)
   tx = trainer.optimizer(config, state_lib.OptimConfig.from_dict(config.optim), peft)
   state = jax.eval_shape(lambda t: state_lib.TrainState.create(t, tx), trainable)
   return frozen, state

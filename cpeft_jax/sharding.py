@@ -81,6 +81,14 @@ DEFAULT_RULES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 
 
+def parse_mesh(text: str) -> dict[str, int]:
+  """A --mesh flag, 'data=2,fsdp=2,tensor=2', as {axis: size}; `mesh_shape` checks the sizes."""
+  try:
+    return {k.strip(): int(v) for k, v in (item.split('=') for item in text.split(','))}
+  except ValueError:
+    raise ValueError(f'--mesh={text!r}; expected axis=size pairs like data=2,fsdp=2,tensor=2.')
+
+
 def mesh_shape(spec: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
   """Axis sizes with -1 resolved; raises unless they multiply to `num_devices`."""
   spec = dict(DEFAULT_MESH if spec is None else spec)

@@ -108,13 +108,8 @@ def _vision(c, where, problems):
 
 def _contexts(c, peft, where, problems):
   """Context ids that data can produce must have a row: peft.num_contexts (plug-ins add)."""
-  C = peft.num_contexts
-  plugged = c['peft'].get('plugins')
-  if isinstance(plugged, Mapping) and plugged:
-    keys = [int(k) for k in plugged if str(k).isdigit()]
-    C = max([C] + [k + 1 for k in keys])
-  elif isinstance(plugged, (list, tuple)) and plugged:
-    C = max(C, len(plugged))
+  C = max([peft.num_contexts] + [k + 1 for k in experiment.plugin_dirs(
+      c['peft'].get('plugins'))])
   try:
     produced = contexts.num_contexts(c['data']['context_map'])
   except ValueError as e:
@@ -138,12 +133,9 @@ def _contexts(c, peft, where, problems):
 
 def _trains_something(c, peft, where, problems):
   mode, train = c['train']['mode'], c['train']
-  connector_trains = mode in ('peft', 'connector', 'full') and not train.get('freeze_connector')
-  adapted = set(peft.adapted_contexts if peft.adapted_contexts is not None
-                else range(peft.num_contexts)) if peft.methods else set()
+  connector_trains = not train.get('freeze_connector')  # every mode trains it unless frozen
+  adapted = set(peft.rows) if peft.methods and mode != 'connector' else set()
   adapted -= set(train.get('freeze_contexts') or ())
-  if mode == 'connector':
-    adapted = set()
   if not connector_trains and not adapted and mode != 'full':
     problems.append(f'{where}.train: this run trains nothing (train.mode={mode!r}, peft.methods='
                     f'{peft.methods}, train.freeze_connector={train.get("freeze_connector")}, '

@@ -44,8 +44,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def exit_on_config_error():
-  """For a command line's main: a configlib.ConfigError (from `check` or later) ends the process with its
-  problems on stderr and exit status 1, without a traceback."""
+  """For a command line's main: a ConfigError (from `check` or later) ends the process with
+  its problems on stderr and exit status 1, without a traceback."""
   try:
     yield
   except configlib.ConfigError as e:

@@ -31,7 +31,6 @@ class Field:
 class Section:
   fields: Mapping[str, Field | Section]
   required: bool = True
-  free: bool = False  # keys not listed are allowed (their consumer checks them)
 
 
 def integer(lo: int | None = None, hi: int | None = None, *, none: bool = False,
@@ -133,7 +132,7 @@ def dataclass_section(cls, overrides: Mapping[str, Field] = (), *, extra=(),
 
 
 def seq_of(test: Callable[[Any], bool], what: str, *, nonempty=False,
-            required=True) -> Field:
+           required=True) -> Field:
   def check(v):
     if isinstance(v, str) or not isinstance(v, (tuple, list)) or (nonempty and not v):
       return f'a {"non-empty " if nonempty else ""}tuple of {what}'
@@ -163,8 +162,6 @@ def walk(section: Section, values, where: str, problems: list[str]) -> None:
     name = f'{where}.{key}'
     spec = section.fields.get(key)
     if spec is None:
-      if section.free:
-        continue
       close = difflib.get_close_matches(str(key), list(section.fields), n=1, cutoff=0.6)
       hint = f'; did you mean {where}.{close[0]}?' if close else ''
       problems.append(f'{name} is not a known key{hint} ({where} has '

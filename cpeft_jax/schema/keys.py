@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 
-from cpeft_jax import adaptors, contexts, quantize, sharding, trainable
+from cpeft_jax import adaptors, contexts, experiment, quantize, sharding, trainable
+from cpeft_jax.checkpoints import io
+from cpeft_jax.configlib import is_int
 from cpeft_jax.data import pipeline, sources
 from cpeft_jax.models import connector, decoder_config
-from cpeft_jax.configlib import is_int
 from cpeft_jax.schema.fields import (Field, Section, boolean, custom, dataclass_section, integer,
                                      number, seq_of, string)
 
@@ -59,7 +60,8 @@ PEFT = dataclass_section(adaptors.PeftConfig, {
         isinstance(v, (tuple, list)) and all(isinstance(m, str) for m in v)) else
         f"a tuple of method names among {list(adaptors.METHODS)} or a string like "
         "'lora+bitfit'", required=False),
-}, extra={'lora': LORA, 'plugins': Field(lambda v: None, False)})  # plug-ins: load_plugins
+}, extra={'lora': LORA, 'plugins': custom(experiment.plugin_dirs, '{context id: directory} or '
+                                           'a list of directories', required=False)})
 
 AUGMENT = dataclass_section(pipeline.AugmentConfig, {
     'crop_min_scale': number(0.0, 1.0, lo_open=True, required=False),
@@ -155,10 +157,8 @@ CONFIG = Section({
     'partition_rules': custom(lambda v: sharding.parse_rules(v), '(regex, axes) pairs',
                               required=False),
     # checkpoint tensors that may be missing from the frozen bases (checkpoints/io.py)
-    'partial_load': Field(lambda v: None if isinstance(v, str) or (
-        isinstance(v, (tuple, list)) and all(isinstance(p, str) and p for p in v)) else
-        "a tuple of fnmatch patterns of checkpoint tensor names, e.g. ('lm_head.weight',)",
-        required=False),
+    'partial_load': custom(lambda v: check_partial_load(v), "a tuple of fnmatch patterns of "
+                           "checkpoint tensor names, e.g. ('lm_head.weight',)", required=False),
 })
 
 
@@ -170,6 +170,12 @@ def check_variants(v):
   bad = [x for x in v if x not in contexts.PRESETS]
   if bad:
     raise ValueError(f'{bad} are not presets')
+
+
+def check_partial_load(v):
+  if v is None:  # the loaders' default is (), which a config says as ()
+    raise ValueError('None')
+  io.partial_patterns(v)
 
 
 def check_tasks(v):
