@@ -39,6 +39,22 @@ def unreadable(what: str, e: BaseException) -> Damaged:
   return Damaged(f'{what} is unreadable: {type(e).__name__}: {why.rstrip(".")}.')
 
 
+def read(fn, what: str):
+  """fn() (an orbax read); whatever it raises becomes `Damaged` naming `what`."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001  (whatever orbax raises for damaged files)
+    raise unreadable(what, e) from e
+
+
+def check_saved(directory: str, custom_metadata, tree, what: str, prefix: str = '') -> None:
+  """Verifies `tree` (read from the orbax checkpoint in `directory`, under `prefix` of what was
+  saved) against the digests in its custom metadata; unverified with a warning if it has none."""
+  digests_ = recorded(directory, custom_metadata, what)
+  if digests_ is not None:
+    verify(subtree(digests_, prefix) if prefix else digests_, tree, what)
+
+
 def recorded(directory: str, custom_metadata: Mapping[str, Any] | None,
              what: str) -> dict[str, str | None] | None:
   """The digests saved with the orbax checkpoint in `directory` (from its custom metadata).

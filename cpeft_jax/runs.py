@@ -118,26 +118,26 @@ def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the giv
   if ckpt.kind == 'latest':
     where = f'Step {ckpt.step} of {ckpt.path}'
     with steps_reader(ckpt.path) as mgr:
-      metadata = _read(lambda: mgr.metadata(ckpt.step), where)
-      saved = _read(lambda: metadata.item_metadata['state']['trainable'], where)
+      metadata = integrity.read(lambda: mgr.metadata(ckpt.step), where)
+      saved = integrity.read(lambda: metadata.item_metadata['state']['trainable'], where)
       _check_fits(saved, abstract, f'step {ckpt.step} of {ckpt.path}', config_name, note)
       # Only the trainable tree: evaluation needs neither the optimizer state nor its config.
       item = {'trainable': integrity.as_saved(abstract, saved)}
-      out = _read(lambda: mgr.restore(ckpt.step, args=ocp.args.Composite(
+      out = integrity.read(lambda: mgr.restore(ckpt.step, args=ocp.args.Composite(
           state=ocp.args.PyTreeRestore(
               item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))), where)
     tree = out['state']['trainable']
-    _verify(os.path.join(ckpt.path, str(ckpt.step)), metadata.custom_metadata, tree, where,
-            'trainable')
+    integrity.check_saved(os.path.join(ckpt.path, str(ckpt.step)), metadata.custom_metadata,
+                          tree, where, 'trainable')
     return integrity.cast_like(tree, abstract)
   saved = saved_tree(ckpt.path)
   _check_fits(saved, abstract, ckpt.path, config_name, note)
   with ocp.StandardCheckpointer() as reader:
     custom = reader.metadata(ckpt.path).custom_metadata
-    tree = _read(lambda: reader.restore(ckpt.path, integrity.as_saved(abstract, saved)),
-                 ckpt.path)
-  _verify(ckpt.path, custom, tree, ckpt.path)
+    tree = integrity.read(
+        lambda: reader.restore(ckpt.path, integrity.as_saved(abstract, saved)), ckpt.path)
+  integrity.check_saved(ckpt.path, custom, tree, ckpt.path)
   return integrity.cast_like(tree, abstract)
 
 
@@ -147,31 +147,17 @@ def read_trainable(ckpt: Checkpoint):
   if ckpt.kind == 'latest':
     where = f'Step {ckpt.step} of {ckpt.path}'
     with steps_reader(ckpt.path) as mgr:
-      custom = _read(lambda: mgr.metadata(ckpt.step), where).custom_metadata
+      custom = integrity.read(lambda: mgr.metadata(ckpt.step), where).custom_metadata
       # PyTreeRestore: steps_reader's handler (StandardRestore would not match it).
-      out = _read(lambda: mgr.restore(
+      out = integrity.read(lambda: mgr.restore(
           ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())), where)
-    _verify(os.path.join(ckpt.path, str(ckpt.step)), custom, out['state'], where)
+    integrity.check_saved(os.path.join(ckpt.path, str(ckpt.step)), custom, out['state'], where)
     return out['state']['trainable']
   with ocp.StandardCheckpointer() as reader:
-    custom = _read(lambda: reader.metadata(ckpt.path), ckpt.path).custom_metadata
-    tree = _read(lambda: reader.restore(ckpt.path), ckpt.path)
-  _verify(ckpt.path, custom, tree, ckpt.path)
+    custom = integrity.read(lambda: reader.metadata(ckpt.path), ckpt.path).custom_metadata
+    tree = integrity.read(lambda: reader.restore(ckpt.path), ckpt.path)
+  integrity.check_saved(ckpt.path, custom, tree, ckpt.path)
   return tree
-
-
-def _read(fn, where: str):
-  """fn() (an orbax read); what it raises becomes `integrity.Damaged` naming `where`."""
-  try:
-    return fn()
-  except Exception as e:  # noqa: BLE001  (whatever orbax raises for damaged files)
-    raise integrity.unreadable(where, e) from e
-
-
-def _verify(directory: str, custom_metadata, tree, where: str, prefix: str = ''):
-  recorded = integrity.recorded(directory, custom_metadata, where)
-  if recorded is not None:
-    integrity.verify(integrity.subtree(recorded, prefix) if prefix else recorded, tree, where)
 
 
 def _check_fits(saved, wanted, where: str, config_name: str, note: str):

@@ -80,26 +80,18 @@ def restore(mgr: ocp.CheckpointManager, state: TrainState, step: int | None = No
     raise FileNotFoundError(f'No checkpoint in {mgr.directory}.')
   where = f'Checkpoint {step} ({step_dir(mgr, step)})'
   wanted = jax.tree.map(ocp.utils.to_shape_dtype_struct, _tree(state))
-  try:
-    metadata = mgr.metadata(step)
-    saved = metadata.item_metadata['state']
-  except Exception as e:  # noqa: BLE001  (whatever orbax raises for a broken step)
-    raise integrity.unreadable(where, e) from e
+  metadata = integrity.read(lambda: mgr.metadata(step), where)
+  saved = integrity.read(lambda: metadata.item_metadata['state'], where)
   if saved is None:
     raise integrity.Damaged(f'{where} is unreadable: orbax finds no metadata of its state.')
   saved = getattr(saved, 'tree', saved)
   trees.require_same_shapes(wanted, trees.shapes(saved), f'Checkpoint {step} in {mgr.directory}',
                             got_name='the checkpoint', want_name="this config's model",
                             hint='different methods, ranks, contexts or targets?')
-  try:
-    out = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(integrity.as_saved(wanted, saved)),
-        meta=ocp.args.JsonRestore()))
-  except Exception as e:  # noqa: BLE001  (its shapes fit: what fails is the reading)
-    raise integrity.unreadable(where, e) from e
-  recorded = integrity.recorded(step_dir(mgr, step), metadata.custom_metadata, where)
-  if recorded is not None:
-    integrity.verify(recorded, out['state'], where)
+  out = integrity.read(lambda: mgr.restore(step, args=ocp.args.Composite(  # its shapes fit
+      state=ocp.args.StandardRestore(integrity.as_saved(wanted, saved)),
+      meta=ocp.args.JsonRestore())), where)
+  integrity.check_saved(step_dir(mgr, step), metadata.custom_metadata, out['state'], where)
   tree = integrity.cast_like(out['state'], wanted)
   return state.replace(step=tree['step'], trainable=tree['trainable'],
                        opt_state=tree['opt_state']), dict(out['meta'])
