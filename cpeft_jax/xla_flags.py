@@ -16,12 +16,20 @@ from collections.abc import MutableMapping
 # MiB, step time unchanged); one-token generation steps gain a few percent from it, so only
 # training sets this. The flag is ignored by the GPU and TPU backends.
 TRAINING = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
+# For tiny shapes, where compiling dominates (the tests, the fault sweep): LLVM compiles without
+# its optimisations; XLA's HLO passes still run, so the optimized HLO is the same.
+FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+
+
+def add_defaults(defaults, environ: MutableMapping[str, str] = os.environ) -> str:
+  """Adds `defaults` to environ['XLA_FLAGS'] (those it does not name yet); returns it."""
+  flags = environ.get('XLA_FLAGS', '').split()
+  named = {f.split('=')[0] for f in flags}
+  flags += [f for f in defaults if f.split('=')[0] not in named]
+  environ['XLA_FLAGS'] = ' '.join(flags)
+  return environ['XLA_FLAGS']
 
 
 def set_training_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
   """Adds TRAINING's flags to environ['XLA_FLAGS'] (those it does not name yet); returns it."""
-  flags = environ.get('XLA_FLAGS', '').split()
-  named = {f.split('=')[0] for f in flags}
-  flags += [f for f in TRAINING if f.split('=')[0] not in named]
-  environ['XLA_FLAGS'] = ' '.join(flags)
-  return environ['XLA_FLAGS']
+  return add_defaults(TRAINING, environ)

@@ -10,11 +10,10 @@ import os
 import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+from cpeft_jax import xla_flags  # noqa: E402  (imports no JAX)
 # Tiny shapes: compiling dominates, and unoptimised CPU code compiles sooner (LLVM's level only;
 # XLA's HLO passes, which the HLO assertions read, still run). Subprocesses inherit it.
-FAST_COMPILE = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + FAST_COMPILE).strip()
+xla_flags.add_defaults(xla_flags.FAST_COMPILE)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

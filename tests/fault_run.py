@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from helpers import tiny  # noqa: E402
 
-from cpeft_jax import experiment  # noqa: E402
+from cpeft_jax import experiment, xla_flags  # noqa: E402
 from cpeft_jax.train import trainer  # noqa: E402
 
 
@@ -75,9 +75,8 @@ def main(argv):
 def run(workdir, data_dir, *faults, kill_after: float | None = None):
   """Runs this file in a subprocess; returns its exit code (negative: killed by a signal)."""
   cmd = [sys.executable, os.path.abspath(__file__), str(workdir), str(data_dir), *faults]
-  # Unoptimised CPU code compiles sooner; every run of a comparison uses it.
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
-      ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')).strip())
+  env = dict(os.environ)  # unoptimised CPU code compiles sooner; every run here uses it
+  xla_flags.add_defaults(xla_flags.FAST_COMPILE, env)
   with open(os.path.join(os.path.dirname(str(workdir)) or '.', 'fault_run.log'), 'a') as log:
     p = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
     try:

@@ -10,14 +10,15 @@ import subprocess
 import sys
 
 from bench import cases
+from cpeft_jax import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quick_bench_prints_every_row(tmp_path):
   out = tmp_path / 'BENCHMARKS.md'
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + (
-      ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')).strip())
+  env = dict(os.environ)
+  xla_flags.add_defaults(xla_flags.FAST_COMPILE, env)
   p = subprocess.run(
       [sys.executable, '-m', 'bench.run', '--quick', '--steps=1', '--rounds=1', '--nopeer',
        '--norss', f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True,

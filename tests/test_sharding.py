@@ -10,8 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from cpeft_jax import sharding
+from cpeft_jax import sharding, xla_flags
 
+FAST_COMPILE = ' '.join(xla_flags.FAST_COMPILE)  # both sides of each comparison use it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = '''
 import sys
@@ -34,7 +35,7 @@ def _run(tmp_path, devices, mesh=None):
   workdir = tmp_path / f'mesh{devices}'
   # Unoptimised CPU code compiles sooner; both sides of the comparison use it.
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}'
-             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             f' {FAST_COMPILE}',
              JAX_PLATFORMS='cpu')
   code = RUN.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=str(tmp_path / 'tfds'),
                     workdir=str(workdir), mesh=mesh or sharding.DEFAULT_MESH, info=True)
@@ -122,7 +123,7 @@ def test_quantized_base_trains_sharded_as_unsharded(tmp_path):
   4-bit values are split as their kernels, the scales along the axes they share with them, and
   three train steps give the losses and tables of the same steps on one device."""
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
-             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true',
+             f' {FAST_COMPILE}',
              JAX_PLATFORMS='cpu')
   out = subprocess.run([sys.executable, '-c', QUANTIZED.format(
       root=ROOT, tests=os.path.join(ROOT, 'tests'))], env=env, capture_output=True, text=True,
@@ -236,7 +237,7 @@ def test_every_architecture_shards_its_base_tables_and_moments():
   cases = ['llama', 'gpt2', 'opt', 'llama_int8']
   # Unoptimised CPU code compiles about 1.5x sooner; both sides of the comparison use it.
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8'
-             ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+             f' {FAST_COMPILE}')
   out = subprocess.run([sys.executable, '-c', ARCHS.format(
       root=ROOT, mesh=dict(data=1, fsdp=FSDP, tensor=TENSOR), cases=cases)], env=env,
       capture_output=True, text=True, cwd=ROOT)
