@@ -251,8 +251,9 @@ def compiled_activations(config, dec_cfg, mesh_sizes, frozen, state, rules):
   jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh),
                                        sharding.replicated(mesh)),
                    out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  stats = jitted.lower(state, frozen, _batch_shapes(config, config.train.batch_size),
-                       jax.eval_shape(lambda: jax.random.key(0))).compile().memory_analysis()
+  with jax.set_mesh(mesh):  # as training runs it: adaptors routed per batch shard
+    stats = jitted.lower(state, frozen, _batch_shapes(config, config.train.batch_size),
+                         jax.eval_shape(lambda: jax.random.key(0))).compile().memory_analysis()
   return int(stats.temp_size_in_bytes), (
       f'XLA memory analysis of the train step compiled for {size} {jax.devices()[0].platform} '
       'devices (temp_size_in_bytes: activations, gradients, temporaries)')

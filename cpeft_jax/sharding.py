@@ -39,6 +39,7 @@ axis does not divide (one block, or a block count the axis does not divide) is r
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -49,9 +50,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cpeft_jax import trees
+from cpeft_jax.adaptors import BATCH_AXES  # the leading (batch) dimension of every input
 
 AXES = ('data', 'fsdp', 'tensor')
-BATCH_AXES = ('data', 'fsdp')  # the leading (batch) dimension of every input
 DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
 # The parts of a quantized leaf, matched by the rules as the kernel they stand for.
 _QUANTIZED_PART = re.compile(r'/qarray/(qvalue|scale|zero_point)$')
@@ -118,6 +119,17 @@ def make_mesh(spec: Mapping[str, int] | None = None) -> jax.sharding.Mesh:
   sizes = mesh_shape(spec, jax.device_count())
   return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES,
                        axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def on_mesh(fn, mesh: jax.sharding.Mesh):
+  """`fn` (a jitted step) traced and run with `mesh` as the context mesh (jax.set_mesh): the
+  model then routes contexts and runs its adaptors shard by shard over the batch axes
+  (adaptors.routing), with no collective on tokens."""
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+  return call
 
 
 def check_batch(sizes: Mapping[str, int], name: str, batch_size: int) -> None:

@@ -35,13 +35,14 @@ projections), `routing` (context ids -> groups, the one-hot / grouped / ragged L
 from cpeft_jax.adaptors.config import (ADAPTORS, LORA_INITS, LORA_STRATEGIES, METHODS,
                                        ContextSpec, LoraConfig, PeftConfig)
 from cpeft_jax.adaptors.dense import ContextDense, column_norms, init_dora_magnitudes
-from cpeft_jax.adaptors.routing import Routing, check_context_ids, lora_delta, route, select
+from cpeft_jax.adaptors.routing import (BATCH_AXES, Routing, batch_split, check_context_ids,
+                                        lora_delta, pick_strategy, route, select)
 from cpeft_jax.adaptors.targets import PRESETS, LayerAdaptor, Projection, resolve_targets
 from cpeft_jax.lowp import matmul, matmul_f32
 
 __all__ = [
-    'ADAPTORS', 'LORA_INITS', 'LORA_STRATEGIES', 'METHODS', 'PRESETS', 'ContextDense',
+    'ADAPTORS', 'BATCH_AXES', 'LORA_INITS', 'LORA_STRATEGIES', 'METHODS', 'PRESETS', 'ContextDense',
     'ContextSpec', 'LayerAdaptor', 'LoraConfig', 'PeftConfig', 'Projection', 'Routing',
-    'check_context_ids', 'column_norms', 'init_dora_magnitudes', 'lora_delta', 'matmul',
-    'matmul_f32', 'resolve_targets', 'route', 'select',
+    'batch_split', 'check_context_ids', 'column_norms', 'init_dora_magnitudes', 'lora_delta', 'matmul',
+    'matmul_f32', 'pick_strategy', 'resolve_targets', 'route', 'select',
 ]

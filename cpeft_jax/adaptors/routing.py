@@ -4,17 +4,43 @@
 delta for all contexts in one grouped computation (`lora_delta`, by `PeftConfig.strategy`), and
 reads per-context vectors (IA3, BitFit, DoRA's factor) per token with `select`. No per-token copy
 of a LoRA matrix is ever formed.
+
+Under a context mesh (`jax.set_mesh`) whose batch axes (`BATCH_AXES`) hold more than one device,
+routing and the LoRA math run shard by shard (`jax.shard_map` over those axes, manual there,
+the 'tensor' axis left to the partitioner): each batch shard sorts and multiplies only its own
+tokens, so the adaptors add no collective on tokens; the tables enter every shard whole over
+the batch axes (gathered as the base's fsdp kernels are) and their gradients are summed over
+the shards, the same parameter-gradient reduction the base has. Without a mesh, or with one
+device on the batch axes, nothing changes.
+
+`strategy='auto'` picks by backend and shape (`pick_strategy`): one row: plain LoRA. XLA:CPU
+(measured, bench/): onehot for R <= 2 rows, grouped beyond. GPU/TPU (not measured here):
+onehot while R x r <= `ONEHOT_MAX_WIDTH` (128, one MXU / tensor-core tile: the wider matmul
+then costs about what rank r alone costs), ragged beyond (`jax.lax.ragged_dot`, which lowers to
+a grouped-matmul kernel on TPU; on GPU tokamax's Pallas kernel replaces it where tokamax is
+installed: it is optional, never required).
 """
 
 from __future__ import annotations
+
+import math
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from cpeft_jax.adaptors.config import PeftConfig
 from cpeft_jax.lowp import matmul
+
+try:  # Pallas grouped-matmul kernels for GPU and TPU, with jax.lax.ragged_dot's signature.
+  import tokamax as _tokamax
+except ImportError:
+  _tokamax = None
+
+BATCH_AXES = ('data', 'fsdp')  # the mesh axes the batch is split over (sharding.BATCH_AXES)
+ONEHOT_MAX_WIDTH = 128  # 'auto' on GPU/TPU: onehot while rows x rank fit one matmul tile
 
 
 def check_context_ids(context_ids, num_contexts: int, what: str = 'context_ids'):
@@ -39,6 +65,9 @@ class Routing:
   token_P: the token in each slot (T for padding); tile_row_N: each tile's table row;
   used_tiles: how many leading tiles hold tokens (the rest are all padding and skipped).
   The ragged strategy adds order_T (tokens sorted by row), unorder_T and sizes_G (R+1 groups).
+  Routed shard by shard (`axes` names the mesh's batch axes), every array is the concatenation
+  of the shards' own routings along its leading axis (used_tiles: one count per shard), and
+  the indices in each are local to its shard.
   """
   row_T: jax.Array
   num_rows: int = flax.struct.field(pytree_node=False)
@@ -50,25 +79,76 @@ class Routing:
   order_T: jax.Array | None = None
   unorder_T: jax.Array | None = None
   sizes_G: jax.Array | None = None
+  mesh: jax.sharding.AbstractMesh | None = flax.struct.field(pytree_node=False, default=None)
+  axes: tuple[str, ...] = flax.struct.field(pytree_node=False, default=())
+
+  def _shard(self) -> Routing:
+    """One shard's routing as its own map sees it (inside shard_map)."""
+    used = None if self.used_tiles is None else self.used_tiles[0]
+    return self.replace(used_tiles=used, mesh=None, axes=())
 
 
-def _pick_strategy(strategy: str, num_rows: int) -> str:
+def pick_strategy(strategy: str, num_rows: int, rank: int, backend: str) -> str:
+  """The LoRA strategy that `strategy` ('auto' or a name) means for R rows of rank r.
+
+  One row: plain LoRA ('dense'). 'auto' on XLA:CPU: onehot for R <= 2, grouped beyond (the
+  measured CPU rule: onehot grows with R, ragged_dot is no grouped kernel there). On GPU/TPU:
+  onehot while R x r <= ONEHOT_MAX_WIDTH (the R x r wide matmul fills about one MXU or
+  tensor-core tile, which rank r alone already occupies), ragged beyond (a grouped matmul).
+  """
   if num_rows == 1:
     return 'dense'
-  if strategy == 'auto':
+  if strategy != 'auto':
+    return strategy
+  if backend == 'cpu':
     return 'onehot' if num_rows <= 2 else 'grouped'
-  return strategy
+  return 'onehot' if num_rows * rank <= ONEHOT_MAX_WIDTH else 'ragged'
+
+
+def _max_rank(peft: PeftConfig) -> int:
+  ranks = [s.rank for s in peft.row_specs if s.low_rank]
+  return max(ranks) if ranks else peft.lora.rank
+
+
+def batch_split(batch: int) -> tuple[jax.sharding.AbstractMesh | None, tuple[str, ...]]:
+  """The context mesh and its batch axes (of more than one device, not already manual) when
+  `batch` rows split evenly over them; (None, ()) otherwise: no mesh, one batch shard, or a
+  batch the shards cannot split (e.g. one generated row)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None, ()
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1
+               and a not in mesh.manual_axes)
+  if not axes or batch % math.prod(mesh.shape[a] for a in axes):
+    return None, ()
+  return mesh, axes
 
 
 def route(context_ids, peft: PeftConfig) -> Routing:
-  """Sorts the tokens of `context_ids` (any shape) into adaptor groups for every layer."""
-  ids_T = jnp.asarray(context_ids, jnp.int32).reshape(-1)
+  """Sorts the tokens of `context_ids` (any shape, batch first) into adaptor groups for every
+  layer; under a mesh with batch shards (`batch_split`), each shard's tokens on their own."""
+  ids = jnp.asarray(context_ids, jnp.int32)
+  strategy = pick_strategy(peft.strategy, peft.num_rows, _max_rank(peft), jax.default_backend())
+  mesh, axes = batch_split(ids.shape[0]) if ids.ndim else (None, ())
+  if not axes:
+    return _route_tokens(ids.reshape(-1), peft, strategy)
+
+  def local(ids_b):
+    r = _route_tokens(ids_b.reshape(-1), peft, strategy)
+    return r if r.used_tiles is None else r.replace(used_tiles=r.used_tiles[None])
+  spec = PartitionSpec(axes)
+  routing = jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec,
+                          axis_names=set(axes))(ids)
+  return routing.replace(mesh=mesh, axes=axes)
+
+
+def _route_tokens(ids_T, peft: PeftConfig, strategy: str) -> Routing:
+  """The routing of one sequence of tokens (the whole batch, or one shard's)."""
   R = peft.num_rows
   row_of_context = np.full((peft.num_contexts,), R, np.int32)
   row_of_context[list(peft.rows)] = np.arange(R, dtype=np.int32)
   # Out-of-range ids (only possible under jit, where they cannot be checked) get no adaptor.
   row_T = jnp.take(jnp.asarray(row_of_context), ids_T, mode='fill', fill_value=R)
-  strategy = _pick_strategy(peft.strategy, R)
   T = ids_T.shape[0]
   if strategy == 'grouped':
     tile = min(peft.tile, T)
@@ -81,7 +161,8 @@ def route(context_ids, peft: PeftConfig) -> Routing:
     rank_T = jnp.take_along_axis(jnp.cumsum(onehot_TR, 0),
                                  jnp.minimum(row_T, R - 1)[:, None], axis=1)[:, 0] - 1
     slot_T = jnp.where(row_T < R, start_R[jnp.minimum(row_T, R - 1)] + rank_T, P)
-    token_P = jnp.full((P + 1,), T, jnp.int32).at[slot_T].set(jnp.arange(T, dtype=jnp.int32))[:P]
+    token_P = jnp.full((P + 1,), T, jnp.int32).at[slot_T].set(
+        jnp.arange(T, dtype=jnp.int32))[:P]
     tile_start_N = jnp.arange(n_tiles, dtype=jnp.int32) * tile
     # A group with no tokens shares its start with the next group; the later group owns it.
     tile_row_N = (tile_start_N[:, None] >= start_R[None, :]).sum(1).astype(jnp.int32) - 1
@@ -176,7 +257,30 @@ _tile_lora.defvjp(_tile_lora_fwd, _tile_lora_bwd)
 
 
 def lora_delta(x_TD, a_RDr, b_RrE, routing: Routing):
-  """sum over rows of onehot[t, c] * x_t @ A_c @ B_c, by the routing's strategy."""
+  """sum over rows of onehot[t, c] * x_t @ A_c @ B_c, by the routing's strategy.
+
+  Routed shard by shard, each batch shard computes its own tokens' deltas from whole tables
+  (shard_map over the routing's batch axes); the tables' gradients are summed over the shards.
+  """
+  if not routing.axes:
+    return _lora_delta(x_TD, a_RDr, b_RrE, routing)
+  spec, whole = PartitionSpec(routing.axes), PartitionSpec()
+  # check_vma=False: the loops' carries need no per-axis types, and the transpose sums the
+  # tables' gradients over the batch shards (one psum each, where the base has its own).
+  local = lambda x, a, b, r: _lora_delta(x, a, b, r._shard())
+  return jax.shard_map(local, mesh=routing.mesh, in_specs=(spec, whole, whole, spec),
+                       out_specs=spec, axis_names=set(routing.axes),
+                       check_vma=False)(x_TD, a_RDr, b_RrE, routing)
+
+
+def _ragged_dot(x_MK, w_GKN, sizes_G):
+  if _tokamax is not None and jax.default_backend() in ('gpu', 'tpu'):
+    return _tokamax.ragged_dot(x_MK, w_GKN, sizes_G)
+  return jax.lax.ragged_dot(x_MK, w_GKN, sizes_G)
+
+
+def _lora_delta(x_TD, a_RDr, b_RrE, routing: Routing):
+  """lora_delta on the tokens of one shard (or of the whole batch)."""
   R = routing.num_rows
   row_T = routing.row_T
   if routing.strategy == 'dense':
@@ -202,7 +306,7 @@ def lora_delta(x_TD, a_RDr, b_RrE, routing: Routing):
     zeros_a = jnp.zeros((1,) + a_RDr.shape[1:], a_RDr.dtype)
     zeros_b = jnp.zeros((1,) + b_RrE.shape[1:], b_RrE.dtype)
     xs_TD = x_TD[routing.order_T]
-    h = jax.lax.ragged_dot(xs_TD, jnp.concatenate([a_RDr, zeros_a]), routing.sizes_G)
-    y = jax.lax.ragged_dot(h, jnp.concatenate([b_RrE, zeros_b]), routing.sizes_G)
+    h = _ragged_dot(xs_TD, jnp.concatenate([a_RDr, zeros_a]), routing.sizes_G)
+    y = _ragged_dot(h, jnp.concatenate([b_RrE, zeros_b]), routing.sizes_G)
     return y[routing.unorder_T]
   raise ValueError(f'Unknown LoRA strategy {routing.strategy!r}.')

@@ -133,16 +133,16 @@ class Trainer:
     peft = exp.model.peft
     self.rows = peft.rows if peft.methods else ()
     self.tasks = exp.tasks if len(exp.tasks) > 1 else ()  # per-task losses of a multi-task run
-    self.step_fn = jax.jit(
+    self.step_fn = sharding.on_mesh(jax.jit(
         functools.partial(step_lib.train_step, apply_fn=apply,
                           micro_steps=config.train.micro_steps, num_contexts=peft.num_contexts,
                           num_tasks=len(self.tasks)),
         in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh, placed.replicated),
-        out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,))
-    self.eval_fn = jax.jit(functools.partial(losses.eval_step, apply_fn=apply),
-                           in_shardings=(placed.state_sh.trainable, placed.frozen_sh,
-                                         placed.batch_sh),
-                           out_shardings=placed.replicated)
+        out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,)), exp.mesh)
+    self.eval_fn = sharding.on_mesh(jax.jit(
+        functools.partial(losses.eval_step, apply_fn=apply),
+        in_shardings=(placed.state_sh.trainable, placed.frozen_sh, placed.batch_sh),
+        out_shardings=placed.replicated), exp.mesh)
     self.lr_at = state_lib.schedule(optim)
     self.lead = jax.process_index() == 0
     self.mgr = checkpointing.manager(os.path.join(workdir, workdir_lib.CHECKPOINTS))
