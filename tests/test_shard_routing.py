@@ -1,7 +1,8 @@
 """Context routing local to each batch shard, on a simulated 8-device mesh (data=2, fsdp=2,
 tensor=2): the compiled train step of a tiny decoder with C=4 under the grouped, ragged and
-onehot strategies has no collective on the tokens of the global batch, and it computes one
-device's losses and table gradients; one adapted layer equals the slow per-token reference.
+onehot strategies (and grouped with 2 micro-batches) has no collective on the tokens of the
+global batch, and it computes one device's losses and table gradients; one adapted layer
+equals the slow per-token reference.
 
 Everything runs in one subprocess (the 8 devices must exist before JAX starts); the tests read
 its JSON.
@@ -9,6 +10,7 @@ its JSON.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,13 +21,16 @@ from cpeft_jax import adaptors, xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ('grouped', 'ragged', 'onehot')
-B, L, C, RANK, HIDDEN = 8, 12, 4, 4, 32  # global batch: B x L = 96 tokens, 4 shards of 24
+CASES = {s: (s, 1) for s in STRATEGIES} | {'grouped_micro2': ('grouped', 2)}  # micro_steps
+# Global batch: B x L = 96 tokens, 4 shards of 24; a micro-batch of two: 48 tokens. Every
+# parameter dimension is below 48 (vocab and MLP 40, hidden 32).
+B, L, C, RANK, HIDDEN = 8, 12, 4, 4, 32
 RATE = 1e3  # SGD's rate: the update -RATE x grad stands far above the tables' rounding
 
 SCRIPT = r'''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import json, re, types
+import json, types
 import jax, jax.numpy as jnp, numpy as np, optax
 from cpeft_jax import sharding, trees
 from cpeft_jax import trainable as trainable_lib
@@ -34,36 +39,18 @@ from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.train import state as state_lib, step as step_lib, trainer
 from helpers import D_IN, init_random, reference
+hlo_dir = {hlo_dir!r}
 B, L, C, RANK, HIDDEN, RATE = {B}, {L}, {C}, {RANK}, {HIDDEN}, {RATE}
-OP = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(([^)]*)\)')
-COLLECTIVES = ('all-gather', 'all-reduce', 'all-to-all', 'reduce-scatter', 'collective-permute')
-
-def collectives(hlo):
-  """(op, [shape, ...]) of every collective of an optimized HLO module: its result's shapes
-  and its operands' (looked up by name)."""
-  types_, out = {{}}, []
-  for line in hlo.splitlines():
-    m = OP.match(line)
-    if m:
-      types_[m.group(1)] = m.group(2)
-  for line in hlo.splitlines():
-    m = OP.match(line)
-    if m and m.group(3).removesuffix('-start') in COLLECTIVES:
-      text = m.group(2) + ' ' + ' '.join(types_.get(n, '') for n in re.findall(r'%([\w.\-]+)',
-                                                                             m.group(4)))
-      shapes = [[int(d) for d in s.split(',') if d] for s in re.findall(r'\w+\[([\d,]*)\]', text)]
-      out.append((m.group(3).removesuffix('-start'), shapes))
-  return out
 
 rng = np.random.default_rng(0)
-tokens = rng.integers(3, 64, (B, L + 1))
+tokens = rng.integers(3, 40, (B, L + 1))
 batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], loss_mask=rng.random((B, L)) < 0.8,
              context_ids=rng.integers(0, C, (B, L)).astype(np.int32))
-cfg = DecoderConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=48, num_layers=2,
+cfg = DecoderConfig(vocab_size=40, hidden_size=HIDDEN, intermediate_size=40, num_layers=2,
                     num_heads=2, num_kv_heads=2)
 mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
 out = dict(step={{}}, layer={{}})
-for strategy in {strategies!r}:
+for case, (strategy, micro_steps) in {cases!r}.items():
   peft = PeftConfig(methods=('lora',), num_contexts=C, targets='AF', strategy=strategy, tile=8,
                     lora=LoraConfig(rank=RANK, alpha=8.0))
   model = make_decoder(cfg, peft)
@@ -74,7 +61,8 @@ for strategy in {strategies!r}:
   trainable, frozen = trainable_lib.split(v, 'peft')
   tx = optax.sgd(RATE)
   apply = lambda w, b, train, rng: model.apply(w, b['tokens'], context_ids_BL=b['context_ids'])
-  step = lambda s, f, b: step_lib.train_step(s, f, b, jax.random.key(0), apply_fn=apply)
+  step = lambda s, f, b: step_lib.train_step(s, f, b, jax.random.key(0), apply_fn=apply,
+                                             micro_steps=micro_steps)
   def grads(old, new):
     return [np.asarray((a - b) / RATE).tolist() for a, b in zip(jax.tree.leaves(old),
                                                                 jax.tree.leaves(new))]
@@ -85,17 +73,21 @@ for strategy in {strategies!r}:
   args = (placed.state, placed.frozen, jax.device_put(batch, placed.batch_sh))
   # The global routing of before under the same shardings (no context mesh: route() sorts the
   # whole batch as one), compiled for the strategy 'auto' picks on CPU: the checker's control.
-  global_hlo = run.lower(*args).compile().as_text() if strategy == 'grouped' else ''
+  if case == 'grouped':
+    with open(f'{{hlo_dir}}/global.hlo', 'w') as f:
+      f.write(run.lower(*args).compile().as_text())
   with jax.set_mesh(mesh):
     compiled = run.lower(*args).compile()
   new_state, m = compiled(*args)
-  local_hlo = compiled.as_text()
-  out['step'][strategy] = dict(
+  with open(f'{{hlo_dir}}/{{case}}.hlo', 'w') as f:
+    f.write(compiled.as_text())
+  out['step'][case] = dict(
       loss_one=float(one_m['loss']), loss_mesh=float(m['loss']),
       grads_one=grads(trainable, one_state.trainable),
       grads_mesh=grads(trainable, new_state.trainable),
-      table_shapes=[list(x.shape[1:]) for x in jax.tree.leaves(trainable)],
-      local=collectives(local_hlo), glob=collectives(global_hlo))
+      table_shapes=[list(x.shape[1:]) for x in jax.tree.leaves(trainable)])
+  if micro_steps > 1:
+    continue
 
   # One layer, C=4 with context 2 unadapted, LoRA + BitFit + IA3: the per-token reference.
   lpeft = PeftConfig(methods=('lora', 'bitfit', 'ia3'), num_contexts=C, adapted_contexts=(0, 1, 3),
@@ -125,50 +117,120 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope='module')
-def runs():
+def runs(tmp_path_factory):
+  hlo_dir = tmp_path_factory.mktemp('hlo')
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8 '
              + ' '.join(xla_flags.FAST_COMPILE))
   code = SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), B=B, L=L, C=C, RANK=RANK,
-                       HIDDEN=HIDDEN, RATE=RATE, strategies=STRATEGIES)
+                       HIDDEN=HIDDEN, RATE=RATE, cases=CASES, hlo_dir=str(hlo_dir))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        cwd=ROOT)
   assert out.returncode == 0, out.stderr[-3000:]
-  return json.loads(out.stdout.strip().splitlines()[-1])
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  for case in CASES:
+    res['step'][case]['local'] = collectives((hlo_dir / f'{case}.hlo').read_text())
+  res['step']['grouped']['glob'] = collectives((hlo_dir / 'global.hlo').read_text())
+  return res
 
 
-def on_global_tokens(collectives):
-  """The collectives with an operand or result over the global batch's tokens: a dimension of
-  at least B x L (the flattened tokens, or the grouped strategy's padded buffer of them) or
-  the (B, L) pair. Nothing else in the model is that large (vocab 64, features <= 48)."""
+OP = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\(([^)]*)\)(.*)$')
+COLLECTIVES = ('all-gather', 'all-reduce', 'all-to-all', 'reduce-scatter', 'collective-permute')
+TENSOR = 2  # partition p of the data=2, fsdp=2, tensor=2 mesh is on batch shard p // TENSOR
+
+
+def _groups(attrs):
+  """The partition groups of a collective's attributes, in each of the forms XLA prints:
+  source_target_pairs={{0,1},..}, replica_groups={{0,2},..}, the iota form [G,S]<=[dims]T(perm),
+  and the mesh form mesh['axis_0'=n,..] (device_ids=([dims]T(perm))) {'axis_k',..}."""
+  if m := re.search(r'(?:source_target_pairs|replica_groups)=\{(\{[\d,{}]*\})\}', attrs):
+    return [[int(d) for d in g.split(',')] for g in re.findall(r'\{([\d,]+)\}', m.group(1))]
+  if m := re.search(r'replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?', attrs):
+    return _iota(m.group(3), m.group(4)).reshape(int(m.group(1)), int(m.group(2))).tolist()
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\]"
+                r"(?:T\(([\d,]+)\))?\))? \{([^}]*)\}", attrs)
+  assert m, f'unparsed collective: {attrs[:300]}'
+  names = re.findall(r"'(\w+)'=", m.group(1))
+  sizes = [int(n) for n in re.findall(r"=(\d+)", m.group(1))]
+  ids = (_iota(m.group(2), m.group(3)) if m.group(2) else np.arange(np.prod(sizes))).reshape(sizes)
+  over = [names.index(a) for a in re.findall(r"'(\w+)'", m.group(4))]
+  ids = np.moveaxis(ids, over, list(range(-len(over), 0)))
+  return ids.reshape(-1, int(np.prod([sizes[a] for a in over]))).tolist()
+
+
+def _iota(dims, perm):
+  ids = np.arange(np.prod([int(d) for d in dims.split(',')])).reshape(
+      [int(d) for d in dims.split(',')])
+  return ids.transpose([int(p) for p in perm.split(',')]) if perm else ids
+
+
+def collectives(hlo):
+  """(op, [shape, ...], crosses) of every collective of an optimized HLO module: its result's
+  and operands' shapes (operands looked up by name), and whether a group spans batch shards."""
+  types, out = {}, []
+  lines = [m for m in map(OP.match, hlo.splitlines()) if m]
+  for m in lines:
+    types[m.group(1)] = m.group(2)
+  for m in lines:
+    op = m.group(3).removesuffix('-start')
+    if op in COLLECTIVES:
+      text = m.group(2) + ' ' + ' '.join(types.get(n, '') for n in re.findall(r'%([\w.\-]+)',
+                                                                            m.group(4)))
+      shapes = [[int(d) for d in s.split(',') if d] for s in re.findall(r'\w+\[([\d,]*)\]', text)]
+      crosses = any(len({p // TENSOR for p in g}) > 1 for g in _groups(m.group(5)))
+      out.append((op, shapes, crosses))
+  return out
+
+
+def on_global_tokens(collectives, rows=B):
+  """The collectives with an operand or result over the tokens of `rows` global rows (the
+  batch, or a micro-batch): a dimension of at least rows x L (the flattened tokens, or the
+  grouped strategy's padded buffer of them) or the (rows, L) pair. Nothing else in the model
+  is that large (every parameter dimension is below 48)."""
   def tokens(dims):
-    return any(d >= B * L for d in dims) or any(dims[i:i + 2] == [B, L]
-                                                for i in range(len(dims) - 1))
-  return [(op, shapes) for op, shapes in collectives if any(tokens(s) for s in shapes)]
+    return any(d >= rows * L for d in dims) or any(dims[i:i + 2] == [rows, L]
+                                                   for i in range(len(dims) - 1))
+  return [(op, shapes) for op, shapes, _ in collectives if any(tokens(s) for s in shapes)]
 
 
-@pytest.mark.parametrize('strategy', STRATEGIES)
-def test_train_step_has_no_collective_on_global_tokens(runs, strategy):
+def between_shards(collectives):
+  """The collectives that move token-shaped data between batch shards: a group spans shards
+  and an operand has a dimension of whole sequences (a multiple of L: positions, a shard's
+  flattened tokens) or of 48 and more (padded token buffers). No parameter dimension is either
+  (2, 4, 16, 32, 40), so the fsdp gathers and gradient reductions of the weights pass."""
+  def tokens(dims):
+    return any(d % L == 0 or d >= 4 * L for d in dims)
+  return [(op, shapes) for op, shapes, crosses in collectives
+          if crosses and any(tokens(s) for s in shapes)]
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_train_step_has_no_collective_on_global_tokens(runs, case):
   """Routed per shard, the step's collectives are the base's and the adaptors' parameter
   traffic only: the tables' fsdp gathers and one all-reduce of their gradients over the batch
   shards (operands shaped as the tables [C, d, r] / [C, r, d]); tokens stay on their shard.
+  Tokens cross only the 'tensor' axis, inside a shard, as the base's Megatron layout has them.
   The same step with the global routing of before (the whole batch sorted as one) all-gathers
-  the context ids and all-reduces every token's activations: the checker sees them."""
-  r = runs['step'][strategy]
-  assert on_global_tokens(r['local']) == []
-  if strategy == 'grouped':
+  the context ids and all-reduces every token's activations: the checker sees them.
+  With micro-batches, each takes rows of every shard: none is moved between devices."""
+  r = runs['step'][case]
+  assert on_global_tokens(r['local'], B // CASES[case][1]) == []
+  assert between_shards(r['local']) == []
+  if case == 'grouped':
     assert on_global_tokens(r['glob']), 'the global routing gathers tokens: is the parser broken?'
-  # The allowed parameter-gradient reduction: an all-reduce whose operands are table shapes.
+    assert between_shards(r['glob'])
+  # The allowed parameter-gradient reduction: an all-reduce whose operands are table shapes,
+  # over the batch shards.
   tables = {tuple(s) for s in r['table_shapes']}
-  assert any(op == 'all-reduce' and {tuple(s) for s in shapes} & tables
-             for op, shapes in r['local']), r['local']
+  assert any(op == 'all-reduce' and crosses and {tuple(s) for s in shapes} & tables
+             for op, shapes, crosses in r['local']), r['local']
   # And no all-to-all at all (the adaptors never reshuffle tokens between shards).
   assert not [c for c in r['local'] if c[0] == 'all-to-all']
 
 
-@pytest.mark.parametrize('strategy', STRATEGIES)
-def test_train_step_per_shard_equals_one_device(runs, strategy):
+@pytest.mark.parametrize('case', CASES)
+def test_train_step_per_shard_equals_one_device(runs, case):
   """Loss and every table's gradient (recovered from one SGD step) as on one device."""
-  r = runs['step'][strategy]
+  r = runs['step'][case]
   np.testing.assert_allclose(r['loss_mesh'], r['loss_one'], rtol=1e-5)
   for one, mesh in zip(r['grads_one'], r['grads_mesh']):
     one, mesh = np.asarray(one), np.asarray(mesh)

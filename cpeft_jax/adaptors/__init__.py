@@ -36,7 +36,8 @@ from cpeft_jax.adaptors.config import (ADAPTORS, LORA_INITS, LORA_STRATEGIES, ME
                                        ContextSpec, LoraConfig, PeftConfig)
 from cpeft_jax.adaptors.dense import ContextDense, column_norms, init_dora_magnitudes
 from cpeft_jax.adaptors.routing import (BATCH_AXES, Routing, batch_split, check_context_ids,
-                                        lora_delta, pick_strategy, route, select)
+                                        lora_delta, pick_strategy, route, select,
+                                        shard_batch)
 from cpeft_jax.adaptors.targets import PRESETS, LayerAdaptor, Projection, resolve_targets
 from cpeft_jax.lowp import matmul, matmul_f32
 
@@ -45,4 +46,5 @@ __all__ = [
     'ContextSpec', 'LayerAdaptor', 'LoraConfig', 'PeftConfig', 'Projection', 'Routing',
     'batch_split', 'check_context_ids', 'column_norms', 'init_dora_magnitudes', 'lora_delta', 'matmul',
     'matmul_f32', 'pick_strategy', 'resolve_targets', 'route', 'select',
+    'shard_batch',
 ]

@@ -20,8 +20,10 @@ LORA_INITS = ('kaiming_uniform', 'gaussian')
 # onehot: the paper's einsum with a one-hot selector; cost grows with the number of rows R.
 # grouped: tokens sorted by context into tiles, one batched matmul with A/B gathered per tile;
 #   cost ~ (tokens + R * tile) regardless of R.
-# ragged: tokens sorted by context, jax.lax.ragged_dot (grouped kernels on GPU/TPU).
-# auto: dense LoRA for one row, onehot for two, grouped beyond (measured in bench/).
+# ragged: tokens sorted by context, jax.lax.ragged_dot (grouped kernels on GPU/TPU; tokamax's
+#   where installed).
+# auto: dense LoRA for one row; on CPU onehot for two, grouped beyond (measured in bench/); on
+#   GPU/TPU onehot while rows x rank <= 128, ragged beyond (routing.pick_strategy).
 LORA_STRATEGIES = ('auto', 'onehot', 'grouped', 'ragged')
 
 

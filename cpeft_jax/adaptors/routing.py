@@ -124,6 +124,15 @@ def batch_split(batch: int) -> tuple[jax.sharding.AbstractMesh | None, tuple[str
   return mesh, axes
 
 
+def shard_batch(x):
+  """`x` with its leading (batch) axis split over the context mesh's batch axes and its other
+  axes whole (replicated over 'tensor', as the Megatron layout keeps the residual stream);
+  unchanged without batch shards. Pins activations where the partitioner might otherwise
+  split tokens over 'tensor' or gather the batch."""
+  _, axes = batch_split(x.shape[0]) if x.ndim else (None, ())
+  return jax.lax.with_sharding_constraint(x, PartitionSpec(axes)) if axes else x
+
+
 def route(context_ids, peft: PeftConfig) -> Routing:
   """Sorts the tokens of `context_ids` (any shape, batch first) into adaptor groups for every
   layer; under a mesh with batch shards (`batch_split`), each shard's tokens on their own."""

@@ -110,7 +110,7 @@ class Block(nn.Module):
     h, kv = attn(pre(norm1, x_BLD), routing, mask, cos, sin, kv, index)
     x_BLD = post(norm1, x_BLD + drop(h))
     h = self.mlp(**sub, name='mlp')(pre(norm2, x_BLD), routing)
-    return post(norm2, x_BLD + drop(h)), kv
+    return adaptors.shard_batch(post(norm2, x_BLD + drop(h))), kv
 
 
 # A layer loop reads frozen 16-bit weights as same-width integers. XLA:CPU widens a loop's
@@ -236,7 +236,7 @@ class Decoder(nn.Module):
     if attention_mask_BL is not None:
       mask_B11L = jnp.asarray(attention_mask_BL, bool)[:, None, None, :]
     cos, sin = self.rope(positions_BL)
-    x_BLD = self.add_positions(x_BLD, positions_BL)
+    x_BLD = adaptors.shard_batch(self.add_positions(x_BLD, positions_BL))
     x_BLD, _ = self.layers(x_BLD, (routing, mask_B11L, cos, sin, None), None)
     return self._head(x_BLD, return_hidden, logits_to_keep)
 

@@ -3,7 +3,8 @@
 The loss (`cpeft_jax.losses`, shared with evaluation) is next-token cross-entropy over the
 positions `loss_mask` marks (caption tokens and EOS), averaged over those tokens. A batch is
 split into `micro_steps` micro-batches whose gradients are summed in a scan, so the update
-equals the one of the whole batch.
+equals the one of the whole batch; under a mesh each micro-batch takes rows of every batch
+shard (`split_micro`), so no row moves between devices.
 
 With `num_contexts`, the step also returns per-context diagnostics: the loss and token count
 of each context id (a loss position belongs to the context of the token it is computed at,
@@ -12,6 +13,7 @@ whose adaptors produced it) and the gradient norm of each context row of the ada
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import jax
@@ -41,6 +43,23 @@ def row_grad_norms(grads) -> jax.Array | None:
   return jnp.sqrt(sq)
 
 
+def split_micro(batch, micro_steps: int):
+  """[B, ...] leaves -> [micro_steps, B / micro_steps, ...]: micro-batch k takes rows k of
+  every batch shard's (of the context mesh's, adaptors.batch_split), so each micro-batch is
+  spread over all the shards and no row leaves its device; one shard: consecutive rows."""
+  B = batch['targets'].shape[0]
+  mesh, axes = adaptors.batch_split(B)
+  S = math.prod(mesh.shape[a] for a in axes) if axes else 1
+  if B % (S * micro_steps):
+    raise ValueError(f'batch size {B} is not divisible by micro_steps={micro_steps} x '
+                     f'{S} batch shards.')
+
+  def split(x):
+    x = x.reshape(S, micro_steps, B // (S * micro_steps), *x.shape[1:]).swapaxes(0, 1)
+    return x.reshape(micro_steps, B // micro_steps, *x.shape[3:])
+  return jax.tree.map(split, batch)
+
+
 def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: losses.ApplyFn,
                micro_steps: int = 1, num_contexts: int = 0, num_tasks: int = 0):
   """One optimizer update over `batch`; gradients only for the trainable tree.
@@ -49,14 +68,12 @@ def train_step(state: state_lib.TrainState, frozen, batch, rng, *, apply_fn: los
   gradient norm and update-to-weight ratio); with `num_tasks`, each task's loss and tokens
   (batch['tasks'] [B]: each row's task index).
   """
-  B = batch['targets'].shape[0]
-  if B % micro_steps:
-    raise ValueError(f'batch size {B} is not divisible by micro_steps={micro_steps}.')
-  micro = jax.tree.map(lambda x: x.reshape(micro_steps, B // micro_steps, *x.shape[1:]), batch)
+  micro = split_micro(batch, micro_steps)
   rngs = jax.random.split(rng, micro_steps)
   C, K = max(num_contexts, 1), max(num_tasks, 1)
 
   def sums(trainable, mb, r):
+    mb = jax.tree.map(adaptors.shard_batch, mb)
     loss_BL, mask_BL = losses.masked_losses(apply_fn, trainable_lib.merge(trainable, frozen), mb,
                                       train=True, rng=r)
     s_C, n_C = losses.context_sums(loss_BL, mask_BL, mb['context_ids'], C) if num_contexts else (
