@@ -25,7 +25,7 @@ from cpeft_jax import configlib
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=8, specs='')
+                          vision_epochs=6, specs='')
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -49,10 +49,13 @@ def get_config(arg=None):
   # with a warning; anything else missing from, or unused in, a checkpoint is an error.
   c.partial_load = ()
   c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3,
-                    # The two-variant demo's vision tower: a tiny CLIP trained on scene labels.
+                    embeddings='',  # a checkpoint whose input embeddings the decoder keeps
+                    # The two-variant demo's vision tower: a tiny CLIP trained on scene labels
+                    # (per patch: shape, colour, size and group count) of the training images
+                    # and of extra_scenes more scenes drawn for it alone.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
                                 image_size=64, patch_size=8, hidden_size=96, num_layers=3,
-                                num_heads=4, intermediate_size=384))
+                                num_heads=4, intermediate_size=384, extra_scenes=9000))
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,

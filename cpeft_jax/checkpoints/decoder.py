@@ -235,3 +235,22 @@ def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, partial_l
   check_report(report, where, partial_load, strict, what='decoder')
   return fill_leaves(plan, shapes, views, layout, init, seed, cfg.param_dtype, where,
                      leaf_fn), report
+
+
+def input_embeddings(path_or_id: str | os.PathLike):
+  """The input embedding table [vocabulary, width] of a decoder checkpoint (any supported
+  model_type), read alone: e.g. OPT-125m's, which the paper's language model keeps frozen."""
+  directory = resolve(path_or_id)
+  model_type = read_config(directory).get('model_type')
+  if model_type not in NAME_MAPS:
+    raise ValueError(f'{directory / CONFIG} has model_type={model_type!r}; supported model '
+                     f'types: {", ".join(NAME_MAPS)}.')
+  names = NAME_MAPS[model_type]
+  source = open_weights(directory)
+  name = names.params['embed_tokens/embedding'][0]
+  keys = set(source.keys())
+  for key in (name, name.removeprefix(names.prefix)):  # a whole model's, or a bare base's
+    key = source.name(key, EMBED)
+    if key in keys:
+      return source.read(key)  # numpy, on the host
+  raise ValueError(f'{source.where} has no input embedding table {name!r}.')
