@@ -25,7 +25,7 @@ from cpeft_jax import configlib
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=8, specs='')
+                          vision_epochs=8, specs='', targets='AF')
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -62,7 +62,7 @@ def get_config(arg=None):
   # The frozen base in 8 or 4 bits (cpeft_jax/quantize.py): --config.quantize.format=int4.
   c.quantize = dict(format='', granularity='block', block_size=64, targets='decoder')
   methods = () if a.method == 'none' else tuple(a.method.split('+'))
-  c.peft = dict(methods=methods, targets='AF',
+  c.peft = dict(methods=methods, targets=a.targets,
                 num_contexts=2 if contexts == 'modality' else 1,
                 lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
@@ -80,3 +80,18 @@ def get_config(arg=None):
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                  schedule='cosine', warmup_steps=50, total_steps=0, grad_clip_norm=1.0)
   return c
+
+
+def grid() -> list[str]:
+  """The paper's grid at demo scale, as arg strings: 32 cells for `python -m cpeft_jax.sweep`.
+
+  {IA3, BitFit, LoRA r=1, 8, 64} x targets {A, F, AF} (the `targets` arg: attention,
+  feed-forward or both) x contexts {agnostic, modality}, plus projection only (method=none,
+  mode=connector) and full fine-tuning (mode=full). The sweep's stage 0 runs once and every
+  cell loads its checkpoints. TIME_NOTE
+  """
+  out = [f'method={m},{f"rank={r}," if r else ""}targets={t},contexts={x}'
+         for (m, r) in (('ia3', 0), ('bitfit', 0), ('lora', 1), ('lora', 8), ('lora', 64))
+         for t in ('A', 'F', 'AF') for x in ('agnostic', 'modality')]
+  return out + ['method=none,mode=connector,contexts=agnostic',
+                'method=none,mode=full,contexts=agnostic']
