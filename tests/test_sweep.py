@@ -198,3 +198,16 @@ def test_results_markdown_tables():
   assert row.endswith(f'| {(1 / 12.5 + 1 / 12.9) / 2:.3f} ± {(1 / 12.5 - 1 / 12.9) / 2:.3f} |')
   assert sum(line.startswith('- ') for line in lines) == 5
   assert '| LoRA r=64_AF_specific | 0,1 | 1 | 11.800 ± 0.010 |' in text
+
+
+def test_paper_grid_cells_by_encoder():
+  module = runner.load_config_module(os.path.join(os.path.dirname(__file__), '..', 'configs',
+                                                  'paper.py'))
+  cells = runner.grid_cells(module, 'paper')
+  assert len(cells) == 64 and cells[-1].name == 'full_large'
+  described = [runner.describe(module.get_config(c.arg)) for c in cells]
+  for enc in ('swinv2-tiny', 'swinv2-large'):
+    keys = {(d['method'], d['targets'], d['contexts']) for d in described if enc in d['encoder']}
+    assert len(keys) == 32 and ('LoRA r=64', 'AF', 'specific') in keys
+  with pytest.raises(ValueError, match=r'has no grid_coarse\(\)'):
+    runner.grid_cells(module, 'coarse')
