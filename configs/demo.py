@@ -14,7 +14,7 @@ Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnosti
 empty: both), mode (peft | connector | full), epochs, num_train (images), pretrain_epochs
 (0: random decoder), vision_epochs (the vision tower's label pre-training), specs (per-context
 adaptor specs, context 0 first, e.g. `specs=lora+bitfit:rank=8;lora:rank=32` for LoRA r=8 plus
-BitFit on text tokens and LoRA r=32 on image tokens).
+BitFit on text tokens and LoRA r=32 on image tokens), targets (A | F | AF), warmup_steps.
 """
 
 import ml_collections
@@ -25,7 +25,8 @@ from cpeft_jax import configlib
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=6, specs='', targets='AF')
+                          vision_epochs=6, specs='', targets='AF',
+                          warmup_steps=50)
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -81,7 +82,8 @@ def get_config(arg=None):
                 num_beams=1, max_new_tokens=0,  # 0: as many tokens as a training row holds
                 all_references=False)  # True: validation PPL over every caption of an image
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                 schedule='cosine', warmup_steps=50, total_steps=0, grad_clip_norm=1.0)
+                 schedule='cosine', warmup_steps=a.warmup_steps, total_steps=0,
+                 grad_clip_norm=1.0)
   return c
 
 

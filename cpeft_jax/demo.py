@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, contexts, experiment, runs, schema
+from cpeft_jax import catalog, checkpoints, contexts, experiment, runs, schema
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
@@ -69,11 +69,30 @@ def with_bases(config: ml_collections.ConfigDict, workdir: str) -> ml_collection
   """The config a run of `config` trains with, its frozen bases decided here for the demo and
   the sweep alike: a config naming a text_model (the paper's) loads its checkpoints as
   configured; the demo's (no text_model: nothing to download) get stage 0's, pre-trained once
-  in `workdir` (skipped when already there) and shared by every run under it."""
+  in `workdir` (skipped when already there) and shared by every run under it; a config with a
+  real vision tower and a decoder to pre-train (configs/paper.py:text_model=standin) gets that
+  decoder, pre-trained once in `workdir`."""
   if config.text_model:
     return config
-  stage0(config, workdir)
-  return shared_bases(config, workdir)
+  if config.get('pretrain', {}).get('vision'):
+    stage0(config, workdir)
+    return shared_bases(config, workdir)
+  c = copy.deepcopy(config)
+  c.text_model = pretrained_lm(config, workdir)
+  return c
+
+
+def pretrained_lm(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """DIR/base_lm: the config's decoder (config.model, pretrain) pre-trained as a text LM on the
+  training captions, with the tokenizer of config.tokenizer, for rows of the caption segment
+  that config.vision's tower leaves; trained now unless already there."""
+  train = experiment.open_split(config, workdir, config.data.train_split)
+  tok = experiment.tokenizer(config, workdir, train)
+  v = config.vision
+  tower = checkpoints.encoder_module(checkpoints.read_config(catalog.resolve(v.path)),
+                                     feature_layer=v.get('feature_layer', -1),
+                                     drop_cls=v.get('drop_cls', True))
+  return pretrain.text_lm(config, workdir, train, tok, tower.cfg.num_tokens)
 
 
 def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:

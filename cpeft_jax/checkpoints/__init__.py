@@ -18,11 +18,12 @@ from cpeft_jax.checkpoints.hf_save import save_decoder, save_vision
 from cpeft_jax.checkpoints.io import (CONFIG, SAFETENSORS, SAFETENSORS_INDEX, LoadReport,
                                       read_config, resolve, swap_in)
 from cpeft_jax.checkpoints.tensors import open_weights
-from cpeft_jax.checkpoints.vision import load_vision, vision_module
+from cpeft_jax.checkpoints.vision import encoder_module, load_vision, vision_module
 
 __all__ = [
     'ARCH_OF', 'CONFIG', 'NAME_MAPS', 'SAFETENSORS', 'SAFETENSORS_INDEX', 'DecoderNames',
-    'LoadReport', 'Pretrained', 'input_embeddings', 'load_decoder', 'load_decoder_params', 'load_vision',
+    'LoadReport', 'Pretrained', 'encoder_module', 'input_embeddings', 'load_decoder',
+    'load_decoder_params', 'load_vision',
     'open_weights', 'params_from_state_dict', 'read_config', 'resolve', 'save_decoder',
     'save_vision', 'swap_in', 'vision_module',
 ]

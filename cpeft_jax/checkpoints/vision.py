@@ -149,17 +149,24 @@ def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_
   """
   directory = resolve(path_or_dir)
   hf = read_config(directory)
-  overrides = dict(dtype=dtype, param_dtype=dtype, feature_layer=feature_layer)
-  model_type = hf.get('model_type')
-  if model_type in ARCHITECTURES and ARCHITECTURES[model_type].module is ViT:
-    overrides['drop_cls'] = drop_cls
   try:
-    module = vision_module(hf, **overrides)
+    module = encoder_module(hf, dtype, feature_layer, drop_cls)
   except ValueError as e:
     raise ValueError(f'{directory / CONFIG}: {e}') from e
   params, _ = load_vision_params(directory, module, partial_load=partial_load, strict=strict,
                                  seed=seed, leaf_fn=leaf_fn)
   return module, params
+
+
+def encoder_module(hf: Mapping[str, Any], dtype: str = 'float32', feature_layer: int = -1,
+                   drop_cls: bool = True) -> nn.Module:
+  """The encoder `load_vision` builds from a config.json dict (`drop_cls` only where a class
+  token exists); its cfg.num_tokens is the number of image tokens it gives."""
+  overrides = dict(dtype=dtype, param_dtype=dtype, feature_layer=feature_layer)
+  model_type = hf.get('model_type')
+  if model_type in ARCHITECTURES and ARCHITECTURES[model_type].module is ViT:
+    overrides['drop_cls'] = drop_cls
+  return vision_module(hf, **overrides)
 
 
 def vision_module(hf: Mapping[str, Any], **overrides) -> nn.Module:
