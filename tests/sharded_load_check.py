@@ -49,7 +49,8 @@ def dev0_bytes(x) -> int:
 
 
 class Watch:
-  """Device-0 bytes of the arrays created since it started, sampled as each block is read."""
+  """Device-0 bytes of the arrays created since it started, sampled as each block is read and
+  at each jax.device_put."""
 
   def __init__(self):
     self.before = {id(a) for a in jax.live_arrays()}
@@ -71,11 +72,17 @@ class Watch:
         self.sample()
         return out
       cls.read = read
+    self._put = jax.device_put
+    def put(*args, **kwargs):  # a leaf built whole and then moved would show here
+      self.sample()
+      return self._put(*args, **kwargs)
+    jax.device_put = put
     return self
 
   def __exit__(self, *exc):
     for cls, fn in self._orig.items():
       cls.read = fn
+    jax.device_put = self._put
     self.sample()
 
 

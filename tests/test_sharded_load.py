@@ -46,7 +46,8 @@ def test_device_0_never_holds_more_than_its_shards(measured, mesh):
     assert m['split_leaves'] >= 6, (case, m)
     assert m['peak_dev0'] <= m['footprint_dev0'] + m['largest_split'] // 2, (case, m)
     assert m['footprint_dev0'] < m['total'] / 2, (case, m)
-    if mesh == 'fsdp8' and case != 'clip':  # CLIP's patch kernel and norms stay replicated
+    # CLIP's patch kernel and norms stay replicated, and so do NF4 scales no block count splits.
+    if mesh == 'fsdp8' and case not in ('clip', 'llama_nf4'):
       assert m['footprint_dev0'] < m['total'] / 5, (case, m)
 
 
