@@ -149,7 +149,14 @@ def llama_dirs(work):
                      'norm': {'weight': sd['model.norm.weight']}},
            'lm_head': {'kernel': sd['lm_head.weight'].T}}
   (msgpack / 'flax_model.msgpack').write_bytes(flax.serialization.to_bytes(state))
-  return single, work / 'llama_index', msgpack
+  partial = work / 'llama_partial'  # no lm_head: partial_load keeps its fresh init
+  partial.mkdir()
+  shutil.copy(single / 'config.json', partial / 'config.json')
+  import safetensors.numpy
+  tensors_ = safetensors.numpy.load_file(single / 'model.safetensors')
+  del tensors_['lm_head.weight']
+  safetensors.numpy.save_file(tensors_, partial / 'model.safetensors')
+  return single, work / 'llama_index', msgpack, partial
 
 
 def hf_dirs(work):
@@ -179,7 +186,7 @@ def hf_dirs(work):
 
 def decoder_cases(work, mesh_name):
   mesh = sharding.make_mesh(MESHES[mesh_name])
-  single, index, msgpack = llama_dirs(work / mesh_name)
+  single, index, msgpack, partial = llama_dirs(work / mesh_name)
   hf = hf_dirs(work / mesh_name)
   qcfg = quantize.QuantConfig(format='nf4', block_size=16, targets='decoder,lm_head,embed')
   cases = {
@@ -187,15 +194,18 @@ def decoder_cases(work, mesh_name):
       'llama_msgpack': (msgpack, {}, None), 'llama_bf16': (single, dict(
           dtype='bfloat16', param_dtype='bfloat16'), None),
       'llama_fused': (single, dict(fused_gate_up=True), None),
-      'llama_nf4': (single, {}, qcfg), 'gpt2': (hf['gpt2'], {}, None),
+      'llama_nf4': (single, {}, qcfg), 'llama_partial': (partial, {}, None),
+      'gpt2': (hf['gpt2'], {}, None),
       'opt': (hf['opt'], {}, None)}
   out = {}
   for name, (directory, overrides, q) in cases.items():
-    cfg = checkpoints.load_decoder(directory, **overrides).config
+    cfg = checkpoints.load_decoder(directory, partial_load=('lm_head.weight',),
+                                   **overrides).config
     fn = lambda at, q=q: quantize.leaf_quantizer(q, placement=at) if q else None
-    want, _ = checkpoints.load_decoder_params(directory, cfg, leaf_fn=fn(None))
+    kw = dict(partial_load=('lm_head.weight',), seed=3) if name == 'llama_partial' else {}
+    want, _ = checkpoints.load_decoder_params(directory, cfg, leaf_fn=fn(None), **kw)
     out[name] = load_case(f'{mesh_name}/{name}', mesh, lambda at: checkpoints.load_decoder_params(
-        directory, cfg, leaf_fn=fn(at), placement=at)[0], want, 'params/decoder/')
+        directory, cfg, leaf_fn=fn(at), placement=at, **kw)[0], want, 'params/decoder/')
   _, want = checkpoints.load_vision(hf['clip'])
   out['clip'] = load_case(f'{mesh_name}/clip', mesh, lambda at: checkpoints.load_vision(
       hf['clip'], placement=at)[1], want, 'params/encoder/')

@@ -2,7 +2,7 @@
 
 tests/sharded_load_check.py runs on 8 simulated CPU devices (a subprocess: the device count is
 fixed when JAX starts) and asserts, for Llama (single and sharded safetensors, Flax msgpack,
-bf16, fused gate/up, an NF4 base), GPT-2, OPT and a CLIP tower, on fsdp=8 and on
+bf16, fused gate/up, an NF4 base, a missing lm_head under partial_load), GPT-2, OPT and a CLIP tower, on fsdp=8 and on
 data=2,fsdp=2,tensor=2: the values equal today's 1-device load, every leaf is in its planned
 sharding, and every leaf the rules split has shards smaller than the whole; for the VLM's init
 and train state, the same of the tables and the Adam moments. Here: what it measured.
@@ -33,7 +33,7 @@ def measured(tmp_path_factory):
 
 
 CASES = ('llama', 'llama_index', 'llama_msgpack', 'llama_bf16', 'llama_fused', 'llama_nf4',
-         'gpt2', 'opt', 'clip')
+         'llama_partial', 'gpt2', 'opt', 'clip')
 
 
 @pytest.mark.parametrize('mesh', ['fsdp8', 'mixed'])

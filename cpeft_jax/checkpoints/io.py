@@ -15,6 +15,15 @@ and the file lacks, or one the file holds and the model does not use (beyond the
 known-unused buffers) is an error naming the file and the tensors, as is a file that cannot be
 read. `partial_load` (fnmatch patterns of checkpoint tensor names, e.g. ('lm_head.weight',))
 lists the tensors allowed to be missing: they keep their fresh init, with a warning.
+
+On a mesh (`placement`, a sharding.Placement), each leaf is created in its NamedSharding and
+each device receives only its block; what is read for it: a safetensors block reads only its
+bytes; transposes, dtype casts, GPT-2's q/k/v split and a gate/up concatenation are index
+remaps done per block. The exceptions, all in host memory, none on a device: a Flax msgpack
+file has no random access and is read whole (then sliced); a leaf the rules replicate is read
+whole once; a missing tensor's fresh init is computed sharded and gathered to the host once;
+a quantized leaf (quantize.leaf_quantizer) is quantized from its sharded full-precision leaf
+by a jit with out_shardings, since a scale reduces over axes that the mesh splits.
 """
 
 from __future__ import annotations

@@ -258,10 +258,11 @@ class Views:
     return np.concatenate(blocks, axis=axis)
 
   def release(self, key) -> None:
+    """A stored tensor is released once every piece that reads it is."""
+    if key not in self._views:
+      self.source.release(key)
+      return
     for p in self.sources(key):
-      if key not in self._views:
-        self.source.release(p)
-        continue
       self._uses[p] -= 1
       if not self._uses[p]:
         self.source.release(p)
