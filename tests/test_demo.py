@@ -504,3 +504,37 @@ def test_standin_lm_pretrains_around_frozen_borrowed_embeddings(tmp_path):
   config.model.hidden_size = 48
   with pytest.raises(ValueError, match=r"pretrain.embeddings=.*\(5\d*, 32\)|pretrain.embeddings"):
     pretrain.text_lm(config, str(tmp_path / 'wrong'), split, tok, 4)
+
+
+def test_grading_reads_the_caption_language_back():
+  """Every reference caption of a scene grades fully right; a wrong colour, a wrong count, a
+  missing group or an extra one is caught."""
+  from cpeft_jax.data.demo import grading
+  results, scene_of = [], {}
+  for i in range(40):
+    example, scene = demo.make_example('validation', i)
+    scene_of[example['image/id']] = scene
+    results += [{'image_id': example['image/id'], 'caption': c['text']}
+                for c in example['captions']]
+  g = grading.grade(results)
+  assert g['groups_right'] == 1.0 and g['captions_right'] == 1.0 and g['captions'] == 200
+  image_id, scene = next((k, s) for k, s in scene_of.items() if len(s.groups) >= 2)
+  first, second = scene.groups[:2]
+  other = next(c for c in scenes.COLORS if c not in {g.color for g in scene.groups})
+  words = {1: 'one', 2: 'two', 3: 'three', 4: 'four'}
+
+  def phrase(g, color=None, count=None):
+    n = count or g.count
+    return f'{words[n]} {color or g.color} {g.shape}{"s" if n > 1 else ""}'.replace(
+        'crosss', 'crosses')
+  wrong = [phrase(first, color=other), phrase(first, count=first.count % 4 + 1)]
+  for text in wrong:
+    g = grading.grade([{'image_id': image_id, 'caption': text + ' and ' + phrase(second)}])
+    assert g['captions_right'] == 0.0
+    assert g['groups_right'] == 1 / len(scene.groups)  # the second group only
+  all_groups = ', '.join(phrase(x) for x in scene.groups)
+  assert grading.grade([{'image_id': image_id, 'caption': all_groups}])['captions_right'] == 1.0
+  extra = all_groups + ' and a single ' + other + ' cross'
+  assert grading.grade([{'image_id': image_id, 'caption': extra}])['captions_right'] == 0.0
+  missing = ', '.join(phrase(x) for x in scene.groups[1:])
+  assert grading.grade([{'image_id': image_id, 'caption': missing}])['captions_right'] == 0.0
