@@ -14,7 +14,7 @@ Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnosti
 empty: both), mode (peft | connector | full), epochs, num_train (images), pretrain_epochs
 (0: random decoder), vision_epochs (the vision tower's label pre-training), specs (per-context
 adaptor specs, context 0 first, e.g. `specs=lora+bitfit:rank=8;lora:rank=32` for LoRA r=8 plus
-BitFit on text tokens and LoRA r=32 on image tokens).
+BitFit on text tokens and LoRA r=32 on image tokens), targets (A | F | AF), warmup_steps.
 """
 
 import ml_collections
@@ -25,7 +25,8 @@ from cpeft_jax import configlib
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=8, specs='')
+                          vision_epochs=6, specs='', targets='AF',
+                          warmup_steps=50)
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -49,10 +50,13 @@ def get_config(arg=None):
   # with a warning; anything else missing from, or unused in, a checkpoint is an error.
   c.partial_load = ()
   c.pretrain = dict(epochs=a.pretrain_epochs, batch_size=64, learning_rate=3e-3,
-                    # The two-variant demo's vision tower: a tiny CLIP trained on scene labels.
+                    embeddings='',  # a checkpoint whose input embeddings the decoder keeps
+                    # The two-variant demo's vision tower: a tiny CLIP trained on scene labels
+                    # (per patch: shape, colour, size and group count) of the training images
+                    # and of extra_scenes more scenes drawn for it alone.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
                                 image_size=64, patch_size=8, hidden_size=96, num_layers=3,
-                                num_heads=4, intermediate_size=384))
+                                num_heads=4, intermediate_size=384, extra_scenes=9000))
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
@@ -62,7 +66,7 @@ def get_config(arg=None):
   # The frozen base in 8 or 4 bits (cpeft_jax/quantize.py): --config.quantize.format=int4.
   c.quantize = dict(format='', granularity='block', block_size=64, targets='decoder')
   methods = () if a.method == 'none' else tuple(a.method.split('+'))
-  c.peft = dict(methods=methods, targets='AF',
+  c.peft = dict(methods=methods, targets=a.targets,
                 num_contexts=2 if contexts == 'modality' else 1,
                 lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
@@ -78,5 +82,30 @@ def get_config(arg=None):
                 num_beams=1, max_new_tokens=0,  # 0: as many tokens as a training row holds
                 all_references=False)  # True: validation PPL over every caption of an image
   c.optim = dict(learning_rate=6e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
-                 schedule='cosine', warmup_steps=50, total_steps=0, grad_clip_norm=1.0)
+                 schedule='cosine', warmup_steps=a.warmup_steps, total_steps=0,
+                 grad_clip_norm=1.0)
   return c
+
+
+def grid() -> list[str]:
+  """The paper's grid at demo scale, as arg strings: 32 cells for `python -m cpeft_jax.sweep`.
+
+  {IA3, BitFit, LoRA r=1, 8, 64} x targets {A, F, AF} (the `targets` arg: attention,
+  feed-forward or both) x contexts {agnostic, modality}, plus projection only (method=none,
+  mode=connector) and full fine-tuning (mode=full). The sweep's stage 0 runs once and every
+  cell loads its checkpoints.
+
+  Time, measured with `--config=configs/demo.py:epochs=1` (156 steps of batch 32 a run) on a
+  shared 2-core machine at load ~8: stage 0 about 6 min once; one LoRA r=64 AF cell 263-268 s
+  per seed (training 227-247 s, evaluation 15-41 s; the later seed loads its compiles from the
+  sweep's cache). The whole grid with two seeds at that setting is therefore 4-5 h there,
+  perhaps half that on a quiet machine. Fitting it in ~50 min needs about a sixth of the
+  steps per run, e.g. `num_train=400,epochs=1` (62 steps; not measured). num_train below
+  ~330 at epochs=1 has fewer steps than the schedule's 50 warmup steps, and also shrinks
+  stage 0's data (at num_train=200 its tower's colour accuracy fell from 0.99 to 0.83).
+  """
+  out = [f'method={m},{f"rank={r}," if r else ""}targets={t},contexts={x}'
+         for (m, r) in (('ia3', 0), ('bitfit', 0), ('lora', 1), ('lora', 8), ('lora', 64))
+         for t in ('A', 'F', 'AF') for x in ('agnostic', 'modality')]
+  return out + ['method=none,mode=connector,contexts=agnostic',
+                'method=none,mode=full,contexts=agnostic']

@@ -10,6 +10,10 @@ Usage: --config=configs/paper.py:method=lora,rank=64,targets=AF,contexts=specifi
     released; the default, HuggingFaceTB/SmolLM2-135M (576 wide, 30 layers), is a stand-in, so
     parameter counts and perplexities differ from the paper's (configs/paper_llm150m.py has its
     exact shape). Its own tokenizer is used.
+    text_model=standin: a stand-in closer to the paper's: its LM shape (configs/paper_llm150m.py)
+    with OPT-125m's input embeddings (frozen throughout) and tokenizer, pre-trained as a text LM
+    on the training captions first (stage 0: pretrain.epochs, into DIR/base_lm; the paper's LM
+    saw other text, which it does not name), then frozen like any checkpoint.
   dataset: coco_captions (TFDS, Karpathy splits) | folder (set data.captions_json)
 `grid()` lists the arg strings of the whole grid. Hyper-parameters are the paper's section 4.1.
 
@@ -36,6 +40,7 @@ import itertools
 
 import ml_collections
 
+from configs import paper_llm150m
 from cpeft_jax import adaptors, configlib
 from cpeft_jax.data import sources
 
@@ -46,6 +51,8 @@ ENCODERS = {
 METHODS = ('ia3', 'bitfit', 'lora', 'none', 'full')  # and '+' combinations of PEFT methods
 CONTEXT_MAPS = {'agnostic': 'agnostic', 'specific': 'modality'}
 PAPER_RANKS = (1, 8, 64)
+STANDIN = 'standin'  # text_model=standin: the paper's LM shape with OPT-125m's embeddings
+STANDIN_EMBEDDINGS = 'facebook/opt-125m'
 
 
 def get_config(arg=None):
@@ -81,6 +88,12 @@ def get_config(arg=None):
                    saturation=0.1))
   c.tokenizer = a.text_model  # the text model's own tokenizer: change both together
   c.text_model = a.text_model
+  # Stage 0 of text_model=standin (none otherwise): text-only pre-training of the LM.
+  c.pretrain = dict(epochs=0, batch_size=96, learning_rate=3e-4,
+                    embeddings='')  # a checkpoint whose frozen input embeddings the LM takes
+  if a.text_model == STANDIN:
+    c.tokenizer, c.text_model = STANDIN_EMBEDDINGS, ''
+    c.pretrain.update(epochs=4, embeddings=STANDIN_EMBEDDINGS)
   c.vision = dict(kind='hf', path=ENCODERS.get(a.encoder, a.encoder), feature_layer=-1,
                   drop_cls=True, dtype='bfloat16')  # frozen: weights and compute in bf16
   # Checkpoint tensors (fnmatch patterns of their names) allowed to be missing from text_model
@@ -90,6 +103,9 @@ def get_config(arg=None):
   # precision: bf16 compute, float32 weights (adaptor tables and connector are float32 too).
   c.model = dict(dtype='bfloat16', param_dtype='float32', residual_dropout=0.1,
                  remat=False)  # True: recompute each layer in the backward pass
+  if a.text_model == STANDIN:  # the paper's shape; a checkpoint's config.json decides otherwise
+    c.model.update({k: v for k, v in paper_llm150m.get_config().model.items()
+                    if k not in c.model})
   c.connector = dict(kind='linear', dropout=0.1, pre_norm=False, boundary_tokens=False)
   c.peft = dict(
       methods=methods, targets=a.targets.replace(';', ','),

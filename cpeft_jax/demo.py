@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from cpeft_jax import checkpoints, contexts, experiment, runs, schema
+from cpeft_jax import catalog, checkpoints, contexts, experiment, runs, schema
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import generate as generate_lib
@@ -27,25 +27,34 @@ from cpeft_jax.train import pretrain, trainer
 RESULT = 'demo_result.json'
 
 
-def variant_config(config: ml_collections.ConfigDict, workdir: str,
-                   variant: str) -> ml_collections.ConfigDict:
-  """The single-run config of one variant: its context map, the shared stage-0 checkpoints
-  (vision.kind='hf', text_model) and the shared prepared dataset."""
+def shared_bases(config: ml_collections.ConfigDict,
+                 workdir: str) -> ml_collections.ConfigDict:
+  """`config` loading the stage-0 checkpoints of `workdir` (vision.kind='hf' from
+  DIR/base_vision, text_model DIR/base_lm) and reading the shared prepared dataset."""
   c = copy.deepcopy(config)
   with c.unlocked():
-    del c['variants']
-    c.data.context_map = variant
     c.data.data_dir = config.data.data_dir or os.path.join(workdir, workdir_lib.TFDS)
-    c.peft.num_contexts = contexts.num_contexts(variant)
     c.vision = dict(kind='hf', path=os.path.join(workdir, workdir_lib.BASE_VISION), dtype='float32',
                     feature_layer=-1, drop_cls=True)
     c.text_model = os.path.join(workdir, workdir_lib.BASE_LM)
   return c
 
 
+def variant_config(config: ml_collections.ConfigDict, workdir: str,
+                   variant: str) -> ml_collections.ConfigDict:
+  """The single-run config of one variant: its context map, the shared stage-0 checkpoints
+  (vision.kind='hf', text_model) and the shared prepared dataset."""
+  c = shared_bases(config, workdir)
+  with c.unlocked():
+    del c['variants']
+    c.data.context_map = variant
+    c.peft.num_contexts = contexts.num_contexts(variant)
+  return c
+
+
 def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   """(vision tower directory, text decoder directory), trained now unless already there."""
-  c = variant_config(config, workdir, config.variants[0])
+  c = shared_bases(config, workdir)
   train = experiment.open_split(c, workdir, c.data.train_split)
   vision = pretrain.vision_encoder(config, workdir, train,
                                    experiment.open_split(c, workdir, c.data.eval_split))
@@ -54,6 +63,36 @@ def stage0(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, str]:
   tok = tokenizer_lib.word_level(t for caps in train.captions for t in caps)
   text = pretrain.text_lm(config, workdir, train, tok, tower.cfg.num_tokens)
   return vision, text
+
+
+def with_bases(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The config a run of `config` trains with, its frozen bases decided here for the demo and
+  the sweep alike: a config naming a text_model (the paper's) loads its checkpoints as
+  configured; the demo's (no text_model: nothing to download) get stage 0's, pre-trained once
+  in `workdir` (skipped when already there) and shared by every run under it; a config with a
+  real vision tower and a decoder to pre-train (configs/paper.py:text_model=standin) gets that
+  decoder, pre-trained once in `workdir`."""
+  if config.text_model:
+    return config
+  if config.get('pretrain', {}).get('vision'):
+    stage0(config, workdir)
+    return shared_bases(config, workdir)
+  c = copy.deepcopy(config)
+  c.text_model = pretrained_lm(config, workdir)
+  return c
+
+
+def pretrained_lm(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """DIR/base_lm: the config's decoder (config.model, pretrain) pre-trained as a text LM on the
+  training captions, with the tokenizer of config.tokenizer, for rows of the caption segment
+  that config.vision's tower leaves; trained now unless already there."""
+  train = experiment.open_split(config, workdir, config.data.train_split)
+  tok = experiment.tokenizer(config, workdir, train)
+  v = config.vision
+  tower = checkpoints.encoder_module(checkpoints.read_config(catalog.resolve(v.path)),
+                                     feature_layer=v.get('feature_layer', -1),
+                                     drop_cls=v.get('drop_cls', True))
+  return pretrain.text_lm(config, workdir, train, tok, tower.cfg.num_tokens)
 
 
 def captions(config: ml_collections.ConfigDict, workdir: str, num: int) -> dict:
@@ -86,7 +125,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
   for variant in config.variants:
     schema.check(variant_config(config, workdir, variant))
   os.makedirs(workdir, exist_ok=True)
-  stage0(config, workdir)
+  with_bases(config, workdir)
   results = {}
   for variant in config.variants:
     path = os.path.join(workdir, variant)

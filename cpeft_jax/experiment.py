@@ -136,6 +136,11 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split, *,
   model (their methods, targets and ranks replace peft's; peft.num_contexts may add unadapted
   contexts) and checked against this run's decoder, encoder and connector before any training.
   """
+  mesh = make_mesh(config)  # every array below is created in the rules' sharding on it
+  placement = sharding.Placement(mesh, config.get('partition_rules'))
+  # The loaders' leaves go straight to their shards on a mesh; one device keeps the host path
+  # (a quantized leaf is then quantized layer by layer from host memory).
+  loading = placement if mesh.devices.size > 1 else None
   tok = tokenizer(config, workdir, train_split)
   peft = peft_config(config)
   plugged = load_plugins(config, peft)
@@ -144,7 +149,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split, *,
   qcfg = quantize.QuantConfig.from_dict(config.get('quantize'))  # '' or absent: full precision
   quantize.check_peft(qcfg, peft, config.train.mode)
   loaded = {}  # 'params' subtrees that come from checkpoints
-  encoder, loaded_encoder, mean, std = _encoder(config, qcfg)
+  encoder, loaded_encoder, mean, std = _encoder(config, qcfg, loading)
   if loaded_encoder is not None:
     loaded['encoder'] = loaded_encoder
   enc_cfg = encoder.cfg
@@ -158,28 +163,41 @@ def build(config: ml_collections.ConfigDict, workdir: str, train_split, *,
   dummy = (jnp.zeros((1, S, S, 3)), jnp.zeros((1, L), jnp.int32),
            jnp.asarray(dummy_kinds(N, L)), jnp.zeros((1, L), jnp.int32))
   skip = set(loaded) | ({'decoder'} if text_dir else set())
+  variables = init_variables(model, dummy, config.seed, skip, placement)
+  if text_dir:
+    at = loading and loading.under('params/decoder/')
+    loaded['decoder'], _ = checkpoints.load_decoder_params(
+        text_dir, dec_cfg, partial_load=config.get('partial_load', ()),
+        leaf_fn=quantize.leaf_quantizer(qcfg, placement=at), placement=at)
+  variables['params'].update(loaded)
+  if plugged:
+    variables[adaptors.ADAPTORS] = plugin_tables(plugged, variables, dec_cfg, enc_cfg, placement)
+  elif text_dir and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
+    variables[adaptors.ADAPTORS] = jax.jit(  # loaded base, not the random one
+        adaptors.init_dora_magnitudes,
+        out_shardings=placement.tree(variables[adaptors.ADAPTORS], adaptors.ADAPTORS))(
+            variables['params'], variables[adaptors.ADAPTORS])
+  variables['params'] = quantize.quantize_params(variables['params'], qcfg,
+                                                 placement.under('params/'))
+  return Experiment(config, tok, model, variables, N, S, mesh, tuple(mean), tuple(std))
 
+
+def init_variables(model, inputs, seed: int, skip, placement: sharding.Placement) -> dict:
+  """`model.init`'s variables without the 'params' subtrees in `skip` (those a checkpoint
+  provides: dead code in the jit), created by a jit whose outputs are already in the rules'
+  shardings: shapes first (jax.eval_shape), so no device ever holds a whole table or kernel
+  that the rules split."""
   def init(key, *inputs):
     v = model.init(key, *inputs)
     return {**v, 'params': {k: p for k, p in v['params'].items() if k not in skip}}
-  variables = jax.jit(init)(jax.random.key(config.seed), *dummy)
-  if text_dir:
-    loaded['decoder'], _ = checkpoints.load_decoder_params(text_dir, dec_cfg,
-                                                   partial_load=config.get('partial_load', ()),
-                                                   leaf_fn=quantize.leaf_quantizer(qcfg))
-  variables['params'].update(loaded)
-  if plugged:
-    variables[adaptors.ADAPTORS] = plugin_tables(plugged, variables, dec_cfg, enc_cfg)
-  elif text_dir and adaptors.ADAPTORS in variables:  # DoRA's magnitudes start at ||W|| of the
-    variables[adaptors.ADAPTORS] = adaptors.init_dora_magnitudes(  # loaded base, not the random one
-        variables['params'], variables[adaptors.ADAPTORS])
-  variables['params'] = quantize.quantize_params(variables['params'], qcfg)
-  return Experiment(config, tok, model, variables, N, S, make_mesh(config), tuple(mean),
-                    tuple(std))
+  key = jax.random.key(seed)
+  shardings = placement.tree(jax.eval_shape(init, key, *inputs))
+  return jax.jit(init, out_shardings=shardings)(key, *inputs)
 
 
-def _encoder(config, qcfg):
-  """(encoder module, its loaded params or None, pixel mean, pixel std) of config.vision."""
+def _encoder(config, qcfg, placement: sharding.Placement | None = None):
+  """(encoder module, its loaded params or None, pixel mean, pixel std) of config.vision; a
+  loaded tower's leaves are created in `placement`'s shardings where given."""
   mean, std = Experiment.image_mean, Experiment.image_std
   vision = vision_config(config)
   if vision.kind == 'patch':
@@ -191,11 +209,13 @@ def _encoder(config, qcfg):
     raise ValueError("vision.kind='hf' needs vision.path (a checkpoint directory or a hub id "
                      'in the local Hugging Face cache).')
   directory = catalog.resolve(vision.path)
+  at = placement and placement.under('params/encoder/')
   encoder, params = checkpoints.load_vision(
       directory, dtype=vision.get('dtype', 'float32'),
       feature_layer=vision.get('feature_layer', -1), drop_cls=vision.get('drop_cls', True),
       partial_load=config.get('partial_load', ()),
-      leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/'))  # quantized as each tensor loads
+      leaf_fn=quantize.leaf_quantizer(qcfg, 'encoder/', at),  # quantized as each tensor loads
+      placement=at)
   mean, std = normalisation(directory, mean, std)
   return encoder, params, mean, std
 
@@ -270,9 +290,11 @@ def load_plugins(config, peft: adaptors.PeftConfig):
   return assembled, tables, {c: (dirs[c], p) for c, p in loaded.items()}
 
 
-def plugin_tables(plugged, variables, dec_cfg, enc_cfg):
+def plugin_tables(plugged, variables, dec_cfg, enc_cfg,
+                  placement: sharding.Placement | None = None):
   """The assembled plug-ins' tables in place of fresh ones, once each plug-in's bases (decoder,
-  encoder, connector) are found to be this run's and their tables fit this model."""
+  encoder, connector) are found to be this run's and their tables fit this model; each table
+  is put in its sharding by `placement` (each device receives its slice) where given."""
   _, tables, by_context = plugged
   bases = plugins.model_bases(variables['params'], dec_cfg, enc_cfg)
   for c, (d, p) in by_context.items():
@@ -290,7 +312,10 @@ def plugin_tables(plugged, variables, dec_cfg, enc_cfg):
       f'The tables of peft.plugins {sorted(d for d, _ in by_context.values())}',
       got_name='the plug-ins', want_name='this model',
       hint='plug-ins of another kind of model, e.g. a text-only decoder?')
-  return trees.unflatten({k: jnp.asarray(v, want[k].dtype) for k, v in got.items()})
+  if placement is None:
+    return trees.unflatten({k: jnp.asarray(v, want[k].dtype) for k, v in got.items()})
+  return trees.unflatten({k: placement.put(f'{adaptors.ADAPTORS}/{k}',
+                                           np.asarray(v, want[k].dtype)) for k, v in got.items()})
 
 
 def vision_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

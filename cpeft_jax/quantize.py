@@ -38,7 +38,7 @@ import ml_dtypes
 import numpy as np
 import qwix
 
-from cpeft_jax import trees
+from cpeft_jax import sharding, trees
 
 FORMATS = {'int8': jnp.int8, 'int4': jnp.int4, 'nf4': 'nf4'}
 GRANULARITIES = ('channel', 'block')
@@ -253,23 +253,45 @@ def _quantize_array(x, channels, tiled, qcfg: QuantConfig) -> qwix.QArray:
                    jnp.dtype(qcfg.scale_dtype))
 
 
-def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig) -> dict:
-  """A 'params' tree with the leaves `qcfg` selects quantized (already quantized ones kept)."""
+def quantize_placed(x: jax.Array, path: str, qcfg: QuantConfig, placement: sharding.Placement,
+                    at: str):
+  """`quantize_leaf` of a sharded leaf by a jit whose outputs (values and scales) are created in
+  their shardings (`placement` at path `at`; see sharding.py): each device quantizes its block,
+  reductions of a scale over a split axis run as collectives, no device sees the whole leaf."""
+  if leaf_kind(path, np.ndim(x), qcfg) is None or is_quantized(x):
+    return x
+  fn = lambda a: quantize_leaf(a, path, qcfg)
+  return jax.jit(fn, out_shardings=placement.tree(jax.eval_shape(fn, x), at))(x)
+
+
+def quantize_params(params: Mapping[str, Any], qcfg: QuantConfig,
+                    placement: sharding.Placement | None = None) -> dict:
+  """A 'params' tree with the leaves `qcfg` selects quantized (already quantized ones kept).
+
+  `placement` (prefix 'params/'): each quantized leaf is created in the rules' shardings.
+  """
   flat = trees.flatten(params)
   out = {}
   for path in list(flat):
-    out[path] = quantize_leaf(flat.pop(path), path, qcfg)
+    x = flat.pop(path)
+    out[path] = (quantize_leaf(x, path, qcfg) if placement is None
+                 else quantize_placed(x, path, qcfg, placement, path))
   return trees.unflatten(out)
 
 
-def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/') -> Callable[[str, Any], Any]:
+def leaf_quantizer(qcfg: QuantConfig, prefix: str = 'decoder/',
+                   placement: sharding.Placement | None = None) -> Callable[[str, Any], Any]:
   """`leaf_fn(path, array)` for checkpoints.load_decoder_params: quantizes each leaf as it is read.
 
   `prefix` places the checkpoint's paths inside the VLM's 'params' ('decoder/' for a decoder).
   Each leaf is ready before the next is read: an asynchronous quantization would hold the
-  loader's full-precision tensor alive until it ran, so two could be alive at once.
+  loader's full-precision tensor alive until it ran, so two could be alive at once. With
+  `placement` (the loader's, e.g. prefix 'params/decoder/'), the loader's leaves are sharded
+  and so is each quantized leaf (`quantize_placed`).
   """
   def leaf_fn(path, x):
+    if placement is not None:
+      return jax.block_until_ready(quantize_placed(x, prefix + path, qcfg, placement, path))
     q = quantize_leaf(x, prefix + path, qcfg)
     return jax.block_until_ready(jnp.asarray(x) if q is x else q)
   return leaf_fn

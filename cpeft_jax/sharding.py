@@ -35,10 +35,16 @@ A quantized frozen leaf (cpeft_jax/quantize.py) is a small pytree under its kern
 follow the kernel's rule: the values are split as the kernel would be, and the scales along
 the same axes, which keeps each device's scales beside its values; a scale axis that its mesh
 axis does not divide (one block, or a block count the axis does not divide) is replicated.
+
+`Placement` (a mesh, the rules and a path prefix) is what loaders and inits take so that every
+array is created in its NamedSharding: a jit's out_shardings, or `put` of a host array through
+jax.make_array_from_callback (each device receives only its slice; no device holds a whole
+leaf that the rules split).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Mapping, Sequence
@@ -236,3 +242,44 @@ def describe(shardings) -> dict[str, str]:
   """{path: spec} of the sharded leaves, for logs and tests."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   return {trees.path_str(kp): str(s.spec) for kp, s in flat if any(a is not None for a in s.spec)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where the leaves of a subtree go: the rules applied to `prefix` + each leaf's path.
+
+  A decoder loader is given `Placement(mesh, rules, 'params/decoder/')`, so its paths
+  ('layers/attn/q_proj/kernel') are matched as the VLM's ('params/decoder/layers/...').
+  """
+  mesh: jax.sharding.Mesh
+  rules: Any = None  # as in a config (None: DEFAULT_RULES), or already parsed
+  prefix: str = ''
+
+  def __post_init__(self):
+    if self.rules is None or not all(isinstance(r[0], re.Pattern) for r in self.rules):
+      object.__setattr__(self, 'rules', parse_rules(self.rules))
+
+  def under(self, prefix: str) -> Placement:
+    return dataclasses.replace(self, prefix=self.prefix + prefix)
+
+  def __call__(self, path: str, shape: tuple[int, ...]) -> NamedSharding:
+    return NamedSharding(self.mesh, spec_for(self.prefix + path, tuple(shape), self.mesh,
+                                             self.rules))
+
+  def tree(self, tree, path: str = ''):
+    """NamedShardings of every leaf of `tree` (arrays or shapes) found at `path`."""
+    base = self.prefix + (path + '/' if path else '')
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: NamedSharding(self.mesh, spec_for(
+            base + trees.path_str(kp), tuple(np.shape(x)), self.mesh, self.rules)), tree)
+
+  def put(self, path: str, x) -> jax.Array:
+    """A host array as a global array placed by the rules; each device gets only its slice."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, self(path, x.shape), lambda index: x[index])
+
+  def put_tree(self, tree, path: str = ''):
+    """`put` of every leaf of a tree of host arrays."""
+    base = path + '/' if path else ''
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: self.put(base + trees.path_str(kp), x), tree)

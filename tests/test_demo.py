@@ -277,7 +277,8 @@ def _tiny_demo_config():
   c.data.demo.update(image_size=32, num_validation=8, num_test=2)
   c.data.seq_len = 48  # BOS + 16 image tokens + up to 30 caption tokens + EOS
   c.pretrain.vision.update(image_size=32, patch_size=8, hidden_size=48, num_layers=1,
-                           num_heads=2, intermediate_size=64, batch_size=16, learning_rate=3e-3)
+                           num_heads=2, intermediate_size=64, batch_size=16, learning_rate=3e-3,
+                           extra_scenes=16)
   c.model.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
   c.train.update(batch_size=8, log_every=5, checkpoint_every=0)
   c.eval.update(batch_size=8, num_captions=2)
@@ -375,19 +376,42 @@ def test_vision_labels_name_what_each_patch_shows():
                   num_layers=1)
   y = pretrain.vision_labels(split, images, cfg, seed=2)
   names = list(scenes.COLORS)
+  assert set(y) == {'count', 'shape', 'color', 'size', 'group_count'}
   for k, (_, scene) in enumerate(made):
     assert y['count'][k] == sum(g.count for g in scene.groups)
     shape_of = {g.color: g.shape for g in scene.groups}
+    group_of = {g.color: g for g in scene.groups}
     for n in range(64):
       r, c = divmod(n, 8)
       patch = images[k, 8 * r:8 * r + 8, 8 * c:8 * c + 8].reshape(-1, 3)
       drawn = {name: int((patch == rgb).all(-1).sum()) for name, rgb in scenes.COLORS.items()}
       if y['color'][k, n] == 0:
-        assert not any(drawn.values()) and y['shape'][k, n] == 0
+        assert not any(drawn.values())
+        assert y['shape'][k, n] == y['size'][k, n] == y['group_count'][k, n] == 0
       else:
         name = names[y['color'][k, n] - 1]
         assert drawn[name] == max(drawn.values()) > 0
         assert scenes.SHAPES[y['shape'][k, n] - 1] == shape_of[name]
+        assert scenes.SIZES[y['size'][k, n] - 1] == group_of[name].size
+        assert y['group_count'][k, n] == group_of[name].count
+
+
+def test_extra_scenes_are_fresh_and_repeatable():
+  """The tower's extra pre-training scenes: the same for the same seed, none of them a
+  training, validation or test scene of the dataset, and labelled like the dataset's."""
+  from cpeft_jax.train import pretrain
+  from cpeft_jax.models.vision import ViTConfig
+  made, images = pretrain.extra_scenes(40, seed=2, image_size=64)
+  again, images2 = pretrain.extra_scenes(40, seed=2, image_size=64)
+  assert made == again and np.array_equal(images, images2) and images.shape == (40, 64, 64, 3)
+  assert not np.array_equal(pretrain.extra_scenes(1, seed=3, image_size=64)[1], images[:1])
+  dataset = {demo.make_example(split, i, seed=2)[1] for split in demo.SPLITS for i in range(40)}
+  assert not dataset & set(made)
+  assert np.array_equal(images[5], scenes.draw(made[5]))
+  cfg = ViTConfig(image_size=64, patch_size=8, hidden_size=8, num_heads=1, intermediate_size=8,
+                  num_layers=1)
+  y = pretrain.scene_labels(made, images, cfg)
+  assert [int(c) for c in y['count']] == [len(s.items) for s in made]
 
 
 # The test's own reading of the question language.
@@ -441,3 +465,76 @@ def test_qa_answers_are_true_of_the_pixels():
         assert answer == truth, (prompt, answer, truth)
   assert set(kinds) == {'how many', 'what color', 'what shape', 'where is', 'where are'}
   assert len(firsts) >= 3  # the pair evaluation uses varies in kind between images
+
+
+def test_standin_lm_pretrains_around_frozen_borrowed_embeddings(tmp_path):
+  """configs/paper.py:text_model=standin: stage 0 pre-trains the paper-shaped LM with another
+  checkpoint's input embeddings (OPT's), which come out of training unchanged while the rest
+  trains; a table of the wrong shape is an error naming pretrain.embeddings."""
+  import sys
+  import types
+  import transformers
+  from cpeft_jax import checkpoints
+  from cpeft_jax.data import tokenizer as tokenizer_lib
+  from cpeft_jax.train import pretrain
+  sys.path.insert(0, str(__import__('pathlib').Path(__file__).parents[1]))
+  from configs import paper
+  texts = ['a red circle', 'two blue squares at the top', 'one green cross', 'a big cyan diamond']
+  tok = tokenizer_lib.word_level(texts)
+  opt_dir = tmp_path / 'opt'
+  transformers.OPTForCausalLM(transformers.OPTConfig(
+      vocab_size=len(tok), hidden_size=32, word_embed_proj_dim=32, num_hidden_layers=1,
+      ffn_dim=64, num_attention_heads=2, max_position_embeddings=64)).save_pretrained(opt_dir)
+  table = checkpoints.input_embeddings(opt_dir)
+  config = paper.get_config('text_model=standin')
+  assert config.pretrain.embeddings == 'facebook/opt-125m' and config.model.hidden_size == 768
+  config.model.update(vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2,
+                      intermediate_size=64)
+  config.data.seq_len = 12 + 4
+  config.pretrain.update(epochs=2, batch_size=2, learning_rate=1e-2, embeddings=str(opt_dir))
+  split = types.SimpleNamespace(texts=lambda task: [[('', t)] for t in texts])
+  trained = pretrain.text_lm(config, str(tmp_path / 'trained'), split, tok, 4)
+  config.pretrain.epochs = 0
+  untrained = pretrain.text_lm(config, str(tmp_path / 'untrained'), split, tok, 4)
+  np.testing.assert_array_equal(checkpoints.input_embeddings(trained), table)
+  np.testing.assert_array_equal(checkpoints.input_embeddings(untrained), table)
+  a, b = (checkpoints.open_weights(__import__('pathlib').Path(d)) for d in (trained, untrained))
+  name = 'model.layers.0.self_attn.q_proj.weight'
+  assert not np.allclose(a.read(name), b.read(name))  # the rest of the LM did train
+  config.model.hidden_size = 48
+  with pytest.raises(ValueError, match=r"pretrain.embeddings=.*\(5\d*, 32\)|pretrain.embeddings"):
+    pretrain.text_lm(config, str(tmp_path / 'wrong'), split, tok, 4)
+
+
+def test_grading_reads_the_caption_language_back():
+  """Every reference caption of a scene grades fully right; a wrong colour, a wrong count, a
+  missing group or an extra one is caught."""
+  from cpeft_jax.data.demo import grading
+  results, scene_of = [], {}
+  for i in range(40):
+    example, scene = demo.make_example('validation', i)
+    scene_of[example['image/id']] = scene
+    results += [{'image_id': example['image/id'], 'caption': c['text']}
+                for c in example['captions']]
+  g = grading.grade(results)
+  assert g['groups_right'] == 1.0 and g['captions_right'] == 1.0 and g['captions'] == 200
+  image_id, scene = next((k, s) for k, s in scene_of.items() if len(s.groups) >= 2)
+  first, second = scene.groups[:2]
+  other = next(c for c in scenes.COLORS if c not in {g.color for g in scene.groups})
+  words = {1: 'one', 2: 'two', 3: 'three', 4: 'four'}
+
+  def phrase(g, color=None, count=None):
+    n = count or g.count
+    return f'{words[n]} {color or g.color} {g.shape}{"s" if n > 1 else ""}'.replace(
+        'crosss', 'crosses')
+  wrong = [phrase(first, color=other), phrase(first, count=first.count % 4 + 1)]
+  for text in wrong:
+    g = grading.grade([{'image_id': image_id, 'caption': text + ' and ' + phrase(second)}])
+    assert g['captions_right'] == 0.0
+    assert g['groups_right'] == 1 / len(scene.groups)  # the second group only
+  all_groups = ', '.join(phrase(x) for x in scene.groups)
+  assert grading.grade([{'image_id': image_id, 'caption': all_groups}])['captions_right'] == 1.0
+  extra = all_groups + ' and a single ' + other + ' cross'
+  assert grading.grade([{'image_id': image_id, 'caption': extra}])['captions_right'] == 0.0
+  missing = ', '.join(phrase(x) for x in scene.groups[1:])
+  assert grading.grade([{'image_id': image_id, 'caption': missing}])['captions_right'] == 0.0

@@ -25,6 +25,7 @@ LAYERS = {
     'cpeft_jax.evaluation': 9, 'cpeft_jax.interop': 9,
     'cpeft_jax.train': 10,
     'cpeft_jax.demo': 11, 'cpeft_jax.plugins.__main__': 11, 'cpeft_jax.plan': 11,
+    'cpeft_jax.sweep': 12,
 }
 # Imports inside functions that are there on purpose (a command line's own dependencies).
 FUNCTION_LEVEL_OK = set()

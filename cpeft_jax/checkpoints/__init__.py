@@ -12,17 +12,18 @@ Imports run io -> {decoder, vision} -> hf_save. The names callers use are re-exp
 """
 
 from cpeft_jax.checkpoints.decoder import (ARCH_OF, NAME_MAPS, DecoderNames, Pretrained,
-                                           load_decoder, load_decoder_params,
+                                           input_embeddings, load_decoder, load_decoder_params,
                                            params_from_state_dict)
 from cpeft_jax.checkpoints.hf_save import save_decoder, save_vision
 from cpeft_jax.checkpoints.io import (CONFIG, SAFETENSORS, SAFETENSORS_INDEX, LoadReport,
                                       read_config, resolve, swap_in)
 from cpeft_jax.checkpoints.tensors import open_weights
-from cpeft_jax.checkpoints.vision import load_vision, vision_module
+from cpeft_jax.checkpoints.vision import encoder_module, load_vision, vision_module
 
 __all__ = [
     'ARCH_OF', 'CONFIG', 'NAME_MAPS', 'SAFETENSORS', 'SAFETENSORS_INDEX', 'DecoderNames',
-    'LoadReport', 'Pretrained', 'load_decoder', 'load_decoder_params', 'load_vision',
+    'LoadReport', 'Pretrained', 'encoder_module', 'input_embeddings', 'load_decoder',
+    'load_decoder_params', 'load_vision',
     'open_weights', 'params_from_state_dict', 'read_config', 'resolve', 'save_decoder',
     'save_vision', 'swap_in', 'vision_module',
 ]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from cpeft_jax import trees
 from cpeft_jax.adaptors import PeftConfig
@@ -30,6 +30,7 @@ from cpeft_jax.checkpoints.tensors import Arrays, Concat, Split, Views, open_wei
 from cpeft_jax.models import hf_configs
 from cpeft_jax.models.decoders import init_adaptors, make_decoder
 from cpeft_jax.models.llama import DecoderConfig
+from cpeft_jax.sharding import Placement
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,19 +147,21 @@ def load_decoder(path_or_id: str | os.PathLike, peft: PeftConfig | None = None,
 
 
 def load_decoder_params(path: str | os.PathLike, cfg: DecoderConfig, *, partial_load=(),
-                        strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None
-                        ) -> tuple[dict, LoadReport]:
+                        strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None,
+                        placement: Placement | None = None) -> tuple[dict, LoadReport]:
   """The 'params' tree of `cfg` (in cfg.param_dtype) from a checkpoint directory or cached id.
 
   `leaf_fn(path, array)`, if given, transforms each leaf as soon as it is filled (e.g.
   cpeft_jax.quantize.leaf_quantizer), so the whole tree never exists untransformed.
-  `partial_load` and `strict` are as in `load_decoder`.
+  `placement` (e.g. sharding.Placement(mesh, rules, 'params/decoder/')) creates each leaf in
+  its NamedSharding, each device reading only its block of the file (io.fill_leaves); None:
+  the default device. `partial_load` and `strict` are as in `load_decoder`.
   """
   directory = resolve(path)
   model_type = read_config(directory).get('model_type')
   names = _name_map(model_type, cfg, f'{directory / CONFIG} has model_type')
   return _assemble_decoder(open_weights(directory), cfg, names, partial_load, strict, seed,
-                           leaf_fn)
+                           leaf_fn, placement)
 
 
 def params_from_state_dict(state_dict: Mapping[str, Any], cfg: DecoderConfig, *,
@@ -183,11 +186,11 @@ def _name_map(model_type, cfg: DecoderConfig, what: str) -> DecoderNames:
 
 
 def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, partial_load,
-                      strict: bool, seed: int, leaf_fn: Callable | None = None
-                      ) -> tuple[dict, LoadReport]:
+                      strict: bool, seed: int, leaf_fn: Callable | None = None,
+                      placement: Placement | None = None) -> tuple[dict, LoadReport]:
   where = source.where
   model = make_decoder(cfg)
-  tokens = jnp.zeros((1, 1), jnp.int32)
+  tokens = np.zeros((1, 1), np.int32)  # host: shapes only, nothing on a device
   init = lambda key: model.init(key, tokens)['params']
   shapes = trees.flatten(jax.eval_shape(init, jax.random.key(0)))
   keys = set(source.keys())
@@ -234,4 +237,23 @@ def _assemble_decoder(source, cfg: DecoderConfig, names: DecoderNames, partial_l
   report = LoadReport(tuple(missing), tuple(unexpected))
   check_report(report, where, partial_load, strict, what='decoder')
   return fill_leaves(plan, shapes, views, layout, init, seed, cfg.param_dtype, where,
-                     leaf_fn), report
+                     leaf_fn, placement), report
+
+
+def input_embeddings(path_or_id: str | os.PathLike):
+  """The input embedding table [vocabulary, width] of a decoder checkpoint (any supported
+  model_type), read alone: e.g. OPT-125m's, which the paper's language model keeps frozen."""
+  directory = resolve(path_or_id)
+  model_type = read_config(directory).get('model_type')
+  if model_type not in NAME_MAPS:
+    raise ValueError(f'{directory / CONFIG} has model_type={model_type!r}; supported model '
+                     f'types: {", ".join(NAME_MAPS)}.')
+  names = NAME_MAPS[model_type]
+  source = open_weights(directory)
+  name = names.params['embed_tokens/embedding'][0]
+  keys = set(source.keys())
+  for key in (name, name.removeprefix(names.prefix)):  # a whole model's, or a bare base's
+    key = source.name(key, EMBED)
+    if key in keys:
+      return source.read(key)  # numpy, on the host
+  raise ValueError(f'{source.where} has no input embedding table {name!r}.')

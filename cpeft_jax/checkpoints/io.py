@@ -15,6 +15,15 @@ and the file lacks, or one the file holds and the model does not use (beyond the
 known-unused buffers) is an error naming the file and the tensors, as is a file that cannot be
 read. `partial_load` (fnmatch patterns of checkpoint tensor names, e.g. ('lm_head.weight',))
 lists the tensors allowed to be missing: they keep their fresh init, with a warning.
+
+On a mesh (`placement`, a sharding.Placement), each leaf is created in its NamedSharding and
+each device receives only its block; what is read for it: a safetensors block reads only its
+bytes; transposes, dtype casts, GPT-2's q/k/v split and a gate/up concatenation are index
+remaps done per block. The exceptions, all in host memory, none on a device: a Flax msgpack
+file has no random access and is read whole (then sliced); a leaf the rules replicate is read
+whole once; a missing tensor's fresh init is computed sharded and gathered to the host once;
+a quantized leaf (quantize.leaf_quantizer) is quantized from its sharded full-precision leaf
+by a jit with out_shardings, since a scale reduces over axes that the mesh splits.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import trees
+from cpeft_jax import sharding, trees
 from cpeft_jax.models.decoder_config import DTYPES
 
 log = logging.getLogger(__name__)
@@ -193,31 +202,73 @@ def plan_leaves(shapes: Mapping[str, Any], source, tensor_of: Callable[[str], tu
 
 def fill_leaves(plan: Plan, shapes: Mapping[str, Any], source,
                 layout: Mapping[str, tuple[int, ...]], init: Callable, seed: int,
-                param_dtype: str, where: str, leaf_fn: Callable | None = None) -> dict:
+                param_dtype: str, where: str, leaf_fn: Callable | None = None,
+                placement: sharding.Placement | None = None) -> dict:
   """The 'params' tree: each leaf filled tensor by tensor, missing slots from `init(seed)`;
-  `leaf_fn(path, array)` transforms each leaf as soon as it is filled."""
-  fresh = {}
+  `leaf_fn(path, array)` transforms each leaf as soon as it is filled.
+
+  Without `placement`, a leaf is assembled on the host and put on the default device. With
+  it, each leaf is created in its NamedSharding by jax.make_array_from_callback: the callback
+  reads, for each of this process's devices, only that device's block (its layers, and the
+  block of each stored tensor, transposed and cast to the leaf's dtype: index remaps), so no
+  device ever receives a whole leaf that the rules split. Missing slots come from a jitted
+  init whose outputs are already sharded.
+  """
   needed = [p for p, (slots, _, _) in plan.items() if None in slots]
+  fresh = {}
   if needed:  # Initialise only the leaves with missing tensors: the rest is dead code.
-    fresh = jax.jit(lambda key: {p: trees.flatten(init(key))[p]
-                                 for p in needed})(jax.random.key(seed))
+    out_sh = {p: placement(p, shapes[p].shape) for p in needed} if placement else None
+    fresh = jax.jit(lambda key: {p: trees.flatten(init(key))[p] for p in needed},
+                    out_shardings=out_sh)(jax.random.key(seed))
   dtype = np.dtype(DTYPES[param_dtype])
   used = sum(k is not None for slots, _, _ in plan.values() for k in slots)
-  log.info('Loading %d tensors from %s into %d %s leaves.', used, where, len(plan), param_dtype)
+  log.info('Loading %d tensors from %s into %d %s leaves%s.', used, where, len(plan),
+           param_dtype, f' on mesh {dict(placement.mesh.shape)}' if placement else '')
   out = {}
   for path, (slots, stacked, kind) in plan.items():
-    buf = np.empty(shapes[path].shape, dtype)
-    axes = layout.get(kind)
-    for i, key in enumerate(slots):
-      at = i if stacked else ...
-      if key is None:
-        buf[at] = np.asarray(fresh[path][at])
-      else:
-        x = source.read(key)
-        buf[at] = x.transpose(axes) if axes else x
-    out[path] = jnp.asarray(buf) if leaf_fn is None else leaf_fn(path, buf)
-    del buf
+    shape = tuple(shapes[path].shape)
+    held = np.asarray(fresh[path]) if path in fresh else None  # host copy of the fresh init
+    read = _leaf_reader(slots, stacked, layout.get(kind), source, held, shape, dtype)
+    if placement is None:
+      leaf = read(tuple(slice(None) for _ in shape))
+      out[path] = jnp.asarray(leaf) if leaf_fn is None else leaf_fn(path, leaf)
+    else:
+      leaf = jax.make_array_from_callback(shape, placement(path, shape), _once_per_block(read))
+      out[path] = leaf if leaf_fn is None else leaf_fn(path, leaf)
+    del leaf, held
+    for key in dict.fromkeys(k for k in slots if k is not None):
+      source.release(key)
   return trees.unflatten(out)
+
+
+def _leaf_reader(slots, stacked: bool, axes, source, fresh, shape, dtype) -> Callable:
+  """index (slices over the leaf's axes) -> that block of the leaf, read from `source`."""
+  def read(index):
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+    layers, rest = (index[0], index[1:]) if stacked else (None, index)
+    stored = rest if not axes else tuple(rest[list(axes).index(a)] for a in range(len(rest)))
+    block = np.empty(tuple(s.stop - s.start for s in index), dtype)
+    for j, i in enumerate(range(layers.start, layers.stop) if stacked else [None]):
+      key, at = slots[i if stacked else 0], (j if stacked else ...)
+      if key is None:
+        block[at] = fresh[i if stacked else ...][rest]
+      else:
+        x = source.read(key, stored)
+        block[at] = x.transpose(axes) if axes else x
+    return block
+  return read
+
+
+def _once_per_block(read: Callable) -> Callable:
+  """`read` that reads a block once, however many devices hold it (a partly replicated leaf
+  asks for the same block from each of its replicas)."""
+  blocks = {}
+  def cached(index):
+    key = tuple((s.start, s.stop) for s in index)
+    if key not in blocks:
+      blocks[key] = read(index)
+    return blocks[key]
+  return cached
 
 
 def partial_patterns(partial_load) -> tuple[str, ...]:

@@ -1,8 +1,14 @@
-"""Tensor sources: checkpoint files handed out one tensor at a time.
+"""Tensor sources: checkpoint files handed out one tensor, or one slice of a tensor, at a time.
 
 `Safetensors` (PyTorch names and layouts) and `Arrays` (transformers' former Flax msgpack files)
 read the files `open_weights` finds; `Views` presents `Split` and `Concat` pieces of their
 tensors under other names (a fused QKV split into q/k/v, or the reverse for writing).
+
+Every source's `read(key, index)` takes an optional index (a tuple of slices, one per stored
+axis) and returns only that block: safetensors reads just its bytes from the file
+(safe_open's get_slice), a piece of a `Split` or `Concat` maps the block to its stored
+tensors' blocks, so a sharded load reads what each device owns and no more. `release(key)`
+says a tensor will not be read again (an in-memory source then drops it).
 """
 
 from __future__ import annotations
@@ -58,12 +64,17 @@ class Safetensors:
   def dtype(self, key) -> str:
     return self._file_of[key].get_slice(key).get_dtype()
 
-  def read(self, key) -> np.ndarray:
+  def read(self, key, index: tuple[slice, ...] | None = None) -> np.ndarray:
     with jax.default_device(jax.devices('cpu')[0]):  # host memory, not an accelerator's
       try:
-        return np.asarray(self._file_of[key].get_tensor(key))
+        if index is None:
+          return np.asarray(self._file_of[key].get_tensor(key))
+        return np.asarray(self._file_of[key].get_slice(key)[index])  # only the block's bytes
       except Exception as e:  # noqa: BLE001 - SafetensorError, ...
         raise ValueError(f'{self._path_of[key]}: tensor {key} cannot be read: {e}') from e
+
+  def release(self, key) -> None:
+    del key  # nothing held: every read goes to the file
 
 
 class Arrays:
@@ -97,8 +108,12 @@ class Arrays:
       dtype = np.asarray(x).dtype
     return str(dtype).removeprefix('torch.')  # numpy's or PyTorch's name
 
-  def read(self, key) -> np.ndarray:
-    return np.asarray(self._arrays.pop(key))  # popped: each tensor is used once, then freed
+  def read(self, key, index: tuple[slice, ...] | None = None) -> np.ndarray:
+    x = self._arrays[key]
+    return np.asarray(x if index is None else x[index])
+
+  def release(self, key) -> None:
+    self._arrays.pop(key, None)  # each tensor is used once, then freed
 
 
 def _read_msgpack(files, where: str | None = None) -> Arrays:
@@ -163,14 +178,15 @@ class Concat:
 class Views:
   """A tensor source plus the `Split`/`Concat` pieces a name map asks for, as extra keys.
 
-  A stored tensor that several pieces share (GPT-2's c_attn) is read once and kept until its
-  last piece is read. `_axis(kind, ndim)` is the stored axis that becomes the leaf's last one.
+  A block of a piece is read as the blocks of its stored tensors that it covers (each piece of
+  GPT-2's c_attn reads only its third). A stored tensor that several pieces share is released
+  after its last piece. `_axis(kind, ndim)` is the stored axis that becomes the leaf's last one.
   """
 
   def __init__(self, source, layout):
     self.source, self.layout = source, layout
     self.torch_layout, self.sep, self.where = source.torch_layout, source.sep, source.where
-    self._views, self._uses, self._held = {}, {}, {}
+    self._views, self._uses = {}, {}
     self._present = set(source.keys())
 
   def define(self, spec, kind) -> str:
@@ -217,24 +233,36 @@ class Views:
     dtypes = [self.source.dtype(p) for p in self.sources(key)]
     return next((d for d in dtypes if not floating(d)), dtypes[0])
 
-  def _read(self, name):
-    if name not in self._held:
-      self._held[name] = self.source.read(name)
-    x = self._held[name]
-    self._uses[name] -= 1
-    if not self._uses[name]:
-      del self._held[name]
-    return x
-
-  def read(self, key) -> np.ndarray:
+  def read(self, key, index: tuple[slice, ...] | None = None) -> np.ndarray:
     if key not in self._views:
-      return self.source.read(key)
+      return self.source.read(key, index)
     spec, parts, kind = self._views[key]
-    xs = [self._read(p) for p in parts]
-    axis = self._axis(kind, xs[0].ndim)
+    shapes = [self.source.shape(p) for p in parts]
+    axis = self._axis(kind, len(shapes[0]))
+    if index is None:
+      index = tuple(slice(None) for _ in shapes[0])
+    start, stop, _ = index[axis].indices(self.shape(key)[axis])
+    at = lambda lo, hi: index[:axis] + (slice(lo, hi),) + index[axis + 1:]
     if isinstance(spec, Split):
-      if xs[0].shape[axis] % spec.parts:
-        raise ValueError(f'{self.where}: {spec.name} has {xs[0].shape[axis]} features along '
+      if shapes[0][axis] % spec.parts:
+        raise ValueError(f'{self.where}: {spec.name} has {shapes[0][axis]} features along '
                          f'axis {axis}, which do not split into {spec.parts} equal parts.')
-      return np.split(xs[0], spec.parts, axis=axis)[spec.index]
-    return np.concatenate(xs, axis=axis)
+      offset = spec.index * (shapes[0][axis] // spec.parts)
+      return self.source.read(parts[0], at(offset + start, offset + stop))
+    blocks, offset = [], 0
+    for p, shape in zip(parts, shapes):  # the stretch [start, stop) of the joined axis
+      lo, hi = max(start, offset), min(stop, offset + shape[axis])
+      if lo < hi:
+        blocks.append(self.source.read(p, at(lo - offset, hi - offset)))
+      offset += shape[axis]
+    return np.concatenate(blocks, axis=axis)
+
+  def release(self, key) -> None:
+    """A stored tensor is released once every piece that reads it is."""
+    if key not in self._views:
+      self.source.release(key)
+      return
+    for p in self.sources(key):
+      self._uses[p] -= 1
+      if not self._uses[p]:
+        self.source.release(p)

@@ -22,7 +22,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
 
 from cpeft_jax import trees
 from cpeft_jax.checkpoints.io import (CONFIG, TORCH_LAYOUT, VECTOR, LoadReport, check_report,
@@ -31,6 +31,7 @@ from cpeft_jax.checkpoints.io import (CONFIG, TORCH_LAYOUT, VECTOR, LoadReport, 
 from cpeft_jax.checkpoints.tensors import open_weights
 from cpeft_jax.models import clip, siglip, swinv2
 from cpeft_jax.models.vision import ViT
+from cpeft_jax.sharding import Placement
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,8 @@ ARCHITECTURES = {
 
 def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_layer: int = -1,
                 drop_cls: bool = True, *, partial_load=(), strict: bool = True, seed: int = 0,
-                leaf_fn: Callable | None = None) -> tuple[nn.Module, dict]:
+                leaf_fn: Callable | None = None, placement: Placement | None = None
+                ) -> tuple[nn.Module, dict]:
   """A frozen vision encoder and its 'params' tree, from a Hugging Face checkpoint.
 
   `dtype` is that of the weights and of the computation. `feature_layer` indexes transformers'
@@ -145,21 +147,29 @@ def load_vision(path_or_dir: str | os.PathLike, dtype: str = 'float32', feature_
   transforms each leaf as soon as it is read, e.g. `quantize.leaf_quantizer(qcfg, 'encoder/')`
   stores the projections quantized without a full-precision copy of the whole tower.
   `partial_load`: fnmatch patterns of checkpoint tensor names allowed to be missing;
-  `strict=False` only warns of missing and unexpected tensors.
+  `strict=False` only warns of missing and unexpected tensors. `placement` (e.g.
+  sharding.Placement(mesh, rules, 'params/encoder/')) creates each leaf in its NamedSharding.
   """
   directory = resolve(path_or_dir)
   hf = read_config(directory)
+  try:
+    module = encoder_module(hf, dtype, feature_layer, drop_cls)
+  except ValueError as e:
+    raise ValueError(f'{directory / CONFIG}: {e}') from e
+  params, _ = load_vision_params(directory, module, partial_load=partial_load, strict=strict,
+                                 seed=seed, leaf_fn=leaf_fn, placement=placement)
+  return module, params
+
+
+def encoder_module(hf: Mapping[str, Any], dtype: str = 'float32', feature_layer: int = -1,
+                   drop_cls: bool = True) -> nn.Module:
+  """The encoder `load_vision` builds from a config.json dict (`drop_cls` only where a class
+  token exists); its cfg.num_tokens is the number of image tokens it gives."""
   overrides = dict(dtype=dtype, param_dtype=dtype, feature_layer=feature_layer)
   model_type = hf.get('model_type')
   if model_type in ARCHITECTURES and ARCHITECTURES[model_type].module is ViT:
     overrides['drop_cls'] = drop_cls
-  try:
-    module = vision_module(hf, **overrides)
-  except ValueError as e:
-    raise ValueError(f'{directory / CONFIG}: {e}') from e
-  params, _ = load_vision_params(directory, module, partial_load=partial_load, strict=strict,
-                                 seed=seed, leaf_fn=leaf_fn)
-  return module, params
+  return vision_module(hf, **overrides)
 
 
 def vision_module(hf: Mapping[str, Any], **overrides) -> nn.Module:
@@ -176,10 +186,11 @@ def architecture(model_type) -> Architecture:
 
 
 def load_vision_params(directory: str | os.PathLike, module: nn.Module, *, partial_load=(),
-                       strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None
-                       ) -> tuple[dict, LoadReport]:
+                       strict: bool = True, seed: int = 0, leaf_fn: Callable | None = None,
+                       placement: Placement | None = None) -> tuple[dict, LoadReport]:
   """The 'params' tree of `module` (in its param_dtype) from a checkpoint directory; each
-  leaf goes through `leaf_fn(path, array)`, if given, as soon as it is filled."""
+  leaf goes through `leaf_fn(path, array)`, if given, as soon as it is filled, and is created
+  in `placement`'s sharding if given (io.fill_leaves)."""
   directory = resolve(directory)
   model_type = read_config(directory).get('model_type')
   try:
@@ -187,7 +198,7 @@ def load_vision_params(directory: str | os.PathLike, module: nn.Module, *, parti
   except ValueError as e:
     raise ValueError(f'{directory / CONFIG}: {e}') from e
   return _assemble_vision(open_weights(directory, msgpack=False), module, names, partial_load,
-                          strict, seed, leaf_fn)
+                          strict, seed, leaf_fn, placement)
 
 
 # ----------------------------------------------------------------------------- assembling
@@ -210,10 +221,12 @@ def _find_prefix(keys, anchor: str, where: str) -> str:
 
 
 def _assemble_vision(source, module: nn.Module, names: VisionNames, partial_load, strict: bool,
-                     seed: int, leaf_fn: Callable | None = None) -> tuple[dict, LoadReport]:
+                     seed: int, leaf_fn: Callable | None = None,
+                     placement: Placement | None = None) -> tuple[dict, LoadReport]:
   where = source.where
   cfg = module.cfg
-  pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), jnp.float32)
+  # host: shapes only, nothing on a device
+  pixels = np.zeros((1, cfg.image_size, cfg.image_size, cfg.num_channels), np.float32)
   init = lambda key: module.init(key, pixels)['params']
   shapes = trees.flatten(jax.eval_shape(init, jax.random.key(0)))
   keys = set(source.keys())
@@ -250,4 +263,4 @@ def _assemble_vision(source, module: nn.Module, names: VisionNames, partial_load
   report = LoadReport(tuple(missing), tuple(unexpected))
   check_report(report, where, partial_load, strict, what='vision encoder')
   return fill_leaves(plan, shapes, source, LAYOUT, init, seed, cfg.param_dtype, where,
-                     leaf_fn), report
+                     leaf_fn, placement), report

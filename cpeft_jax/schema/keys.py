@@ -85,6 +85,7 @@ DATA = Section({
     'augment': AUGMENT,
     'tasks': custom(lambda v: check_tasks(v), f'distinct task names among {list(sources.TASKS)}',
                     required=False),
+    'embeddings': string(required=False),
     'invocations': custom(lambda v: check_invocations(v, None),
                           '{context id: token-id sequence}', required=False),
     'captions_json': string(required=False), 'eval_captions_json': string(required=False),
@@ -97,13 +98,15 @@ VISION_PRETRAIN = Section({
     'epochs': integer(0), 'batch_size': POSITIVE,
     'learning_rate': number(0.0, lo_open=True), 'image_size': integer(8),
     'patch_size': POSITIVE, 'hidden_size': POSITIVE, 'num_layers': POSITIVE,
-    'num_heads': POSITIVE, 'intermediate_size': POSITIVE}, required=False)
+    'num_heads': POSITIVE, 'intermediate_size': POSITIVE,
+    'extra_scenes': integer(0, required=False)}, required=False)
 
 PRETRAIN = Section({
     'epochs': integer(0), 'batch_size': integer(1, required=False),
     'learning_rate': number(0.0, lo_open=True, required=False),
     'tasks': custom(lambda v: check_tasks(v), f'distinct task names among {list(sources.TASKS)}',
                     required=False),
+    'embeddings': string(required=False),
     'vision': VISION_PRETRAIN}, required=False)
 
 VISION = Section({

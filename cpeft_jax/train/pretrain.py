@@ -61,6 +61,8 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
                              rngs={'dropout': rng})
 
   params = Decoder(cfg).init(jax.random.key(config.seed), jnp.zeros((1, seq_len), jnp.int32))
+  if p.get('embeddings'):
+    params = frozen_embeddings(params, p.embeddings)
   if not p.epochs:  # a random decoder, saved like a trained one
     checkpoints.save_decoder(out, cfg, params['params'], tok)
     return out
@@ -70,6 +72,10 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
       warmup_steps=min(50, steps_per_epoch, steps_per_epoch * p.epochs - 1),
       total_steps=steps_per_epoch * p.epochs,
       grad_clip_norm=1.0))
+  if p.get('embeddings'):  # the borrowed table stays as it is
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, jax.tree_util.
+                               tree_map_with_path(lambda path, _: 'frozen' if 'embed_tokens' in
+                                                  jax.tree_util.keystr(path) else 'train', params))
   state = state_lib.TrainState.create(params, tx)
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply), donate_argnums=(0,))
   rng = jax.random.key(config.seed + 7)
@@ -89,57 +95,95 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
   return out
 
 
+def frozen_embeddings(params, checkpoint: str):
+  """`params` with the input embedding table of another checkpoint (pretrain.embeddings), as
+  the paper's language model borrows OPT-125m's; text pre-training then keeps it frozen."""
+  table = checkpoints.input_embeddings(checkpoint)
+  leaf = params['params']['embed_tokens']['embedding']
+  if table.shape != leaf.shape:
+    raise ValueError(f'pretrain.embeddings={checkpoint!r} has an input embedding table of shape '
+                     f'{tuple(table.shape)}; the decoder to pre-train (config.model: '
+                     f'vocab_size, hidden_size) needs {tuple(leaf.shape)}.')
+  embed = dict(params['params']['embed_tokens'], embedding=jnp.asarray(table, leaf.dtype))
+  return {**params, 'params': {**params['params'], 'embed_tokens': embed}}
+
+
 # ----------------------------------------------------------------------------- the vision tower
 
 VISION_METRICS = 'base_vision_metrics.json'
 
 
+# Per-patch labels: 0 is background, then 1-based indices into these (scenes.py).
+PATCH_LABELS = {'shape': len(scenes.SHAPES), 'color': len(scenes.COLORS),
+                'size': len(scenes.SIZES), 'group_count': scenes.MAX_COUNT}
+
+
 class _Tagger(nn.Module):
-  """A CLIP vision tower with the two linear heads stage 0 trains it through (then dropped).
+  """A CLIP vision tower with the linear heads stage 0 trains it through (then dropped).
 
   The class token, through CLIP's post_layernorm, predicts how many shapes the image holds;
-  every patch token predicts the shape and the colour of the object drawn in it (0: none).
-  The captioner reads the patch tokens, so that is where most labels go.
+  every patch token predicts the shape, colour and size of the object drawn in it and how many
+  objects its group has (0: none, for each). The captioner reads the patch tokens, so that is
+  where most labels go: a caption names each group's count, size, colour and shape.
   """
   cfg: ViTConfig
 
   @nn.compact
-  def __call__(self, pixels_BHWC):
+  def __call__(self, pixels_BHWC) -> dict[str, jax.Array]:
     x_BTD = ViT(self.cfg, name='tower')(pixels_BHWC)
     cls_D = nn.LayerNorm(self.cfg.layer_norm_eps, name='post_layernorm')(x_BTD[:, 0])
-    count_BK = nn.Dense(scenes.GRID**2 + 1, name='count_head')(cls_D)
-    S = len(scenes.SHAPES) + 1  # shape classes, then colour classes (0: none in both)
-    patch_BNF = nn.Dense(S + len(scenes.COLORS) + 1, name='patch_head')(x_BTD[:, 1:])
-    return count_BK, patch_BNF[..., :S], patch_BNF[..., S:]
+    out = {'count': nn.Dense(scenes.GRID**2 + 1, name='count_head')(cls_D)}
+    for name, classes in PATCH_LABELS.items():
+      out[name] = nn.Dense(classes + 1, name=f'{name}_head')(x_BTD[:, 1:])
+    return out
 
 
 def vision_labels(split, images_NHW3: np.ndarray, cfg: ViTConfig, *,
                   seed: int = 0) -> dict[str, np.ndarray]:
-  """Labels of a demo split's images, from the scenes they were drawn from.
+  """Labels of a demo split's images, from the scenes they were drawn from (`scene_labels`)."""
+  return scene_labels([demo_examples.scene_of(int(i), seed=seed, image_size=cfg.image_size)
+                       for i in split.image_ids], images_NHW3, cfg)
 
-  count [n]: number of shapes; shape, color [n, N]: per patch (row-major), the 1-based index
-  into scenes.SHAPES / scenes.COLORS of the object that covers most of the patch's pixels
-  (0: background only). Every group of a scene has its own colour, so a pixel's exact colour
-  names its group.
+
+def scene_labels(scene_list, images_NHW3: np.ndarray, cfg: ViTConfig) -> dict[str, np.ndarray]:
+  """Labels of drawn scenes. count [n]: number of shapes; per patch (row-major) [n, N]: shape,
+  color, size (1-based indices into scenes.SHAPES / COLORS / SIZES) and group_count (its
+  group's count) of the object that covers most of the patch's pixels (0: background only).
+  Every group of a scene has its own colour, so a pixel's exact colour names its group.
   """
-  n, S = len(images_NHW3), cfg.image_size
-  g, P = S // cfg.patch_size, cfg.patch_size
+  n = len(images_NHW3)
+  g, P = cfg.image_size // cfg.patch_size, cfg.patch_size
   patches = images_NHW3.reshape(n, g, P, g, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(
       n, g * g, P * P, 3)
-  out = {'count': np.zeros(n, np.int32), 'shape': np.zeros((n, g * g), np.int32),
-         'color': np.zeros((n, g * g), np.int32)}
-  for k, image_id in enumerate(split.image_ids):
-    scene = demo_examples.scene_of(int(image_id), seed=seed, image_size=S)
+  out = {'count': np.zeros(n, np.int32),
+         **{name: np.zeros((n, g * g), np.int32) for name in PATCH_LABELS}}
+  colors = list(scenes.COLORS)
+  for k, scene in enumerate(scene_list):
     out['count'][k] = len(scene.items)
     covered_GN = np.stack([(patches[k] == scenes.COLORS[grp.color]).all(-1).sum(-1)
                            for grp in scene.groups])  # pixels of each group in each patch
     top_N = covered_GN.argmax(0)
     drawn_N = covered_GN.max(0) > 0
-    shape_G = np.array([scenes.SHAPES.index(grp.shape) + 1 for grp in scene.groups])
-    color_G = np.array([list(scenes.COLORS).index(grp.color) + 1 for grp in scene.groups])
-    out['shape'][k] = np.where(drawn_N, shape_G[top_N], 0)
-    out['color'][k] = np.where(drawn_N, color_G[top_N], 0)
+    per_group = {'shape': [scenes.SHAPES.index(grp.shape) + 1 for grp in scene.groups],
+                 'color': [colors.index(grp.color) + 1 for grp in scene.groups],
+                 'size': [scenes.SIZES.index(grp.size) + 1 for grp in scene.groups],
+                 'group_count': [grp.count for grp in scene.groups]}
+    for name, values_G in per_group.items():
+      out[name][k] = np.where(drawn_N, np.asarray(values_G)[top_N], 0)
   return out
+
+
+def extra_scenes(num: int, *, seed: int, image_size: int):
+  """`num` scenes drawn for the tower's pre-training only, from their own random stream (never
+  a training, validation or test scene of the dataset): (scenes, uint8 images [num, S, S, 3])."""
+  made = [scenes.sample_scene(np.random.default_rng([seed, _EXTRA_STREAM, i]), image_size)
+          for i in range(num)]
+  images = np.stack([scenes.draw(s) for s in made]) if made else np.zeros(
+      (0, image_size, image_size, 3), np.uint8)
+  return made, images
+
+
+_EXTRA_STREAM = 99  # examples.py's streams are [seed, split code 0..2, index]
 
 
 def _images(split, size: int) -> np.ndarray:
@@ -168,7 +212,8 @@ def vision_config(config) -> ViTConfig:
 def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   """The directory of the demo's pre-trained vision tower (trained now unless already there).
 
-  A small CLIP vision tower learns the images' labels (see `_Tagger`) for
+  A small CLIP vision tower learns the labels (see `_Tagger`) of the training images and of
+  config.pretrain.vision.extra_scenes more scenes drawn for it alone (`extra_scenes`) for
   config.pretrain.vision.epochs, then is written as a Hugging Face CLIPVisionModel checkpoint
   with its preprocessor_config.json, to be loaded frozen like any real one. Label accuracies
   on `eval_split` (and the majority-class rates they should beat) go to base_vision_metrics.json.
@@ -181,7 +226,13 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   cfg = vision_config(config)
   seed = config.data.demo.get('seed', 0)
   images = _images(split, cfg.image_size)
-  x, y = _normalise(images), vision_labels(split, images, cfg, seed=seed)
+  y = vision_labels(split, images, cfg, seed=seed)
+  if v.get('extra_scenes', 0):  # more scenes than the captioned ones, for the tower alone
+    more, more_images = extra_scenes(v.extra_scenes, seed=seed, image_size=cfg.image_size)
+    y_more = scene_labels(more, more_images, cfg)
+    images = np.concatenate([images, more_images])
+    y = {k: np.concatenate([y[k], y_more[k]]) for k in y}
+  x = _normalise(images)
   model = _Tagger(cfg)
   params = model.init(jax.random.key(config.seed + 11), x[:1])['params']
   steps_per_epoch = max(len(x) // v.batch_size, 1)
@@ -192,10 +243,9 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   opt_state = tx.init(params)
 
   def loss_fn(params, x_BHWC, labels):
-    count, shape, color = model.apply({'params': params}, x_BHWC)
+    logits = model.apply({'params': params}, x_BHWC)
     ce = optax.softmax_cross_entropy_with_integer_labels
-    return (ce(count, labels['count']).mean() + ce(shape, labels['shape']).mean()
-            + ce(color, labels['color']).mean())
+    return sum(ce(logits[k], labels[k]).mean() for k in logits)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, x_BHWC, labels):
@@ -218,8 +268,9 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   if eval_split is not None and v.epochs:
     metrics.update(label_accuracy(model, params, eval_split, cfg, seed=seed, train_labels=y))
     print('stage 0 vision tower, validation label accuracy (majority-class rate): ' + ', '.join(
-        f'{k} {metrics[k]:.3f} ({metrics[k + "_majority"]:.3f})' for k in ('count', 'shape',
-                                                                           'color')), flush=True)
+        f'{k} {metrics[k]:.3f} ({metrics[k + "_majority"]:.3f})' for k in ('count', *PATCH_LABELS)
+    ) + '; on patches showing an object: ' + ', '.join(
+        f'{k} {metrics[k + "_object"]:.3f}' for k in PATCH_LABELS), flush=True)
   # The Pillow variant where transformers has one: the default one asks for torchvision.
   processor = (getattr(transformers, 'CLIPImageProcessorPil', None) or
                transformers.CLIPImageProcessor)(
@@ -243,15 +294,18 @@ def label_accuracy(model, params, split, cfg: ViTConfig, *, seed: int = 0,
   images = _images(split, cfg.image_size)
   x, y = _normalise(images), vision_labels(split, images, cfg, seed=seed)
   apply = jax.jit(lambda p, x: model.apply({'params': p}, x))
-  preds = [[], [], []]
+  preds = {}
   for k in range(0, len(x), 100):
-    for out, logits in zip(preds, apply(params, x[k:k + 100])):
-      out.append(np.asarray(jnp.argmax(logits, -1)))
+    for name, logits in apply(params, x[k:k + 100]).items():
+      preds.setdefault(name, []).append(np.asarray(jnp.argmax(logits, -1)))
   ref = train_labels or y
+  on_object = y['color'] > 0
   metrics = {}
-  for name, pred in zip(('count', 'shape', 'color'), preds):
+  for name, pred in preds.items():
     pred = np.concatenate(pred)
     metrics[name] = float(np.mean(pred == y[name]))
     majority = np.bincount(ref[name].reshape(-1)).argmax()
     metrics[name + '_majority'] = float(np.mean(y[name] == majority))
+    if name in PATCH_LABELS:
+      metrics[name + '_object'] = float(np.mean((pred == y[name])[on_object]))
   return metrics

@@ -70,10 +70,13 @@ class Placed:
 
 
 def place(exp: experiment.Experiment, trainable, frozen, tx) -> Placed:
-  """Shards the frozen base and builds the optimizer state directly in its shardings.
+  """The train state and frozen base on the mesh, the optimizer state built in its shardings.
 
   Shapes come from jax.eval_shape, so each leaf's sharding is known before its memory is
-  used; the optimizer state is created by a jit whose outputs are already sharded.
+  used; the optimizer state is created by a jit whose outputs are already sharded. The
+  trainable and frozen trees come from `experiment.build` already in these shardings (its
+  init jit's out_shardings and sharded checkpoint loads), where device_put returns them as
+  they are; it moves only a tree placed otherwise.
   """
   rules = sharding.parse_rules(exp.config.get('partition_rules'))
   create = lambda t: state_lib.TrainState.create(t, tx)
