@@ -68,12 +68,13 @@ def chunking(B: int, L: int, V: int, chunk_logits: int = CHUNK_LOGITS) -> tuple[
   return K, -(-L // K)
 
 
-def head_token_losses(hidden_BLD, head: LMHead, targets_BL, *, chunk_logits: int = CHUNK_LOGITS):
+def head_token_losses(hidden_BLD, head: LMHead, targets_BL, *, chunk_logits: int | None = None):
   """`token_losses(head.logits(hidden_BLD), targets_BL)` without the [B, L, V] logits: the
-  positions go through the head in chunks of [B, n] (`chunking`); the batch axis stays whole
-  in every chunk, so a batch split over devices stays split."""
+  positions go through the head in chunks of [B, n] (`chunking`; chunk_logits default
+  CHUNK_LOGITS); the batch axis stays whole in every chunk, so a batch split over devices
+  stays split."""
   B, L, D = hidden_BLD.shape
-  K, n = chunking(B, L, head.vocab_size, chunk_logits)
+  K, n = chunking(B, L, head.vocab_size, CHUNK_LOGITS if chunk_logits is None else chunk_logits)
   pad = K * n - L
   x_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
   t_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
@@ -115,25 +116,30 @@ def _chunked_losses_bwd(res, g_KBn):
   x_KBnD, head, t_KBn, lse_KBn, want_dx, want_dw = res
   if isinstance(g_KBn, jax.custom_derivatives.SymbolicZero):
     g_KBn = jnp.zeros(lse_KBn.shape, lse_KBn.dtype)
-  w_VD = head.weight_VD() if want_dx is not None else None
-  V, cd = head.vocab_size, head.weight.dtype
+  V, cd, w = head.vocab_size, head.weight.dtype, head.weight
+  f32 = dict(preferred_element_type=jnp.float32)
 
   def chunk(dw_acc, xs):
     x_BnD, t_Bn, lse_Bn, g_Bn = xs
     # softmax - onehot, scaled by the loss's cotangent; then in the compute dtype, as
-    # lowp.matmul_f32's backward pass has it.
+    # lowp.matmul_f32's backward pass has it. Every product reads the head as it is stored:
+    # W^T of a [D, V] kernel would be a transposed copy of the whole head (XLA:CPU lays a dot's
+    # operands out row-major), so its d(hidden) is (W g^T)^T with the chunk's g transposed.
     onehot_BnV = jax.nn.one_hot(t_Bn, V, dtype=jnp.float32)
     dlogits_BnV = ((jnp.exp(head.logits(x_BnD) - lse_Bn[..., None]) - onehot_BnV)
                    * g_Bn[..., None]).astype(cd)
+    x_TD, g_TV = x_BnD.reshape(-1, x_BnD.shape[-1]).astype(cd), dlogits_BnV.reshape(-1, V)
+    g_VT = lowp.transposed(g_TV) if not head.vocab_major or dw_acc is not None else None
     dx_BnD = None
-    if w_VD is not None:
-      dx_BnD = jnp.matmul(dlogits_BnV, w_VD, preferred_element_type=jnp.float32).astype(
-          x_BnD.dtype)
+    if want_dx is not None:
+      # (The barrier keeps XLA:CPU from folding .T into the dot's output layout, which its
+      # bf16 x bf16 -> f32 dot cannot write.)
+      dx_TD = (jnp.matmul(g_TV, w, **f32) if head.vocab_major
+               else jax.lax.optimization_barrier(jnp.matmul(w, g_VT, **f32)).T)
+      dx_BnD = dx_TD.astype(x_BnD.dtype).reshape(x_BnD.shape)
     if dw_acc is not None:
-      x_TD, g_TV = x_BnD.reshape(-1, x_BnD.shape[-1]).astype(cd), dlogits_BnV.reshape(-1, V)
-      dw_acc = dw_acc + (jnp.matmul(lowp.transposed(g_TV), x_TD, preferred_element_type=jnp.float32)
-                         if head.vocab_major else
-                         jnp.matmul(lowp.transposed(x_TD), g_TV, preferred_element_type=jnp.float32))
+      dw_acc = dw_acc + (jnp.matmul(g_VT, x_TD, **f32) if head.vocab_major
+                         else jnp.matmul(lowp.transposed(x_TD), g_TV, **f32))
     return dw_acc, dx_BnD
 
   dw0 = jnp.zeros(head.weight.shape, jnp.float32) if want_dw is not None else None

@@ -29,7 +29,3 @@ class LMHead:
     """Float32 logits [..., V] straight from the accumulator of a compute-dtype matmul."""
     w = self.weight.T if self.vocab_major else self.weight
     return lowp.matmul_f32(x_TD.astype(self.weight.dtype), w)
-
-  def weight_VD(self) -> jax.Array:
-    """The weight as [V, D], row-major (for d(hidden) = d(logits) @ W^T)."""
-    return self.weight if self.vocab_major else lowp.transposed(self.weight)
