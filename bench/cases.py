@@ -197,7 +197,8 @@ def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
       proj_BLD = x_BLD @ c['kernel'].astype(x_BLD.dtype) + c['bias'].astype(x_BLD.dtype)
       x_BLD = jnp.where(batch['image_mask'][..., None], proj_BLD, x_BLD)
     return model.apply({'params': params, 'adaptors': variables.get('adaptors', {})},
-                       embeddings_BLD=x_BLD, context_ids_BL=batch['context_ids'])
+                       embeddings_BLD=x_BLD, context_ids_BL=batch['context_ids'],
+                       method=Decoder.features)
 
   tx = state_lib.optimizer(state_lib.OptimConfig(learning_rate=LR, b1=B1, b2=B2, eps=EPS))
   state = state_lib.TrainState.create(trainable, tx)

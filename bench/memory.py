@@ -71,7 +71,8 @@ def run_one(model: str, mode: str, batch: int, seq: int, prefix: int, steps: int
 
   def apply(variables, b, *, train=False, rng=None):
     return net.apply(unnest(variables), b['tokens'], context_ids_BL=b['context_ids'],
-                     attention_mask_BL=b['attention_mask'], rngs={'dropout': rng})
+                     attention_mask_BL=b['attention_mask'], rngs={'dropout': rng},
+                     method='features')
 
   pos = np.arange(seq)
   host = {'tokens': np.random.default_rng(0).integers(3, dec.vocab_size, (batch, seq)),

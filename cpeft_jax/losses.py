@@ -1,5 +1,9 @@
 """The loss of a batch, shared by the train step and evaluation: masked next-token cross-entropy.
 
+The model hands over its final hidden states and LM head (`models.lm_head.LMHead`), and
+`head_token_losses` computes the logits a chunk of positions at a time, forward and backward,
+so no [B, L, V] float32 array exists (at the paper's LLM shape those and their gradient were
+the step's largest buffers). An apply function that returns logits still works (`token_losses`).
 `eval_step` and `task_eval_step` are the pure evaluation steps (loss sums and token counts over
 a batch, overall or per task) that evaluation consumes as its predict functions.
 """
@@ -12,13 +16,21 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from cpeft_jax import lowp
 from cpeft_jax import trainable as trainable_lib
+from cpeft_jax.models.lm_head import LMHead
 
 # Perplexity of a mean loss above this is reported as exp(MAX_LOG_PERPLEXITY), not an overflow.
 MAX_LOG_PERPLEXITY = 50.0
 
-# apply_fn(variables, batch, *, train, rng) -> logits [B, L, V] (float32).
-ApplyFn = Callable[..., jax.Array]
+# apply_fn(variables, batch, *, train, rng) -> (hidden [B, L, D], LMHead), or logits [B, L, V]
+# (float32; then the loss reads them whole).
+ApplyFn = Callable[..., tuple[jax.Array, LMHead] | jax.Array]
+
+# Float32 logits per chunk of the chunked loss: 2**22 is 16 MiB a chunk (its logits, and in the
+# backward pass their gradient); at the paper's LLM shape (B=8, V=50272) 10 positions of each
+# row. Larger chunks mean fewer, bigger matmuls; smaller ones less memory.
+CHUNK_LOGITS = 1 << 22
 
 
 @jax.custom_vjp
@@ -46,11 +58,113 @@ def _token_losses_bwd(res, g_BL):
 token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
+def chunking(B: int, L: int, V: int, chunk_logits: int = CHUNK_LOGITS) -> tuple[int, int]:
+  """(chunks, positions per chunk) of `head_token_losses`: every row's positions in even chunks
+  of at most about chunk_logits / (B V) (at least 1), the last padded."""
+  if chunk_logits < 1:
+    raise ValueError(f'chunk_logits must be a positive number of logits, got {chunk_logits!r}.')
+  want = max(1, min(L, chunk_logits // (B * V)))
+  K = -(-L // want)
+  return K, -(-L // K)
+
+
+def head_token_losses(hidden_BLD, head: LMHead, targets_BL, *, chunk_logits: int | None = None):
+  """`token_losses(head.logits(hidden_BLD), targets_BL)` without the [B, L, V] logits: the
+  positions go through the head in chunks of [B, n] (`chunking`; chunk_logits default
+  CHUNK_LOGITS); the batch axis stays whole in every chunk, so a batch split over devices
+  stays split."""
+  B, L, D = hidden_BLD.shape
+  K, n = chunking(B, L, head.vocab_size, CHUNK_LOGITS if chunk_logits is None else chunk_logits)
+  pad = K * n - L
+  x_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
+  t_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
+  x_KBnD = x_BLD.reshape(B, K, n, D).swapaxes(0, 1)
+  t_KBn = t_BL.reshape(B, K, n).swapaxes(0, 1)
+  loss_KBn = _chunked_losses(x_KBnD, head, t_KBn)
+  return loss_KBn.swapaxes(0, 1).reshape(B, K * n)[:, :L]
+
+
+def _map(f, xs):
+  """lax.map, or a plain call for one chunk (a loop would round-trip bf16 values on XLA:CPU)."""
+  if jax.tree.leaves(xs)[0].shape[0] == 1:
+    return jax.tree.map(lambda a: a[None], f(jax.tree.map(lambda a: a[0], xs)))
+  return jax.lax.map(f, xs)
+
+
+def _chunk_lse_picked(head, x_BnD, t_Bn):
+  logits_BnV = head.logits(x_BnD)
+  picked_Bn = jnp.take_along_axis(logits_BnV, t_Bn[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits_BnV, axis=-1), picked_Bn
+
+
+@jax.custom_vjp
+def _chunked_losses(x_KBnD, head, t_KBn):
+  lse_KBn, picked_KBn = _map(lambda a: _chunk_lse_picked(head, *a), (x_KBnD, t_KBn))
+  return lse_KBn - picked_KBn
+
+
+def _chunked_losses_fwd(x_KBnD, head, t_KBn):
+  x, h, t = x_KBnD.value, jax.tree.map(lambda p: p.value, head), t_KBn.value
+  lse_KBn, picked_KBn = _map(lambda a: _chunk_lse_picked(h, *a), (x, t))
+  # Which gradients to make is static (the residuals' structure): a frozen head gets none, and
+  # no [D, V] accumulator is carried through the loop.
+  wants = (x_KBnD.perturbed, head.weight.perturbed)
+  return lse_KBn - picked_KBn, (x, h, t, lse_KBn, *(() if w else None for w in wants))
+
+
+def _chunked_losses_bwd(res, g_KBn):
+  x_KBnD, head, t_KBn, lse_KBn, want_dx, want_dw = res
+  if isinstance(g_KBn, jax.custom_derivatives.SymbolicZero):
+    g_KBn = jnp.zeros(lse_KBn.shape, lse_KBn.dtype)
+  V, cd, w = head.vocab_size, head.weight.dtype, head.weight
+  f32 = dict(preferred_element_type=jnp.float32)
+
+  def chunk(dw_acc, xs):
+    x_BnD, t_Bn, lse_Bn, g_Bn = xs
+    # softmax - onehot, scaled by the loss's cotangent; then in the compute dtype, as
+    # lowp.matmul_f32's backward pass has it. Every product reads the head as it is stored:
+    # W^T of a [D, V] kernel would be a transposed copy of the whole head (XLA:CPU lays a dot's
+    # operands out row-major), so its d(hidden) is (W g^T)^T with the chunk's g transposed.
+    onehot_BnV = jax.nn.one_hot(t_Bn, V, dtype=jnp.float32)
+    dlogits_BnV = ((jnp.exp(head.logits(x_BnD) - lse_Bn[..., None]) - onehot_BnV)
+                   * g_Bn[..., None]).astype(cd)
+    x_TD, g_TV = x_BnD.reshape(-1, x_BnD.shape[-1]).astype(cd), dlogits_BnV.reshape(-1, V)
+    g_VT = lowp.transposed(g_TV) if not head.vocab_major or dw_acc is not None else None
+    dx_BnD = None
+    if want_dx is not None:
+      # (The barrier keeps XLA:CPU from folding .T into the dot's output layout, which its
+      # bf16 x bf16 -> f32 dot cannot write.)
+      dx_TD = (jnp.matmul(g_TV, w, **f32) if head.vocab_major
+               else jax.lax.optimization_barrier(jnp.matmul(w, g_VT, **f32)).T)
+      dx_BnD = dx_TD.astype(x_BnD.dtype).reshape(x_BnD.shape)
+    if dw_acc is not None:
+      dw_acc = dw_acc + (jnp.matmul(g_VT, x_TD, **f32) if head.vocab_major
+                         else jnp.matmul(lowp.transposed(x_TD), g_TV, **f32))
+    return dw_acc, dx_BnD
+
+  dw0 = jnp.zeros(head.weight.shape, jnp.float32) if want_dw is not None else None
+  xs = (x_KBnD, t_KBn, lse_KBn, g_KBn)
+  if x_KBnD.shape[0] == 1:
+    dw, dx = chunk(dw0, jax.tree.map(lambda a: a[0], xs))
+    dx = None if dx is None else dx[None]
+  else:
+    dw, dx = jax.lax.scan(chunk, dw0, xs)
+  dhead = None if dw is None else LMHead(dw.astype(head.weight.dtype), head.vocab_major)
+  return dx, dhead, None
+
+
+_chunked_losses.defvjp(_chunked_losses_fwd, _chunked_losses_bwd, symbolic_zeros=True)
+
+
 def masked_losses(apply_fn, variables, batch, *, train, rng):
   """(token losses [B, L] with the loss mask applied, the loss mask [B, L] as float32)."""
-  logits_BLV = apply_fn(variables, batch, train=train, rng=rng)
+  out = apply_fn(variables, batch, train=train, rng=rng)
   mask_BL = batch['loss_mask'].astype(jnp.float32)
-  return token_losses(logits_BLV, batch['targets']) * mask_BL, mask_BL
+  if isinstance(out, tuple):
+    loss_BL = head_token_losses(*out, batch['targets'])
+  else:
+    loss_BL = token_losses(out, batch['targets'])
+  return loss_BL * mask_BL, mask_BL
 
 
 def loss_sums(apply_fn: ApplyFn, variables, batch: Mapping[str, jax.Array], *, train: bool,

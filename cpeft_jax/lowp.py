@@ -47,13 +47,13 @@ def _lowp_matmul_fwd(x, w, out_dtype):
 def _lowp_matmul_bwd(out_dtype, res, g):
   x, w = res
   g = g.astype(x.dtype)  # cotangents in the compute dtype, as autocast's backward has them
-  dx = jnp.matmul(g, _transposed(w), preferred_element_type=jnp.float32).astype(x.dtype)
+  dx = jnp.matmul(g, transposed(w), preferred_element_type=jnp.float32).astype(x.dtype)
   x_TD, g_TE = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  dw = jnp.matmul(_transposed(x_TD), g_TE, preferred_element_type=jnp.float32).astype(w.dtype)
+  dw = jnp.matmul(transposed(x_TD), g_TE, preferred_element_type=jnp.float32).astype(w.dtype)
   return dx, dw  # dw of a frozen kernel is never used, and XLA drops its dot
 
 
-def _transposed(a_MN):
+def transposed(a_MN):
   """a.T (the last two axes swapped), laid out row-major on XLA:CPU. There a bf16 dot with a
   transposed operand (which XLA folds a plain `.T` into) runs as a float32 dot at half the
   speed of a row-major one, more than the transpose costs (bench/); elsewhere it is free."""

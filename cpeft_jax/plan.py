@@ -35,7 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
-from cpeft_jax import (adaptors, catalog, checkpoints, experiment, quantize, sharding,
+from cpeft_jax import (adaptors, catalog, checkpoints, experiment, losses, quantize, sharding,
                        trainable as trainable_lib)
 from cpeft_jax.models import hf_configs
 from cpeft_jax.models.decoder_config import DTYPES, DecoderConfig
@@ -243,7 +243,8 @@ def compiled_activations(config, dec_cfg, mesh_sizes, frozen, state, rules):
     v = {k: t['decoder'] for k, t in variables.items()}
     return (train_model if train else model).apply(
         v, batch['tokens'], context_ids_BL=batch['context_ids'],
-        attention_mask_BL=batch['attention_mask'], rngs={'dropout': rng} if train else None)
+        attention_mask_BL=batch['attention_mask'], rngs={'dropout': rng} if train else None,
+        method='features')
   state_sh = sharding.state_shardings(state, mesh, rules)
   frozen_sh = sharding.tree_shardings(frozen, mesh, rules)
   step = functools.partial(step_lib.train_step, apply_fn=apply,
@@ -267,13 +268,15 @@ def estimate_activations(config, dec_cfg: DecoderConfig, mesh_sizes, grad_bytes:
   their product (3 I), and the attention probabilities (heads x L, float32); heads and the
   MLP's intermediate features split over 'tensor' (Megatron layout). Without remat every layer
   keeps all of it; with remat each layer keeps its input and one layer is recomputed at a time.
-  Plus the logits and their gradient (float32, vocab over 'tensor') and a trainable-sized
-  gradient tree. LoRA's r-wide intermediates and dropout masks are left out (small).
+  Plus one chunk of the chunked loss's logits and their gradient (float32, vocab over 'tensor';
+  `losses.chunking` of the micro-batch) and a trainable-sized gradient tree. LoRA's r-wide
+  intermediates and dropout masks are left out (small).
   """
   c = dec_cfg
   t = mesh_sizes['tensor']
+  micro_steps = config.train.get('micro_steps', 1) or 1
   rows = math.ceil(config.train.batch_size / (mesh_sizes['data'] * mesh_sizes['fsdp']))
-  rows = math.ceil(rows / (config.train.get('micro_steps', 1) or 1))
+  rows = math.ceil(rows / micro_steps)
   L, D, e = config.data.seq_len, c.hidden_size, np.dtype(DTYPES[c.dtype]).itemsize
   qkvo = 2 * c.num_heads * c.dims + 2 * c.kv_heads * c.dims
   per_token = (e * (4 * D + math.ceil(qkvo / t) + math.ceil(3 * c.intermediate_size / t))
@@ -283,10 +286,12 @@ def estimate_activations(config, dec_cfg: DecoderConfig, mesh_sizes, grad_bytes:
     saved, how = c.num_layers * rows * L * e * D + layer, 'remat: layer inputs + one layer'
   else:
     saved, how = c.num_layers * layer, 'no remat: every layer\'s saved activations'
-  logits = 2 * rows * L * 4 * math.ceil(c.vocab_size / t)
+  # Positions per chunk (of every row), as the step chunks its micro-batch.
+  chunk = losses.chunking(math.ceil(config.train.batch_size / micro_steps), L, c.vocab_size)[1]
+  logits = 2 * rows * chunk * 4 * math.ceil(c.vocab_size / t)
   return saved + logits + grad_bytes, (
-      f'estimate from shapes ({how}; {rows} x {L} tokens (rows x seq_len) per device; logits; '
-      'gradients)')
+      f'estimate from shapes ({how}; {rows} x {L} tokens (rows x seq_len) per device; a loss '
+      'chunk\'s logits; gradients)')
 
 
 def report(p: Plan, config_name: str, device_memory: int | None) -> str:

@@ -89,7 +89,8 @@ def _logits(model, variables, exp, batch, context_ids=None):
   batch = dict(batch)
   if context_ids is not None:
     batch['context_ids'] = context_ids
-  return np.asarray(jax.jit(vlm.apply_fn(model))(variables, experiment.device_batch(exp, batch)))
+  return np.asarray(jax.jit(vlm.apply_fn(model, logits=True))(
+      variables, experiment.device_batch(exp, batch)))
 
 
 @pytest.fixture(scope='module')

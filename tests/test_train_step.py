@@ -95,7 +95,7 @@ def test_adaptor_dropout_runs_dropped_tokens_through_the_base(setup):
   model = model.clone(connector_cfg=model.connector_cfg.__class__(dropout=0.0))  # no other noise
   v = {**v, 'adaptors': randomize(v['adaptors'], 5)}  # adaptors that change every token
   rng = jax.random.key(7)
-  train = jax.jit(vlm.apply_fn(model, adaptor_dropout=0.5), static_argnames='train')
+  train = jax.jit(vlm.apply_fn(model, adaptor_dropout=0.5, logits=True), static_argnames='train')
   keep = np.asarray(jax.random.bernoulli(
       jax.random.fold_in(rng, vlm.ADAPTOR_DROPOUT_STREAM), 0.5, batch['context_ids'].shape))
   assert 0 < keep.mean() < 1
@@ -104,7 +104,7 @@ def test_adaptor_dropout_runs_dropped_tokens_through_the_base(setup):
   want = ref.apply(v, batch['pixels'], batch['tokens'], batch['kinds'], ids,
                    batch['attention_mask'])
   np.testing.assert_allclose(train(v, batch, train=True, rng=rng), want, rtol=1e-5, atol=1e-5)
-  plain = vlm.apply_fn(model)(v, batch)
+  plain = vlm.apply_fn(model, logits=True)(v, batch)
   assert np.abs(np.asarray(plain) - np.asarray(want)).max() > 1e-3  # dropping mattered
   np.testing.assert_allclose(train(v, batch, train=False), plain, rtol=1e-5, atol=1e-6)
   ids_BL = vlm.drop_contexts(jnp.zeros((400, 100), jnp.int32), 0.3, rng, 2)
@@ -114,9 +114,8 @@ def test_adaptor_dropout_runs_dropped_tokens_through_the_base(setup):
 
 def test_loss_matches_numpy_reference(setup):
   model, v, batch = setup
-  apply = vlm.apply_fn(model)
-  s, n = losses.loss_sums(apply, v, batch, train=False)
-  logits = np.asarray(apply(v, batch), np.float64)
+  s, n = losses.loss_sums(vlm.apply_fn(model), v, batch, train=False)  # the chunked loss
+  logits = np.asarray(vlm.apply_fn(model, logits=True)(v, batch), np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - logits.max(-1, keepdims=True)
   mask = np.asarray(batch['loss_mask'])
@@ -203,7 +202,8 @@ def test_schedules():
 def _check_per_context_diagnostics(apply, v, trainable, frozen, batch, m):
   """The step's per-context losses, token counts and row gradient norms vs references."""
   # Reference: every masked position's loss added to its token's context, one at a time.
-  logits = np.asarray(apply(v, batch), np.float64)
+  hidden_BLD, head = apply(v, batch)
+  logits = np.asarray(head.logits(hidden_BLD), np.float64)
   ctx, mask, tgt = (np.asarray(batch[k]) for k in ('context_ids', 'loss_mask', 'targets'))
   sums, counts = np.zeros(3), np.zeros(3)
   for b, t in zip(*np.nonzero(mask)):

@@ -77,8 +77,8 @@ def test_learns_and_resumes_exactly(tmp_path):
   v_a = trainable_lib.merge(a, trainable_lib.split(exp_a.variables, 'peft')[1])
   val = experiment.open_split(straight, str(tmp_path / 'a'), 'validation')
   batch = experiment.device_batch(exp_a, next(exp_a.batches(val, train=False).epoch(0)))
-  logits_e = jax.jit(vlm.apply_fn(exp_e.model))(v_e, batch)
-  logits_a = jax.jit(vlm.apply_fn(exp_a.model))(v_a, batch)
+  logits_e = jax.jit(vlm.apply_fn(exp_e.model, logits=True))(v_e, batch)
+  logits_a = jax.jit(vlm.apply_fn(exp_a.model, logits=True))(v_a, batch)
   np.testing.assert_array_equal(logits_e, logits_a)
 
 

@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import adaptors, lowp
+from cpeft_jax import adaptors
 from cpeft_jax.adaptors import PeftConfig
 from cpeft_jax.models.attention import (INTERMEDIATES, Attention, KVCache, SubLayer,
                                         rope_tables)
 from cpeft_jax.models.decoder_config import DTYPES, DecoderConfig
+from cpeft_jax.models.lm_head import LMHead
 
 
 class RMSNorm(nn.Module):
@@ -63,17 +64,17 @@ class Mlp(SubLayer):
 
 
 class Head(nn.Module):
-  """The untied LM head (params `kernel` [D, V], as nn.Dense): float32 logits straight from the
-  accumulator of a compute-dtype matmul (lowp.matmul_f32), which the loss wants anyway."""
+  """The untied LM head's parameter (`kernel` [D, V], as nn.Dense), as an `LMHead` in the
+  compute dtype: its logits come in float32 straight from the matmul's accumulator."""
   features: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BLD):
-    kernel = self.param('kernel', nn.initializers.normal(0.02), (x_BLD.shape[-1], self.features),
+  def __call__(self, in_features: int) -> LMHead:
+    kernel = self.param('kernel', nn.initializers.normal(0.02), (in_features, self.features),
                         self.param_dtype)
-    return lowp.matmul_f32(x_BLD.astype(self.dtype), kernel)
+    return LMHead(kernel.astype(self.dtype))
 
 
 def rms_norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
@@ -277,6 +278,17 @@ class Decoder(nn.Module):
     """The last layer's output as the LM head reads it (final norm; OPT may project out)."""
     return x_BLD if self.norm is None else self.norm(x_BLD)
 
+  def output_head(self) -> LMHead:
+    """The LM head (untied kernel, or the tied embedding table) in the compute dtype."""
+    if self.cfg.tie_embeddings:
+      return LMHead(self.embed_tokens.embedding.astype(DTYPES[self.cfg.dtype]), vocab_major=True)
+    return self.lm_head(self.cfg.embed_width)
+
+  def features(self, tokens_BL=None, **kwargs):
+    """(final hidden states [B, L, D], `output_head()`): what the logits are made of, for a loss
+    that computes them a chunk at a time (cpeft_jax/losses.py). Arguments as `__call__`'s."""
+    return self(tokens_BL, return_hidden=True, **kwargs), self.output_head()
+
   def _head(self, x_BLD, return_hidden, logits_to_keep=0):
     if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
       raise ValueError(f'logits_to_keep must be an int >= 0 (0: every position), got '
@@ -286,8 +298,4 @@ class Decoder(nn.Module):
     x_BLD = self.final_hidden(x_BLD)
     if return_hidden:
       return x_BLD
-    if self.cfg.tie_embeddings:
-      logits = lowp.matmul_f32(x_BLD, self.embed_tokens.embedding.astype(x_BLD.dtype).T)
-    else:
-      logits = self.lm_head(x_BLD)
-    return logits.astype(jnp.float32)
+    return self.output_head().logits(x_BLD)

@@ -76,6 +76,13 @@ class VisionLanguageModel(nn.Module):
                         attention_mask_BL=attention_mask_BL, return_hidden=return_hidden,
                         cache=cache, logits_to_keep=logits_to_keep)
 
+  def features(self, pixels_BHWC, tokens_BL, kinds_BL, context_ids_BL, attention_mask_BL=None):
+    """(final hidden states [B, L, D], the decoder's `LMHead`): the logits' factors, for the
+    chunked loss (cpeft_jax/losses.py), which never makes all [B, L, vocab] of them."""
+    hidden_BLD = self(pixels_BHWC, tokens_BL, kinds_BL, context_ids_BL, attention_mask_BL,
+                      return_hidden=True)
+    return hidden_BLD, self.decoder.output_head()
+
   def decode(self, tokens_BL, context_ids_BL, cache, positions_BL=None):
     """Text tokens after a prefilled prompt (generation steps): (logits, updated cache)."""
     return self.decoder(tokens_BL, context_ids_BL=context_ids_BL, positions_BL=positions_BL,
@@ -94,12 +101,15 @@ def drop_contexts(context_ids_BL, rate: float, rng, num_contexts: int):
   return jnp.where(keep_BL, context_ids_BL, num_contexts).astype(context_ids_BL.dtype)
 
 
-def apply_fn(model: VisionLanguageModel, adaptor_dropout: float = 0.0):
-  """(variables, batch, *, train, rng) -> logits, for the train and eval steps.
+def apply_fn(model: VisionLanguageModel, adaptor_dropout: float = 0.0, *,
+             logits: bool = False):
+  """(variables, batch, *, train, rng) -> (hidden [B, L, D], LMHead), the loss's input in the
+  train and eval steps (cpeft_jax/losses.py); with `logits`, the logits [B, L, V] instead.
 
   adaptor_dropout (config: train.adaptor_dropout): training drops each token's adaptor with
   this probability (`drop_contexts`); evaluation never does.
   """
+  method = None if logits else VisionLanguageModel.features
   train_model = model.clone(deterministic=False)
   drop = adaptor_dropout > 0 and model.peft is not None and bool(model.peft.methods)
 
@@ -111,5 +121,6 @@ def apply_fn(model: VisionLanguageModel, adaptor_dropout: float = 0.0):
                              jax.random.fold_in(rng, ADAPTOR_DROPOUT_STREAM),
                              model.peft.num_contexts)
     return m.apply(variables, batch['pixels'], batch['tokens'], batch['kinds'], ids_BL,
-                   batch['attention_mask'], rngs={'dropout': rng} if train else None)
+                   batch['attention_mask'], rngs={'dropout': rng} if train else None,
+                   method=method)
   return apply

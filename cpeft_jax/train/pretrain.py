@@ -58,7 +58,7 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
 
   def apply(variables, batch, *, train=False, rng=None):
     return train_model.apply(variables, batch['tokens'], attention_mask_BL=batch['attention_mask'],
-                             rngs={'dropout': rng})
+                             rngs={'dropout': rng}, method='features')
 
   params = Decoder(cfg).init(jax.random.key(config.seed), jnp.zeros((1, seq_len), jnp.int32))
   if p.get('embeddings'):
