@@ -95,14 +95,12 @@ def grid() -> list[str]:
   mode=connector) and full fine-tuning (mode=full). The sweep's stage 0 runs once and every
   cell loads its checkpoints.
 
-  Time, measured with `--config=configs/demo.py:epochs=1` (156 steps of batch 32 a run) on a
-  shared 2-core machine at load ~8: stage 0 about 6 min once; one LoRA r=64 AF cell 263-268 s
-  per seed (training 227-247 s, evaluation 15-41 s; the later seed loads its compiles from the
-  sweep's cache). The whole grid with two seeds at that setting is therefore 4-5 h there,
-  perhaps half that on a quiet machine. Fitting it in ~50 min needs about a sixth of the
-  steps per run, e.g. `num_train=400,epochs=1` (62 steps; not measured). num_train below
-  ~330 at epochs=1 has fewer steps than the schedule's 50 warmup steps, and also shrinks
-  stage 0's data (at num_train=200 its tower's colour accuracy fell from 0.99 to 0.83).
+  The demo-scale grid with two seeds (RESULTS.md):
+    python -m cpeft_jax.sweep --config=configs/demo.py:epochs=1,num_train=400,warmup_steps=10 \
+        --grid=paper --seeds=0,1 --workdir=DIR
+  took 53 min on a 2-core CPU (stage 0 about 8 min once, then 0.4-1.5 min per cell and seed;
+  the later seed loads its compiles from the sweep's cache). At the demo's default sizes
+  (`epochs=1`, 156 steps a run) a cell took about 4.5 min per seed on a loaded machine.
   """
   out = [f'method={m},{f"rank={r}," if r else ""}targets={t},contexts={x}'
          for (m, r) in (('ia3', 0), ('bitfit', 0), ('lora', 1), ('lora', 8), ('lora', 64))

@@ -56,9 +56,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cpeft_jax import trees
-from cpeft_jax.adaptors import BATCH_AXES  # the leading (batch) dimension of every input
 
 AXES = ('data', 'fsdp', 'tensor')
+BATCH_AXES = ('data', 'fsdp')  # the leading (batch) dimension of every input
 DEFAULT_MESH = {'data': -1, 'fsdp': 1, 'tensor': 1}
 # The parts of a quantized leaf, matched by the rules as the kernel they stand for.
 _QUANTIZED_PART = re.compile(r'/qarray/(qvalue|scale|zero_point)$')

@@ -33,13 +33,13 @@ from jax.sharding import PartitionSpec
 
 from cpeft_jax.adaptors.config import PeftConfig
 from cpeft_jax.lowp import matmul
+from cpeft_jax.sharding import BATCH_AXES  # the mesh axes the batch is split over
 
 try:  # Pallas grouped-matmul kernels for GPU and TPU, with jax.lax.ragged_dot's signature.
   import tokamax as _tokamax
 except ImportError:
   _tokamax = None
 
-BATCH_AXES = ('data', 'fsdp')  # the mesh axes the batch is split over (sharding.BATCH_AXES)
 ONEHOT_MAX_WIDTH = 128  # 'auto' on GPU/TPU: onehot while rows x rank fit one matmul tile
 
 
