@@ -32,8 +32,10 @@ The paper's recipe, and where this config still differs (paper vs ours):
     Karpathy's 'restval' images: a folder JSON's entries, or TFDS 'train+restval').
   - The authors' per-token adaptor dropout on the context mask: train.adaptor_dropout (0.0,
     off; the paper does not give a rate).
-  - Not the paper's: the LM (SmolLM2-135M and its tokenizer, above), LoRA alpha = rank, and the
-    augmentation strengths (the paper names flip, crop and colour jitter without strengths).
+  - Not the paper's: the LM (SmolLM2-135M and its tokenizer by default; text_model=standin has
+    the paper's shape and OPT-125m's embeddings and tokenizer, but its text pre-training is
+    ours, on the training captions only), LoRA alpha = rank, and the augmentation strengths
+    (the paper names flip, crop and colour jitter without strengths).
 """
 
 import itertools
