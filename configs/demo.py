@@ -56,7 +56,7 @@ def get_config(arg=None):
                     # and of extra_scenes more scenes drawn for it alone.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
                                 image_size=64, patch_size=8, hidden_size=96, num_layers=3,
-                                num_heads=4, intermediate_size=384, extra_scenes=9000))
+                                num_heads=4, intermediate_size=384, extra_scenes=6000))
   c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
