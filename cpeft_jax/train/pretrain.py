@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from cpeft_jax import checkpoints
+from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data.demo import examples as demo_examples
@@ -61,10 +62,11 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
                              rngs={'dropout': rng}, method='features')
 
   params = Decoder(cfg).init(jax.random.key(config.seed), jnp.zeros((1, seq_len), jnp.int32))
+  frozen = {}  # the step's frozen part: a borrowed input embedding table (pretrain.embeddings)
   if p.get('embeddings'):
-    params = frozen_embeddings(params, p.embeddings)
+    params, frozen = borrowed_embeddings(params, p.embeddings)
   if not p.epochs:  # a random decoder, saved like a trained one
-    checkpoints.save_decoder(out, cfg, params['params'], tok)
+    checkpoints.save_decoder(out, cfg, trainable_lib.merge(params, frozen)['params'], tok)
     return out
   steps_per_epoch = len(texts) // p.batch_size
   tx = state_lib.optimizer(state_lib.OptimConfig(
@@ -72,10 +74,6 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
       warmup_steps=min(50, steps_per_epoch, steps_per_epoch * p.epochs - 1),
       total_steps=steps_per_epoch * p.epochs,
       grad_clip_norm=1.0))
-  if p.get('embeddings'):  # the borrowed table stays as it is
-    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()}, jax.tree_util.
-                               tree_map_with_path(lambda path, _: 'frozen' if 'embed_tokens' in
-                                                  jax.tree_util.keystr(path) else 'train', params))
   state = state_lib.TrainState.create(params, tx)
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply), donate_argnums=(0,))
   rng = jax.random.key(config.seed + 7)
@@ -85,19 +83,20 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
     for k in range(steps_per_epoch):
       rows = order[k * p.batch_size:(k + 1) * p.batch_size]
       batch = {key: jnp.asarray(data[key][rows]) for key in keys}
-      state, m = step(state, {}, batch, jax.random.fold_in(rng, epoch * steps_per_epoch + k))
+      state, m = step(state, frozen, batch, jax.random.fold_in(rng, epoch * steps_per_epoch + k))
       losses.append(m['loss'])
     loss = float(np.mean(jax.device_get(losses)))
     print(f'stage 0 (text-only pre-training of the demo decoder): epoch {epoch + 1}/{p.epochs}, '
           f'loss {loss:.4f}', flush=True)
   logging.info('writing the pre-trained demo decoder to %s', out)
-  checkpoints.save_decoder(out, cfg, state.trainable['params'], tok)
+  checkpoints.save_decoder(out, cfg, trainable_lib.merge(state.trainable, frozen)['params'], tok)
   return out
 
 
-def frozen_embeddings(params, checkpoint: str):
-  """`params` with the input embedding table of another checkpoint (pretrain.embeddings), as
-  the paper's language model borrows OPT-125m's; text pre-training then keeps it frozen."""
+def borrowed_embeddings(params, checkpoint: str) -> tuple[dict, dict]:
+  """(`params` less the input embedding table, that table taken from another checkpoint)
+  (pretrain.embeddings), as the paper's language model borrows OPT-125m's: the second part
+  goes to the step as frozen, so the table has no gradient and no optimizer state."""
   table = checkpoints.input_embeddings(checkpoint)
   leaf = params['params']['embed_tokens']['embedding']
   if table.shape != leaf.shape:
@@ -105,7 +104,8 @@ def frozen_embeddings(params, checkpoint: str):
                      f'{tuple(table.shape)}; the decoder to pre-train (config.model: '
                      f'vocab_size, hidden_size) needs {tuple(leaf.shape)}.')
   embed = dict(params['params']['embed_tokens'], embedding=jnp.asarray(table, leaf.dtype))
-  return {**params, 'params': {**params['params'], 'embed_tokens': embed}}
+  rest = {k: v for k, v in params['params'].items() if k != 'embed_tokens'}
+  return {**params, 'params': rest}, {'params': {'embed_tokens': embed}}
 
 
 # ----------------------------------------------------------------------------- the vision tower
