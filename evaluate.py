@@ -19,6 +19,11 @@ generated captions of each split to DIR/eval/heatmaps/.
 A multi-task run (data.tasks such as ('caption', 'qa')) also reports each task's perplexity per
 split (over its target tokens; metrics.json: splits.<split>.tasks.<task>); generated captions
 are for caption-only runs, so it needs --nocaptions.
+
+Multi-host: run the same command on every host, as train.py (--distributed, implied when
+JAX_COORDINATOR_ADDRESS is set; --mesh). The frozen base is sharded by the partition rules as
+in training; every host computes on its rows of each batch, the generated captions are gathered
+to process 0, which scores them and writes every file. --heatmaps needs one process.
 """
 
 import functools
@@ -26,6 +31,8 @@ import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from cpeft_jax import hosts, schema
 
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file (get_config(arg)).')
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Workdir that training wrote.')
@@ -41,6 +48,8 @@ flags.DEFINE_integer('show', 3, 'Generated captions to print per split, with the
 flags.DEFINE_list('compare', None, 'Only compare these evaluated workdirs in a markdown table.')
 flags.DEFINE_string('compare_split', None, 'Split of the comparison (default: the first one).')
 flags.DEFINE_string('compare_output', None, 'Also write the comparison table to this file.')
+hosts.define_flags()
+schema.define_mesh_flag()
 FLAGS = flags.FLAGS
 
 
@@ -67,7 +76,8 @@ def main(argv):
     return
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
-  from cpeft_jax import schema
+  hosts.start_from_flags()
+  schema.apply_mesh_flag(FLAGS.config)
   from cpeft_jax.data import pipeline
   from cpeft_jax.evaluation import captioning
   schema.check(FLAGS.config)
@@ -100,11 +110,9 @@ def main(argv):
 
 
 def _main(argv):
-  from cpeft_jax import schema
   with schema.exit_on_config_error():
     main(argv)
 
 
 if __name__ == '__main__':
-  from cpeft_jax import schema
   app.run(_main, flags_parser=schema.parse_flags)

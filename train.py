@@ -9,11 +9,12 @@ fixed): configs/demo_vqa.py walks through it.
 Multi-host (TPU pods, GPU clusters): run the same command on every host with --distributed
 (implied when JAX_COORDINATOR_ADDRESS is set); jax.distributed.initialize() then finds the
 cluster itself on TPU, SLURM and Open MPI, or takes JAX_COORDINATOR_ADDRESS with
---num_processes and --process_id. Each host reads its own share of the data; the mesh
-(config.mesh, or --mesh=data=-1,fsdp=2,tensor=2) spans every device of every host.
+--num_processes and --process_id. Each host reads its own rows of every global batch; the mesh
+(config.mesh, or --mesh=data=-1,fsdp=2,tensor=2) spans every device of every host. A signal
+to any one host stops them all after the same step, with one checkpoint (see
+cpeft_jax/train/trainer.py).
 """
 
-import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -22,28 +23,13 @@ from cpeft_jax import xla_flags
 
 xla_flags.set_training_defaults()  # before anything starts JAX
 
+from cpeft_jax import hosts, schema  # noqa: E402  (import JAX, after the flags)
+
 config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file (get_config(arg)).')
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Directory for checkpoints and metrics.')
-flags.DEFINE_bool('distributed', None, 'Call jax.distributed.initialize() before any JAX work. '
-                  'Default: when JAX_COORDINATOR_ADDRESS is set.')
-flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes (else detected).')
-flags.DEFINE_integer('process_id', None, 'Multi-host: this process\'s index (else detected).')
-flags.DEFINE_string('mesh', None, 'Device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the remaining '
-                    'devices); sets config.mesh. Default: config.mesh, else data=-1 (all devices).')
+hosts.define_flags()
+schema.define_mesh_flag()
 FLAGS = flags.FLAGS
-
-
-def _start_distributed():
-  """jax.distributed.initialize() when asked; it must precede any JAX computation."""
-  wanted = FLAGS.distributed
-  if wanted is None:
-    wanted = bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
-  if not wanted:
-    return
-  import jax
-  jax.distributed.initialize(num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  logging.warning('process %d of %d, %d local of %d devices', jax.process_index(),
-                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
@@ -51,16 +37,10 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:  # keep the console to our metrics, not orbax's progress
     logging.set_verbosity(logging.WARNING)
-  _start_distributed()
+  hosts.start_from_flags()
   import jax
-  from cpeft_jax import schema, sharding
-  if FLAGS.mesh:
-    try:
-      mesh = sharding.parse_mesh(FLAGS.mesh)
-    except ValueError as e:
-      raise app.UsageError(str(e)) from None
-    with FLAGS.config.unlocked():
-      FLAGS.config.mesh = mesh
+  from cpeft_jax import sharding
+  schema.apply_mesh_flag(FLAGS.config)
   with schema.exit_on_config_error():
     sharding.mesh_shape(FLAGS.config.get('mesh'), jax.device_count())  # fail before any work
     schema.check(FLAGS.config)
@@ -76,5 +56,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from cpeft_jax import schema
   app.run(main, flags_parser=schema.parse_flags)

@@ -20,8 +20,9 @@ from absl import logging
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+import numpy as np
 
-from cpeft_jax import experiment, integrity, plugins, trees
+from cpeft_jax import experiment, hosts, integrity, plugins, sharding, trees
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 
@@ -98,8 +99,11 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str 
                           trainable)
   trainable = restore_trainable(ckpt, abstract, config_name=config_name,
                                 note=config_note(config, workdir, config_name))
-  return Restored(exp, ckpt, trainable, jax.device_put(frozen, replicated),
-                  os.path.abspath(workdir))
+  # The frozen base as training placed it (the partition rules; `build` loads it so); the
+  # trainable tree whole on every device, small beside it and read back to hosts.
+  rules = sharding.parse_rules(config.get('partition_rules'))
+  frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, exp.mesh, rules))
+  return Restored(exp, ckpt, trainable, frozen, os.path.abspath(workdir))
 
 
 def restore_run(workdir: str, checkpoint: str = 'best') -> Restored:
@@ -154,10 +158,22 @@ def read_trainable(ckpt: Checkpoint):
     integrity.check_saved(os.path.join(ckpt.path, str(ckpt.step)), custom, out['state'], where)
     return out['state']['trainable']
   with ocp.StandardCheckpointer() as reader:
-    custom = integrity.read(lambda: reader.metadata(ckpt.path), ckpt.path).custom_metadata
-    tree = integrity.read(lambda: reader.restore(ckpt.path), ckpt.path)
+    metadata = integrity.read(lambda: reader.metadata(ckpt.path), ckpt.path)
+    # Several hosts: every leaf whole on each (replicated), so each can read it to the host.
+    target = (_replicated_target(metadata.item_metadata.tree) if jax.process_count() > 1
+              else None)
+    tree = integrity.read(lambda: reader.restore(ckpt.path, target), ckpt.path)
+    custom = metadata.custom_metadata
   integrity.check_saved(ckpt.path, custom, tree, ckpt.path)
   return tree
+
+
+def _replicated_target(saved_tree):
+  """Shapes and dtypes of a saved tree, each leaf replicated over every device."""
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=whole),
+                      saved_tree)
 
 
 def _check_fits(saved, wanted, where: str, config_name: str, note: str):
@@ -273,11 +289,13 @@ def plugin_from_run(r: Restored, context: int, *, name: str = '',
 
 def write_plugins(workdir: str, peft) -> list[str]:
   """train.plugins: every adapted context's plug-in of the best weights, DIR/plugins/<context>
-  (as `python -m cpeft_jax.plugins --workdir=DIR --context=N` writes it)."""
+  (as `python -m cpeft_jax.plugins --workdir=DIR --context=N` writes it). On several hosts
+  every one must call it (they restore the run together); process 0 writes."""
   run = restore_run(workdir)
   out = []
   for c in plugins.adapted_contexts(peft):
-    out.append(str(plugins.save(os.path.join(workdir, workdir_lib.PLUGINS, str(c)),
-                                plugin_from_run(run, c, name=f'context {c}'))))
+    plugin = plugin_from_run(run, c, name=f'context {c}')
+    path = os.path.join(workdir, workdir_lib.PLUGINS, str(c))
+    out.append(str(plugins.save(path, plugin) if hosts.is_lead() else path))
   logging.info('plug-ins of the best weights: %s', out)
   return out

@@ -39,7 +39,7 @@ class Safetensors:
     from safetensors import safe_open  # imported where the format is read
     self._file_of, self._path_of = {}, {}
     self.where = where or ', '.join(map(str, files))
-    with jax.default_device(jax.devices('cpu')[0]):
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):
       for file in files:
         # 'flax', not 'numpy': numpy has no bfloat16. Reads go to the CPU (see `read`).
         # safe_open checks the header and that the data covers every tensor (a truncated file
@@ -65,7 +65,7 @@ class Safetensors:
     return self._file_of[key].get_slice(key).get_dtype()
 
   def read(self, key, index: tuple[slice, ...] | None = None) -> np.ndarray:
-    with jax.default_device(jax.devices('cpu')[0]):  # host memory, not an accelerator's
+    with jax.default_device(jax.local_devices(backend='cpu')[0]):  # host memory, not an accelerator's
       try:
         if index is None:
           return np.asarray(self._file_of[key].get_tensor(key))

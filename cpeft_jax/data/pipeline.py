@@ -1,8 +1,9 @@
 """Static-shape numpy batches of laid-out captions and images, seeded and resumable.
 
-Training yields one example per (image, caption) pair, shuffled per epoch by (seed, epoch) and
-split across hosts (each host reads a disjoint part); an epoch's batch k is the same whatever
-happened before, so (epoch, batch) is the whole iterator state. Evaluation yields every image
+Training yields one example per (image, caption) pair, shuffled per epoch by (seed, epoch); an
+epoch's batch k is the same whatever happened before, so (epoch, batch) is the whole iterator
+state. On several hosts each reads its own rows of every batch, and together they read the
+batches one host would. Evaluation yields every image
 once with its first caption (`all_references`: once per caption, the authors' validation over
 all references), and pads the last batch with rows whose loss mask is zero, so no example is
 skipped.
@@ -129,18 +130,20 @@ class CaptionBatches:
     else:  # each image's first text of each task
       pairs = [(i, 0, t) for t, texts in enumerate(self._texts) for i, own in enumerate(texts)
                if own]
-    self._pairs = np.asarray(pairs, np.int64).reshape(-1, 3)[index::count]
-    # Every host runs the same number of batches (a collective step waits for all of them):
-    # training takes the smallest host share, evaluation pads up to the largest.
-    self._share = len(pairs) // count if self.train else -(-len(pairs) // count)
-    if self.train and self._share < self.batch_size:
-      raise ValueError(f'{self.split.name} has {len(self._pairs)} training pairs on this host, '
-                       f'fewer than one batch of {self.batch_size}.')
+    # Every host orders all pairs alike; batch k of a host is its slice of the global batch k
+    # (batch_size x count rows), so the run sees the same batches on any number of hosts, and
+    # every host runs the same number of batches (a collective step waits for all of them).
+    self._pairs = np.asarray(pairs, np.int64).reshape(-1, 3)
+    self._global = self.batch_size * count
+    if self.train and len(self._pairs) < self._global:
+      raise ValueError(f'{self.split.name} has {len(self._pairs)} training pairs, fewer than one '
+                       f'batch of {self.batch_size}' + (f' rows on each of {count} hosts.'
+                                                       if count > 1 else '.'))
     self.truncated = [0, 0]  # (captions truncated, tokens dropped) so far
 
   def __len__(self) -> int:
-    n = self._share
-    return n // self.batch_size if self.train else -(-n // self.batch_size)
+    n = len(self._pairs)
+    return n // self._global if self.train else -(-n // self._global)
 
   def _order(self, epoch: int) -> np.ndarray:
     if not self.train:
@@ -150,10 +153,11 @@ class CaptionBatches:
 
   def batch(self, epoch: int, k: int) -> dict[str, np.ndarray]:
     """Batch k of an epoch, a pure function of (seed, epoch, k)."""
-    rows = self._order(epoch)[k * self.batch_size:(k + 1) * self.batch_size]
+    order, first = self._order(epoch), k * self._global + self.host[0] * self.batch_size
+    rows = order[first:first + self.batch_size]  # this host's rows of the global batch k
     valid = len(rows)
-    if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of a row
-      pad = rows[:1] if valid else self._pairs[:1]
+    if valid < self.batch_size:  # evaluation's last batch: pad with masked copies of its row 0
+      pad = order[k * self._global:k * self._global + 1]
       rows = np.concatenate([rows, np.repeat(pad, self.batch_size - valid, 0)])
     prompts, targets = zip(*(self._texts[t][i][j] for i, j, t in rows))
     encoded = None
@@ -170,7 +174,8 @@ class CaptionBatches:
     self.truncated[0] += truncated
     self.truncated[1] += dropped
     out['loss_mask'][valid:] = 0.0
-    out['pixels'] = np.stack([self._pixels(i, epoch, n) for n, (i, _, _) in enumerate(rows)])
+    out['pixels'] = np.stack([self._pixels(i, epoch, self.host[0] * self.batch_size + n)
+                              for n, (i, _, _) in enumerate(rows)])  # n: the global row
     out['image_ids'] = self.split.image_ids[rows[:, 0]]
     out['valid'] = np.arange(self.batch_size) < valid
     out['tasks'] = rows[:, 2].astype(np.int32)

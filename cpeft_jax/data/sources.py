@@ -31,6 +31,7 @@ import PIL.Image
 import tensorflow_datasets as tfds
 from absl import logging
 
+from cpeft_jax import hosts
 from cpeft_jax.data import preprocess
 from cpeft_jax.data.demo import builder, examples
 
@@ -110,9 +111,12 @@ def load(dataset: str, split: str, data_dir: str | None = None, demo_config=None
       raise ValueError("dataset='folder' needs captions_json (a COCO or Karpathy captions JSON).")
     return load_folder(captions_json, split, image_dir, restval_in_train=restval_in_train)
   if dataset == 'demo':
-    b = builder.CpeftDemoCaptions(config=demo_config or builder.make_config(), data_dir=data_dir,
-                                  file_format='array_record')
-    b.download_and_prepare()
+    make = lambda: builder.CpeftDemoCaptions(config=demo_config or builder.make_config(),
+                                             data_dir=data_dir, file_format='array_record')
+    # One host builds the files every host then reads.
+    hosts.lead_then_all(lambda: make().download_and_prepare(),
+                        f'Building the demo dataset in {data_dir}')
+    b = make()
   elif dataset == 'coco_captions':
     # Naming the version makes TFDS read the prepared files (dataset_info.json, features.json,
     # array_record shards) without running the builder's code, which needs TensorFlow.

@@ -19,7 +19,9 @@ import numpy as np
 import PIL.Image
 import tqdm
 
-from cpeft_jax import contexts, runs
+from jax.experimental import multihost_utils
+
+from cpeft_jax import contexts, experiment, hosts, runs
 from cpeft_jax.data import layout, pipeline
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.evaluation import captions as captions_lib
@@ -78,19 +80,22 @@ def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',
   exp = r.exp
   ids = tokenizer_lib.special_ids(exp.tokenizer)
   variables = r.variables
-  sharding = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec('data'))
-  keys = ('pixels', 'tokens', 'kinds', 'context_ids')
   data = exp.batches(split, train=False, all_references=False)
   index = {int(i): n for n, i in enumerate(split.image_ids)}
   out = []
   for batch in tqdm.tqdm(data.epoch(0), total=len(data), unit='batch', file=sys.stderr,
-                         desc=desc or f'{split.name} captions', disable=not progress):
-    gen_BT = np.asarray(generate_lib.generate(
-        exp.model, variables, {k: jax.device_put(batch[k], sharding) for k in keys},
+                         desc=desc or f'{split.name} captions',
+                         disable=not progress or not hosts.is_lead()):
+    # Each host's rows go in as its part of global arrays; every host gets all captions back.
+    gen = generate_lib.generate(
+        exp.model, variables, experiment.device_batch(exp, batch),
         max_new_tokens=max_new_tokens(r, decoding), eos_id=ids.eos,
         text_context=text_context(exp.config), pad_id=ids.pad, num_beams=decoding.num_beams,
-        length_penalty=decoding.length_penalty))
-    for image_id, valid, row in zip(batch['image_ids'], batch['valid'], gen_BT):
+        length_penalty=decoding.length_penalty,
+        prompt_len=generate_lib.prompt_length(batch['kinds']))
+    gen_BT, image_ids, valid_B = (np.asarray(multihost_utils.process_allgather(x, tiled=True))
+                                  for x in (gen, batch['image_ids'], batch['valid']))
+    for image_id, valid, row in zip(image_ids, valid_B, gen_BT):
       if not valid:
         continue
       ended = np.flatnonzero(row == ids.eos)
@@ -184,11 +189,21 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
                      heatmap_count: int = 0, heatmap_layer: int = -1, show: int = 3,
                      config_name: str = 'the given config') -> dict[str, Any]:
   """evaluate.py's work: per split perplexity and (with `captions`) generated captions, their
-  COCO metrics and heatmaps, printed and written under DIR/eval; returns metrics.json's dict."""
+  COCO metrics and heatmaps, printed and written under DIR/eval; returns metrics.json's dict.
+
+  On several processes every one calls it: each computes on its rows of every batch, and
+  process 0 scores the gathered captions, prints and writes (its result has the caption
+  metrics; the others' has perplexity only).
+  """
   decoding = decoding or Decoding.from_config(config)
   if heatmap_count < 0 or (heatmap_count and not captions):
     raise ValueError(f'heatmaps={heatmap_count}: expected a count >= 0, and heatmaps are drawn '
                      'for generated captions (not without captions).')
+  if heatmap_count and jax.process_count() > 1:
+    raise ValueError(f'heatmaps={heatmap_count} on {jax.process_count()} processes: heatmaps '
+                     'are drawn by one process; run the heatmaps on one host.')
+  lead = hosts.is_lead()
+  say = print if lead else (lambda *args, **kwargs: None)
   r = runs.restore(config, workdir, checkpoint=checkpoint, config_name=config_name)
   if heatmap_count:
     check_layer(r, heatmap_layer)
@@ -197,32 +212,33 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str, *,
   used = dataclasses.asdict(dataclasses.replace(decoding,
                                                 max_new_tokens=max_new_tokens(r, decoding)))
   result = {'checkpoint': ckpt, **({'decoding': used} if captions else {}), 'splits': {}}
-  scorer = captions_lib.Scorer() if captions else None
+  scorer = captions_lib.Scorer() if captions and lead else None
   try:
     for name, split in data.items():
-      m = perplexity.split_perplexity(r, split, name=name)
-      print(f"{name}: caption loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} "
+      m = perplexity.split_perplexity(r, split, name=name, progress=lead)
+      say(f"{name}: caption loss {m['loss']:.4f}, perplexity {m['perplexity']:.3f} "
             f"({m['images']} images; {r.ckpt.kind} checkpoint, step {r.ckpt.step})")
-      if scorer is not None:
+      if captions:
         generated = generate_split(r, split, decoding, desc=f'{name} captions')
-        m.update(score(scorer, split, generated))
-        print(f'{name}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in captions_lib.METRICS +
+        if scorer is not None:
+          m.update(score(scorer, split, generated))
+        say(f'{name}: ' + ', '.join(f'{k} {m[k]:.4f}' for k in captions_lib.METRICS +
                                       (captions_lib.SPICE,) if k in m))
         refs = references(split)
         for g in generated[:show]:
-          print(f'  image {g.image_id}: {g.text!r}')
+          say(f'  image {g.image_id}: {g.text!r}')
           for ref in refs[g.image_id][:3]:
-            print(f'      ref: {ref!r}')
+            say(f'      ref: {ref!r}')
         paths = write_results(workdir, name, generated,
                               {'checkpoint': ckpt, 'decoding': used, 'split': name, **m})
-        print(f'wrote {paths[0]}, {paths[1]}')
+        say(f'wrote {paths[0]}, {paths[1]}')
         maps = write_heatmaps(r, split, name, generated, workdir, count=heatmap_count,
                               layer=heatmap_layer)
         if maps:
-          print(f'wrote {len(maps)} heatmaps to {os.path.dirname(maps[0])}')
+          say(f'wrote {len(maps)} heatmaps to {os.path.dirname(maps[0])}')
       result['splits'][name] = m
   finally:
     if scorer is not None:
       scorer.close()
-  print(f'wrote {perplexity.write_metrics(workdir, result)}')
+  say(f'wrote {perplexity.write_metrics(workdir, result)}')
   return result

@@ -45,13 +45,15 @@ def prompt_length(kinds_BL) -> int:
 
 def generate(model: VisionLanguageModel, variables, batch: Mapping[str, np.ndarray], *,
              max_new_tokens: int, eos_id: int, text_context: int, pad_id: int = 0,
-             num_beams: int = 1, length_penalty: float = 1.0) -> jax.Array:
+             num_beams: int = 1, length_penalty: float = 1.0,
+             prompt_len: int | None = None) -> jax.Array:
   """Captions [B, max_new_tokens] for a laid-out batch (pixels, tokens, kinds, context_ids).
 
   Only the prompt prefix of tokens/kinds/context_ids is read (captions after it are ignored).
-  Greedy with num_beams=1, beam search otherwise.
+  Greedy with num_beams=1, beam search otherwise. `prompt_len`: the prefix length when the
+  batch is global arrays of several hosts (else read from its kinds).
   """
-  P = prompt_length(batch['kinds'])
+  P = prompt_len or prompt_length(batch['kinds'])
   check_request(model.decoder_cfg.vocab_size, model.peft, max_new_tokens, eos_id, pad_id,
                 text_context, num_beams)
   run = _vlm_generator(model, P, max_new_tokens, eos_id, pad_id, num_beams, float(length_penalty))

@@ -7,8 +7,9 @@ of unknown keys, problems printed without a traceback). train.py, evaluate.py, t
 """
 
 from cpeft_jax.schema.check import ConfigError, check
-from cpeft_jax.schema.cli import exit_on_config_error, override_problem, parse_flags
+from cpeft_jax.schema.cli import (apply_mesh_flag, define_mesh_flag, exit_on_config_error,
+                                  override_problem, parse_flags)
 from cpeft_jax.schema.keys import CONFIG, OPTIM, SCHEDULES
 
-__all__ = ['CONFIG', 'ConfigError', 'OPTIM', 'SCHEDULES', 'check', 'exit_on_config_error',
-           'override_problem', 'parse_flags']
+__all__ = ['CONFIG', 'ConfigError', 'OPTIM', 'SCHEDULES', 'apply_mesh_flag', 'check',
+           'define_mesh_flag', 'exit_on_config_error', 'override_problem', 'parse_flags']

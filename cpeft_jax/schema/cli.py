@@ -6,9 +6,9 @@ import contextlib
 import difflib
 from collections.abc import Sequence
 
-from absl import flags
+from absl import app, flags
 
-from cpeft_jax import configlib
+from cpeft_jax import configlib, sharding
 from cpeft_jax.schema.fields import Section
 from cpeft_jax.schema.keys import CONFIG
 
@@ -50,3 +50,22 @@ def exit_on_config_error():
     yield
   except configlib.ConfigError as e:
     raise SystemExit(str(e)) from None
+
+
+def define_mesh_flag() -> None:
+  """--mesh, which both CLIs take (train.py, evaluate.py)."""
+  flags.DEFINE_string('mesh', None, 'Device mesh, e.g. data=2,fsdp=2,tensor=2 (-1: the '
+                      'remaining devices); sets config.mesh. Default: config.mesh, else data=-1 '
+                      '(all devices).')
+
+
+def apply_mesh_flag(config) -> None:
+  """config.mesh from --mesh when given; a bad value is a usage error naming it."""
+  if not flags.FLAGS.mesh:
+    return
+  try:
+    mesh = sharding.parse_mesh(flags.FLAGS.mesh)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  with config.unlocked():
+    config.mesh = mesh

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
-from cpeft_jax import experiment, runs, trees
+from cpeft_jax import experiment, hosts, runs, trees
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 
@@ -40,7 +40,8 @@ def _trainable(workdir: str, checkpoint: str):
 
 
 def export(workdir: str, checkpoint: str = 'best') -> str:
-  """Writes DIR/export (replacing an older export) and returns its path."""
+  """Writes DIR/export (replacing an older export) and returns its path. On several hosts
+  every one must call it (they read the weights together); process 0 writes."""
   workdir = os.path.abspath(workdir)
   cfg_path = os.path.join(workdir, CONFIG)
   if not os.path.isfile(cfg_path):
@@ -49,13 +50,15 @@ def export(workdir: str, checkpoint: str = 'best') -> str:
     config = json.load(f)
   tree, info = _trainable(workdir, checkpoint)
   flat = {k: np.asarray(v) for k, v in trees.flatten(tree).items()}
+  out = os.path.join(workdir, workdir_lib.EXPORT)
+  if not hosts.is_lead():
+    return out
   if not config.get('text_model') and config.get('pretrain', {}).get('epochs'):
     config['text_model'] = os.path.join(workdir, workdir_lib.BASE_LM)  # the demo's stage-0 decoder
   for d, key in ((config, 'text_model'), (config.get('vision', {}), 'path')):
     if d.get(key) and os.path.isdir(d[key]):  # a local directory, not a hub id
       d[key] = os.path.abspath(d[key])
 
-  out = os.path.join(workdir, workdir_lib.EXPORT)
   tmp = out + '.tmp'
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cpeft_jax import checkpoints
+from cpeft_jax import checkpoints, hosts
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.data import layout, pipeline
@@ -41,8 +41,13 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
   Its rows are as long as the caption part of stage 1's rows (seq_len - num_image_tokens).
   """
   out = os.path.join(workdir, workdir_lib.BASE_LM)
-  if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
-    return out
+  if not os.path.exists(os.path.join(out, checkpoints.CONFIG)):  # process 0 trains, all read it
+    hosts.lead_then_all(lambda: _train_text_lm(config, out, split, tok, num_image_tokens),
+                        f'Stage 0 (pre-training the text decoder into {out})')
+  return out
+
+
+def _train_text_lm(config, out: str, split, tok, num_image_tokens: int) -> None:
   p = config.pretrain
   model = dict(config.model, vocab_size=config.model.vocab_size or len(tok), dtype='float32',
                param_dtype='float32')
@@ -67,7 +72,7 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
     params, frozen = borrowed_embeddings(params, p.embeddings)
   if not p.epochs:  # a random decoder, saved like a trained one
     checkpoints.save_decoder(out, cfg, trainable_lib.merge(params, frozen)['params'], tok)
-    return out
+    return
   steps_per_epoch = len(texts) // p.batch_size
   tx = state_lib.optimizer(state_lib.OptimConfig(
       learning_rate=p.learning_rate, b1=0.9, b2=0.95, schedule='cosine',
@@ -90,7 +95,6 @@ def text_lm(config, workdir: str, split, tok, num_image_tokens: int) -> str:
           f'loss {loss:.4f}', flush=True)
   logging.info('writing the pre-trained demo decoder to %s', out)
   checkpoints.save_decoder(out, cfg, trainable_lib.merge(state.trainable, frozen)['params'], tok)
-  return out
 
 
 def borrowed_embeddings(params, checkpoint: str) -> tuple[dict, dict]:
@@ -219,9 +223,15 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
   on `eval_split` (and the majority-class rates they should beat) go to base_vision_metrics.json.
   """
   out = os.path.join(workdir, workdir_lib.BASE_VISION)
-  if os.path.exists(os.path.join(out, checkpoints.CONFIG)):
-    return out
+  if not os.path.exists(os.path.join(out, checkpoints.CONFIG)):  # process 0 trains, all read it
+    hosts.lead_then_all(lambda: _train_vision(config, workdir, split, eval_split),
+                        f'Stage 0 (pre-training the vision tower into {out})')
+  return out
+
+
+def _train_vision(config, workdir: str, split, eval_split) -> None:
   import transformers
+  out = os.path.join(workdir, workdir_lib.BASE_VISION)
   v = config.pretrain.vision
   cfg = vision_config(config)
   seed = config.data.demo.get('seed', 0)
@@ -284,7 +294,6 @@ def vision_encoder(config, workdir: str, split, eval_split=None) -> str:
       extra={'post_layernorm.weight': norm['scale'], 'post_layernorm.bias': norm['bias']})
   with open(os.path.join(workdir, VISION_METRICS), 'w') as f:
     json.dump(metrics, f, indent=2)
-  return out
 
 
 def label_accuracy(model, params, split, cfg: ViTConfig, *, seed: int = 0,

@@ -8,7 +8,9 @@ step n's metrics to the host; all I/O lives here, none in the step.
 
 SIGTERM and SIGINT (Ctrl-C) only raise a flag, read between steps and between validation
 batches, where the state and its progress agree: that pair is saved and the run stops. A second
-signal changes nothing. Every save (periodic, epoch end, signal) goes through `Trainer.save`,
+signal changes nothing. On several hosts the flag is voted on (`hosts.StopVote`, or a blocking
+`hosts.any_host` at epoch boundaries and between validation batches), so that a signal any one
+host receives stops every host after the same step, all of them joining the same save. Every save (periodic, epoch end, signal) goes through `Trainer.save`,
 which never writes non-finite parameters and rewrites a step already saved only when its
 progress differs (the same step before and after its epoch's validation).
 """
@@ -29,7 +31,7 @@ import ml_collections
 import optax
 import tqdm
 
-from cpeft_jax import experiment, losses, params, plugins, runs, schema, sharding
+from cpeft_jax import experiment, hosts, losses, params, plugins, runs, schema, sharding
 from cpeft_jax import adaptors
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
@@ -153,6 +155,7 @@ class Trainer:
     self.rng = jax.random.key(config.seed + 1)
     self.seq_tokens = config.train.batch_size * config.data.seq_len  # positions a step computes
     self.stop_signal = None
+    self.vote = hosts.StopVote()
     self.last: dict[str, float] = {}
     self.divergence = metrics.Divergence(config.train.get('max_zero_grad_steps', 20),
                                          exp.model.decoder_cfg.vocab_size)
@@ -189,20 +192,26 @@ class Trainer:
       self.stop_signal = signum
       logging.warning('Signal %d: saving at the next step boundary, then stopping.', signum)
 
-  def stop_here(self, where: str) -> None:
-    """After a signal: saves the state and its progress as they are now, then exits."""
-    if self.stop_signal is None:
+  def stop_here(self, where: str, agreed: bool | None = None) -> None:
+    """After a signal (here or, `agreed` by the hosts' vote, on any host): saves the state and
+    its progress as they are now, then exits. Without `agreed` the hosts vote now: every host
+    must call it at the same point."""
+    if agreed is None:
+      agreed = hosts.any_host(self.stop_signal is not None)
+    if not agreed:
       return
     self.save()
-    raise SystemExit(f'Stopped by signal {self.stop_signal} {where}; checkpoint saved, rerun '
-                     'the same command to resume.')
+    by = (f'signal {self.stop_signal}' if self.stop_signal is not None else
+          'a signal to another host')
+    raise SystemExit(f'Stopped by {by} {where}; checkpoint saved, rerun the same command to '
+                     'resume.')
 
   def train_epoch(self, epoch: int) -> None:
     """The rest of epoch `epoch` from the progress's batch; saves every train.checkpoint_every
     steps and, after a signal, saves and stops."""
     c, p, per_epoch = self.config, self.progress, self.steps_per_epoch
     self.stop_here(f'at step {int(jax.device_get(self.state.step))}')
-    pending, clock = None, (time.time(), p.batch)
+    pending, vote, clock = None, None, (time.time(), p.batch)
     bar = tqdm.tqdm(total=per_epoch, initial=p.batch, disable=not self.lead,
                     desc=f'epoch {epoch + 1}/{c.train.epochs}', unit='step',
                     dynamic_ncols=True, leave=False, mininterval=1.0)
@@ -210,6 +219,8 @@ class Trainer:
       self.state, m = self.step_fn(self.state, self.frozen,
                                    experiment.device_batch(self.exp, batch),
                                    jax.random.fold_in(self.rng, epoch * per_epoch + k))
+      vote, before = self.vote.cast(self.stop_signal is not None), vote
+      stop = self.vote.agreed(vote, before)  # the hosts' votes up to step n-1 (one host: now)
       if pending is not None:  # pull step n-1's metrics after dispatching step n
         self.last = self._host_metrics(pending)
         bar.update(1)
@@ -217,12 +228,11 @@ class Trainer:
         clock = self._log_step(pending[0], k, clock)
       pending = (int(epoch * per_epoch + k + 1), m)
       p.epoch, p.batch = epoch, k + 1
-      if self.stop_signal is not None or (c.train.checkpoint_every and
-                                          pending[0] % c.train.checkpoint_every == 0):
+      if stop or (c.train.checkpoint_every and pending[0] % c.train.checkpoint_every == 0):
         self.last = self._host_metrics(pending)  # never save a NaN state
-        if self.stop_signal is not None and k + 1 < per_epoch:
+        if stop and k + 1 < per_epoch:
           self._log_step(pending[0], k + 1, clock)  # as the next step would have logged it
-        self.stop_here(f'at step {pending[0]}')
+        self.stop_here(f'at step {pending[0]}', agreed=stop)
         self.save()
     if pending is not None:
       self.last = self._host_metrics(pending)
@@ -278,13 +288,14 @@ class Trainer:
     if truncated:
       logging.warning('%d training captions were truncated (%d tokens dropped) to fit '
                       'seq_len=%d.', truncated, dropped, c.data.seq_len)
-    if self.lead and c.train.get('export', True):  # the small adaptor-only copy, DIR/export
+    # Every host reads the best weights (orbax reads are collective); process 0 writes.
+    if c.train.get('export', True):  # the small adaptor-only copy, DIR/export
       try:
         adaptor_export.export(self.workdir)
       except (OSError, ValueError) as e:  # training itself succeeded: say so, keep its result
         logging.error('Export to %s/export failed (%s); retry with python -m '
                       'cpeft_jax.train.adaptor_export --workdir=%s', self.workdir, e, self.workdir)
-    if self.lead and c.train.get('plugins') and best is not None:
+    if c.train.get('plugins') and best is not None:
       runs.write_plugins(self.workdir, self.exp.model.peft)
     return {'val_loss': best,
             'val_ppl': losses.perplexity(best) if best is not None else float('nan'),
