@@ -1,0 +1,314 @@
+"""The GPU suite: train steps with MFU, the three LoRA strategies, transformers + peft on CUDA.
+
+    python -m bench.run --suite=gpu                # the first GPU JAX finds, within ~8 minutes
+    python -m bench.run --suite=gpu --gpu_dry_run  # the same code on CPU at the quick shape
+
+On the first of `jax.devices('gpu')` it builds our train steps (LoRA C=1, Context-LoRA C=2, full
+fine-tuning; bf16 compute, bench/cases.py) at the paper's LLM shape with a batch that keeps a GPU
+busy (--gpu_batch x --gpu_seq), the LoRA step at C = 2, 4, 8 under each strategy (onehot, grouped,
+ragged; the one `pick_strategy('auto', ...)` takes marked) and, where torch sees CUDA,
+transformers + peft LoRA in bf16 autocast; then times them all together (bench/harness.py's
+alternating blocks and medians) and reports ms / step, tokens / s and MFU (bench/flops.py).
+Compiling and timing stop at --gpu_budget_s: what is left is reported as skipped.
+
+The report replaces the section '## GPU suite' of --out and nothing else in that file. Without
+a GPU the suite says what it looked for, writes nothing and exits with status 2. The dry run
+exists to test this code on a machine without one; its figures are CPU figures.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import os
+import shlex
+import sys
+import time
+
+from absl import flags
+
+from bench import cases, flops, harness
+
+HEADING = '## GPU suite'
+TRAIN_CASES = ('lora_c1', 'lora_c2', 'full')
+STRATEGIES = ('onehot', 'grouped', 'ragged')
+CONTEXTS = (2, 4, 8)
+PEER = 'peft_bf16'
+# JAX takes 75% of GPU memory at its first use by default; the peer's torch needs some too.
+JAX_MEMORY_FRACTION = '0.6'
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool('gpu_dry_run', False, 'With --suite=gpu: run the GPU suite on CPU at the quick '
+                  'shape (to test it without a GPU; no GPU figures).')
+flags.DEFINE_integer('gpu_batch', 32, 'GPU suite: train batch (dry run: the quick shape\'s).')
+flags.DEFINE_integer('gpu_seq', 256, 'GPU suite: sequence length (dry run: the quick shape\'s).')
+flags.DEFINE_integer('gpu_steps', 10, 'GPU suite: timed steps per block, at most.')
+flags.DEFINE_integer('gpu_rounds', 2, 'GPU suite: rounds of alternating blocks, at most.')
+flags.DEFINE_float('gpu_budget_s', 420.0, 'GPU suite: seconds after which compiling and timing '
+                   'stop (what is left is reported as skipped), so the suite ends within 8 min.')
+flags.DEFINE_float('gpu_peak_tflops', None, 'GPU suite: the device\'s dense bf16 peak in TFLOP/s '
+                   '(default: bench/flops.py\'s table by device kind).')
+
+
+class NoGpu(RuntimeError):
+  """No GPU for the suite."""
+
+
+def log(msg):
+  print(f'[bench gpu {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def find_device(dry_run: bool):
+  """The first GPU JAX sees (the first CPU device for a dry run); NoGpu saying what was tried."""
+  import jax
+  if dry_run:
+    return jax.devices('cpu')[0]
+  try:
+    return jax.devices('gpu')[0]
+  except RuntimeError as e:
+    raise NoGpu(f"no GPU found: jax.devices('gpu') raised \"{e}\". The GPU suite needs JAX with "
+                'CUDA (e.g. pip install "jax[cuda12]") on a machine with an NVIDIA GPU; '
+                '--gpu_dry_run runs it on CPU at a tiny shape.') from e
+
+
+def peer_device(dry_run: bool, want: bool) -> tuple[str | None, str]:
+  """(torch device for transformers + peft, '') or (None, why the peer is skipped)."""
+  if not want:
+    return None, '--nopeer'
+  try:
+    import peft  # noqa: F401
+    import torch
+    import transformers  # noqa: F401
+  except ImportError as e:
+    return None, f'not installed: {e}'
+  if torch.cuda.is_available():
+    return 'cuda', ''
+  if dry_run:
+    return 'cpu', ''
+  return None, f'no CUDA torch (torch {torch.__version__}: torch.cuda.is_available() is False)'
+
+
+def suite_shape(dry_run: bool, strategy: str, tile: int) -> cases.Shape:
+  """The paper's LLM shape with the GPU batch; the quick shape for a dry run (its own batch
+  unless --gpu_batch / --gpu_seq are given)."""
+  s = cases.SHAPES['quick' if dry_run else 'paper']
+  batch = FLAGS.gpu_batch if (FLAGS['gpu_batch'].present or not dry_run) else s.batch
+  seq = FLAGS.gpu_seq if (FLAGS['gpu_seq'].present or not dry_run) else s.seq
+  return dataclasses.replace(s, batch=batch, seq=seq, strategy=strategy, tile=tile)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One timed row: a train spec at a LoRA strategy, and its model FLOPs per step."""
+  key: str
+  label: str
+  spec: cases.TrainSpec
+  strategy: str
+  flops: int
+
+
+def plan(s: cases.Shape, platform: str) -> tuple[list[Case], dict[int, str]]:
+  """Every case of the suite, and the strategy 'auto' picks at each C on `platform`."""
+  from cpeft_jax.adaptors import pick_strategy
+  out = []
+  for name in TRAIN_CASES:
+    spec = cases.OURS[name]
+    out.append(Case(name, spec.label, spec, s.strategy, flops.train_flops(s, spec.mode)))
+  auto = {}
+  for C in CONTEXTS:
+    spec = cases.TrainSpec(f'LoRA C={C}', contexts=C)
+    auto[C] = pick_strategy('auto', spec.peft(s).num_rows, s.rank, platform)
+    for strategy in STRATEGIES:
+      out.append(Case(f'c{C}_{strategy}', f'{spec.label}, {strategy}', spec, strategy,
+                      flops.train_flops(s, 'peft')))
+  return out, auto
+
+
+def build_all(s: cases.Shape, todo: list[Case], deadline: float, jobs: int):
+  """{key: Built} of the cases compiled before `deadline` (time.monotonic()), `jobs` at a time."""
+  base = cases.init_base(s)
+  frozen16 = cases.frozen_base(cases.OURS['lora_c1'], s, base)  # shared by the bf16 PEFT cases
+
+  def build(case):
+    if time.monotonic() > deadline:
+      return case.key, None
+    t0 = time.perf_counter()
+    shape = dataclasses.replace(s, strategy=case.strategy)
+    frozen = None if case.spec.mode == 'full' else frozen16
+    b = cases.build_ours(case.spec, shape, base, frozen=frozen)
+    log(f'built {case.key} in {time.perf_counter() - t0:.1f} s')
+    return case.key, b
+  with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+    built = {k: b for k, b in pool.map(build, todo) if b is not None}
+  return built, base
+
+
+def fit_steps(runs: dict, seconds_left: float, steps: int, rounds: int) -> tuple[int, int]:
+  """(steps, rounds), at most the given ones, whose timing should end within `seconds_left`:
+  one probe call of each case estimates a round (steps + 1 calls per case)."""
+  probe = 0.0
+  for run in runs.values():
+    t0 = time.perf_counter()
+    run()
+    probe += time.perf_counter() - t0
+  while rounds > 1 and rounds * (steps + 1) * probe > seconds_left:
+    rounds -= 1
+  fit = int(seconds_left / max(rounds * probe, 1e-9)) - 1
+  return max(1, min(steps, fit)), rounds
+
+
+def measure(device, dry_run: bool, peer_want: bool, strategy: str, tile: int, jobs: int) -> dict:
+  """Builds and times every case on `device` (JAX's default device meanwhile); the report's
+  inputs."""
+  clock0 = time.monotonic()
+  deadline = clock0 + FLAGS.gpu_budget_s
+  s = suite_shape(dry_run, strategy, tile)
+  todo, auto = plan(s, device.platform)
+  log(f'{device.device_kind}: {len(todo)} cases, batch {s.batch} x seq {s.seq}')
+  # Half the budget for compiling: timing and the peer need the rest.
+  built, base = build_all(s, todo, clock0 + FLAGS.gpu_budget_s / 2, jobs)
+  peer_dev, peer_skip = peer_device(dry_run, peer_want)
+  if peer_dev is not None and time.monotonic() < deadline:
+    built.update(cases.build_peer(cases.hf_model(s, base), s, (PEER,), device=peer_dev))
+    log(f'built the peer on torch {peer_dev}')
+  elif peer_dev is not None:
+    peer_skip = 'time budget'
+  runs = {k: b.run for k, b in built.items()}
+  steps, rounds = fit_steps(runs, deadline - time.monotonic(), FLAGS.gpu_steps, FLAGS.gpu_rounds)
+  log(f'timing {len(runs)} cases: {rounds} rounds x {steps} steps')
+  times = harness.interleave(runs, steps, rounds,
+                             on_block=lambda k, t: log(f'{k}: {t * 1e3:.2f} ms'))
+  return dict(shape=s, device=device, cases=todo, auto=auto, built=built, times=times,
+              steps=steps, rounds=rounds, peer_dev=peer_dev, peer_skip=peer_skip,
+              elapsed=time.monotonic() - clock0)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _perf(flop: int, t: float | None, tokens: int, peak: float | None) -> str:
+  """'ms | tokens/s | TFLOP | TFLOP/s | MFU' cells of one timed case."""
+  if t is None:
+    return '- | - | - | - | -'
+  m = flops.mfu(flop, t, peak)
+  return (f'{t * 1e3:.2f} | {tokens / t:,.0f} | {flop / 1e12:.3f} | {flop / t / 1e12:.1f} | '
+          f'{"-" if m is None else f"{m * 100:.1f}%"}')
+
+
+def header_lines(r: dict, peak: float | None, peak_from: str, started) -> list[str]:
+  s, dev = r['shape'], r['device']
+  dry = ('- **dry run** (--gpu_dry_run): the suite\'s code on CPU at the quick shape, to test '
+         'it; these are not GPU figures' if FLAGS.gpu_dry_run else None)
+  torch_line = ''
+  if r['peer_dev'] == 'cuda':
+    import torch
+    torch_line = f'; torch CUDA {torch.version.cuda} on {torch.cuda.get_device_name(0)}'
+  lines = [
+      HEADING, '',
+      f'- command: `python -m bench.run {shlex.join(sys.argv[1:])}`',
+      f'- date: {started:%Y-%m-%d %H:%M} UTC; suite time {r["elapsed"]:.0f} s (budget '
+      f'{FLAGS.gpu_budget_s:.0f} s for compiling and timing)',
+      f'- device: {dev.device_kind} (JAX platform {dev.platform}, the first of its devices); '
+      + (f'dense bf16 peak {peak:g} TFLOP/s ({peak_from})' if peak is not None else
+         'not in bench/flops.py\'s peak table: FLOP/s reported, MFU not (pass '
+         '--gpu_peak_tflops)'),
+      f'- versions: Python {sys.version.split()[0]}, {harness.versions()}{torch_line}',
+      f'- shape: Llama decoder width {s.width}, {s.layers} layers, {s.heads} heads, SwiGLU '
+      f'{s.ffn} (separate gate/up), vocab {s.vocab}; train batch {s.batch} x seq {s.seq} '
+      f'(T = {s.batch * s.seq} tokens); LoRA r={s.rank} on q/k/v/o/gate/up/down; bf16 '
+      'compute, bf16 frozen weights, full fine-tuning with float32 master weights; Adam',
+      f'- timing: median of {r["rounds"]} rounds x {r["steps"]} timed steps per case, in '
+      'blocks alternating between all cases below (order reversed every round), each block '
+      'after one untimed step; every step waits for its loss on the host',
+      f'- MFU = model FLOPs per step / step time / dense bf16 peak, with {flops.FORMULA} '
+      '(bench/flops.py)',
+  ]
+  return lines[:2] + ([dry] if dry else []) + lines[2:]
+
+
+def report(r: dict, started) -> str:
+  """The '## GPU suite' section (markdown) of the measurements `r`."""
+  s, built, times = r['shape'], r['built'], r['times']
+  peak, peak_from = FLAGS.gpu_peak_tflops, '--gpu_peak_tflops'
+  if peak is None:
+    peak, peak_from = flops.peak_bf16_tflops(r['device'].device_kind), 'bench/flops.py'
+  tokens = s.batch * s.seq
+  lines = header_lines(r, peak, peak_from, started)
+  lines += ['', '### Train step', '', '| case | trainable params | ms / step | tokens / s | '
+            'model TFLOP / step | TFLOP/s | MFU |', '|---|---|---|---|---|---|---|']
+  by_key = {c.key: c for c in r['cases']}
+  for key in TRAIN_CASES:
+    c = by_key[key]
+    if key not in built:
+      lines.append(f'| {c.label} | skipped (time budget) | - | - | - | - | - |')
+      continue
+    lines.append(f'| {c.label} | {built[key].trainable:,} | '
+                 f'{_perf(c.flops, times[key], tokens, peak)} |')
+  peer_label = cases.PEERS[PEER] + (f' (torch {r["peer_dev"]})' if r['peer_dev'] else '')
+  if PEER in built:
+    lines.append(f'| {peer_label} | {built[PEER].trainable:,} | '
+                 f'{_perf(by_key["lora_c1"].flops, times[PEER], tokens, peak)} |')
+    ours = built.get('lora_c1')
+    if ours is not None:
+      lines += ['', f'Our LoRA C=1 step over the peer\'s: {times["lora_c1"] / times[PEER]:.3f}x '
+                f'(same run). First-step loss, bf16: ours {ours.first_loss:.4f}, peer '
+                f'{built[PEER].first_loss:.4f}.']
+  else:
+    lines.append(f'| {peer_label} | peer skipped: {r["peer_skip"]} | - | - | - | - | - |')
+  lines += strategy_lines(r, peak)
+  return '\n'.join(lines) + '\n'
+
+
+def strategy_lines(r: dict, peak: float | None) -> list[str]:
+  """The LoRA strategies table: each C under each strategy, against LoRA C=1 of the same run."""
+  built, times, s = r['built'], r['times'], r['shape']
+  ref = times.get('lora_c1')
+  lines = ['', f'### LoRA strategies (C = {", ".join(map(str, CONTEXTS))})', '',
+           f'Context-LoRA train step at each C, contexts in contiguous segments of each row; '
+           f'"auto" marks what `pick_strategy(\'auto\', C, r={s.rank}, '
+           f'\'{r["device"].platform}\')` takes. MFU counts the same model FLOPs for every '
+           'strategy (each token\'s own rank-r pair).', '',
+           '| C | strategy | ms / step | vs LoRA C=1 | MFU | auto |', '|---|---|---|---|---|---|']
+  for c in r['cases']:
+    if c.key in TRAIN_CASES:
+      continue
+    C = c.spec.contexts
+    mark = 'auto' if r['auto'][C] == c.strategy else ''
+    if c.key not in built:
+      lines.append(f'| {C} | {c.strategy} | skipped (time budget) | - | - | {mark} |')
+      continue
+    t = times[c.key]
+    m = flops.mfu(c.flops, t, peak)
+    lines.append(f'| {C} | {c.strategy} | {t * 1e3:.2f} | '
+                 f'{f"{t / ref:.2f}x" if ref else "-"} | '
+                 f'{"-" if m is None else f"{m * 100:.1f}%"} | {mark} |')
+  return lines
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(out: str, peer: bool, strategy: str, tile: int, jobs: int | None) -> int:
+  """Runs the suite and writes its section into `out` (empty: print only); exit status."""
+  started = datetime.datetime.now(datetime.timezone.utc)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', JAX_MEMORY_FRACTION)
+  try:
+    device = find_device(FLAGS.gpu_dry_run)
+  except NoGpu as e:
+    print(f'bench.run --suite=gpu: {e} Nothing written.', file=sys.stderr, flush=True)
+    return 2
+  import jax
+  jobs = jobs or min(4, harness.cores())
+  with jax.default_device(device):
+    r = measure(device, FLAGS.gpu_dry_run, peer, strategy, tile, jobs)
+  text = report(r, started)
+  print(text)
+  if out:
+    old = open(out).read() if os.path.exists(out) else ''
+    with open(out, 'w') as f:
+      f.write(harness.replace_section(old, HEADING, text))
+    log(f'wrote the section {HEADING!r} of {out}')
+  total = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
+  log(f'elapsed: {r["elapsed"]:.0f} s building and timing, {total:.0f} s since the suite began')
+  return 0
