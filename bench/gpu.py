@@ -6,10 +6,12 @@
 On the first of `jax.devices('gpu')` it builds our train steps (LoRA C=1, Context-LoRA C=2, full
 fine-tuning; bf16 compute, bench/cases.py) at the paper's LLM shape with a batch that keeps a GPU
 busy (--gpu_batch x --gpu_seq), the LoRA step at C = 2, 4, 8 under each strategy (onehot, grouped,
-ragged; the one `pick_strategy('auto', ...)` takes marked) and, where torch sees CUDA,
-transformers + peft LoRA in bf16 autocast; then times them all together (bench/harness.py's
-alternating blocks and medians) and reports ms / step, tokens / s and MFU (bench/flops.py).
-Compiling and timing stop at --gpu_budget_s: what is left is reported as skipped.
+ragged; the one `pick_strategy('auto', ...)` takes marked); times them all together
+(bench/harness.py's alternating blocks and medians); then, in a process of its own (its JAX on
+CPU, so that two CUDA stacks never share a process), transformers + peft LoRA in bf16 autocast
+where torch sees CUDA. It reports ms / step, tokens / s and MFU (bench/flops.py). Compiling and
+timing stop at --gpu_budget_s: what is left is reported as skipped; a case that fails to
+build (a kernel the GPU lacks, memory) is reported as failed and the others go on.
 
 The report replaces the section '## GPU suite' of --out and nothing else in that file. Without
 a GPU the suite says what it looked for, writes nothing and exits with status 2. The dry run
@@ -21,8 +23,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import datetime
+import importlib
+import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -37,6 +42,8 @@ CONTEXTS = (2, 4, 8)
 PEER = 'peft_bf16'
 # JAX takes 75% of GPU memory at its first use by default; the peer's torch needs some too.
 JAX_MEMORY_FRACTION = '0.6'
+# Seconds of the budget kept for the peer's process (imports, weights, compile-free torch steps).
+PEER_RESERVE_S = 90.0
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool('gpu_dry_run', False, 'With --suite=gpu: run the GPU suite on CPU at the quick '
@@ -45,8 +52,9 @@ flags.DEFINE_integer('gpu_batch', 32, 'GPU suite: train batch (dry run: the quic
 flags.DEFINE_integer('gpu_seq', 256, 'GPU suite: sequence length (dry run: the quick shape\'s).')
 flags.DEFINE_integer('gpu_steps', 10, 'GPU suite: timed steps per block, at most.')
 flags.DEFINE_integer('gpu_rounds', 2, 'GPU suite: rounds of alternating blocks, at most.')
-flags.DEFINE_float('gpu_budget_s', 420.0, 'GPU suite: seconds after which compiling and timing '
+flags.DEFINE_float('gpu_budget_s', 400.0, 'GPU suite: seconds after which compiling and timing '
                    'stop (what is left is reported as skipped), so the suite ends within 8 min.')
+flags.DEFINE_bool('gpu_peer_worker', False, 'Internal: build and time the peer, print JSON.')
 flags.DEFINE_float('gpu_peak_tflops', None, 'GPU suite: the device\'s dense bf16 peak in TFLOP/s '
                    '(default: bench/flops.py\'s table by device kind).')
 
@@ -72,21 +80,56 @@ def find_device(dry_run: bool):
                 '--gpu_dry_run runs it on CPU at a tiny shape.') from e
 
 
-def peer_device(dry_run: bool, want: bool) -> tuple[str | None, str]:
-  """(torch device for transformers + peft, '') or (None, why the peer is skipped)."""
-  if not want:
-    return None, '--nopeer'
+def peer_figures(s: cases.Shape, steps: int, rounds: int, dry_run: bool) -> dict:
+  """Builds and times transformers + peft LoRA (bf16 autocast) at shape `s` on CUDA (on CPU in
+  a dry run): its figures, or {'skip': why}. Meant for a process of its own (`peer_worker`)."""
   try:
-    import peft  # noqa: F401
     import torch
-    import transformers  # noqa: F401
+    for name in ('transformers', 'peft'):
+      importlib.import_module(name)
   except ImportError as e:
-    return None, f'not installed: {e}'
+    return {'skip': f'not installed: {e}'}
+  info = {'torch': torch.__version__, 'cuda': torch.version.cuda}
   if torch.cuda.is_available():
-    return 'cuda', ''
-  if dry_run:
-    return 'cpu', ''
-  return None, f'no CUDA torch (torch {torch.__version__}: torch.cuda.is_available() is False)'
+    device = 'cuda'
+    info['device_name'] = torch.cuda.get_device_name(0)
+  elif dry_run:
+    device = 'cpu'
+  else:
+    return {'skip': f'no CUDA torch (torch {torch.__version__}: '
+                    'torch.cuda.is_available() is False)'}
+  built = cases.build_peer(cases.hf_model(s, cases.init_base(s)), s, (PEER,), device=device)
+  b = built[PEER]
+  t = harness.interleave({PEER: b.run}, steps, rounds)[PEER]
+  return dict(info, device=device, seconds=t, first_loss=b.first_loss, trainable=b.trainable)
+
+
+def peer_worker(dry_run: bool) -> int:
+  """The peer's own process: prints 'PEER {json}' of `peer_figures` at the suite's shape."""
+  s = suite_shape(dry_run, 'auto', 64)
+  out = peer_figures(s, FLAGS.gpu_steps, FLAGS.gpu_rounds, dry_run)
+  print(f'PEER {json.dumps(out)}', flush=True)
+  return 0
+
+
+def measure_peer(seconds_left: float, steps: int, rounds: int) -> dict:
+  """The peer's figures from `peer_worker` in a fresh process, or {'skip': why}."""
+  if seconds_left <= 0:
+    return {'skip': 'time budget'}
+  env = dict(os.environ, JAX_PLATFORMS='cpu')  # its JAX only makes the weights
+  cmd = [sys.executable, '-m', 'bench.run', '--suite=gpu', '--gpu_peer_worker',
+         f'--gpu_dry_run={FLAGS.gpu_dry_run}', f'--gpu_steps={steps}', f'--gpu_rounds={rounds}']
+  cmd += [f'--{k}={FLAGS[k].value}' for k in ('gpu_batch', 'gpu_seq') if FLAGS[k].present]
+  try:
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env,
+                       timeout=seconds_left)
+  except subprocess.TimeoutExpired:
+    return {'skip': f'time budget (the peer\'s process ran past {seconds_left:.0f} s)'}
+  for line in p.stdout.splitlines():
+    if line.startswith('PEER '):
+      return json.loads(line[len('PEER '):])
+  tail = ' '.join(p.stderr.strip().splitlines()[-3:])[-300:]
+  return {'skip': f'failed (exit {p.returncode}): {tail}'}
 
 
 def suite_shape(dry_run: bool, strategy: str, tile: int) -> cases.Shape:
@@ -125,23 +168,33 @@ def plan(s: cases.Shape, platform: str) -> tuple[list[Case], dict[int, str]]:
   return out, auto
 
 
-def build_all(s: cases.Shape, todo: list[Case], deadline: float, jobs: int):
-  """{key: Built} of the cases compiled before `deadline` (time.monotonic()), `jobs` at a time."""
-  base = cases.init_base(s)
-  frozen16 = cases.frozen_base(cases.OURS['lora_c1'], s, base)  # shared by the bf16 PEFT cases
+def build_all(device, s: cases.Shape, todo: list[Case], deadline: float, jobs: int):
+  """({key: Built}, {key: why it failed}) of the cases begun before `deadline`
+  (time.monotonic()) on `device`, `jobs` at a time."""
+  import jax
+  with jax.default_device(device):
+    base = cases.init_base(s)
+    frozen16 = cases.frozen_base(cases.OURS['lora_c1'], s, base)  # the bf16 PEFT cases share it
 
   def build(case):
     if time.monotonic() > deadline:
-      return case.key, None
+      return case.key, None, None
     t0 = time.perf_counter()
     shape = dataclasses.replace(s, strategy=case.strategy)
     frozen = None if case.spec.mode == 'full' else frozen16
-    b = cases.build_ours(case.spec, shape, base, frozen=frozen)
+    try:
+      with jax.default_device(device):  # thread-local: each thread says it again
+        b = cases.build_ours(case.spec, shape, base, frozen=frozen)
+    except Exception as e:  # noqa: BLE001  (reported in its row; the other cases go on)
+      why = f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}'[:200]
+      log(f'{case.key} failed: {why}')
+      return case.key, None, why
     log(f'built {case.key} in {time.perf_counter() - t0:.1f} s')
-    return case.key, b
+    return case.key, b, None
   with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-    built = {k: b for k, b in pool.map(build, todo) if b is not None}
-  return built, base
+    results = list(pool.map(build, todo))
+  return ({k: b for k, b, _ in results if b is not None},
+          {k: why for k, _, why in results if why is not None})
 
 
 def fit_steps(runs: dict, seconds_left: float, steps: int, rounds: int) -> tuple[int, int]:
@@ -158,30 +211,27 @@ def fit_steps(runs: dict, seconds_left: float, steps: int, rounds: int) -> tuple
   return max(1, min(steps, fit)), rounds
 
 
-def measure(device, dry_run: bool, peer_want: bool, strategy: str, tile: int, jobs: int) -> dict:
-  """Builds and times every case on `device` (JAX's default device meanwhile); the report's
-  inputs."""
+def measure(device, dry_run: bool, peer: bool, strategy: str, tile: int, jobs: int) -> dict:
+  """Builds and times every case on `device`, then the peer; the report's inputs."""
   clock0 = time.monotonic()
   deadline = clock0 + FLAGS.gpu_budget_s
   s = suite_shape(dry_run, strategy, tile)
   todo, auto = plan(s, device.platform)
-  log(f'{device.device_kind}: {len(todo)} cases, batch {s.batch} x seq {s.seq}')
+  log(f'{device.device_kind}: {len(todo)} cases, batch {s.batch} x seq {s.seq}, {jobs} at a time')
   # Half the budget for compiling: timing and the peer need the rest.
-  built, base = build_all(s, todo, clock0 + FLAGS.gpu_budget_s / 2, jobs)
-  peer_dev, peer_skip = peer_device(dry_run, peer_want)
-  if peer_dev is not None and time.monotonic() < deadline:
-    built.update(cases.build_peer(cases.hf_model(s, base), s, (PEER,), device=peer_dev))
-    log(f'built the peer on torch {peer_dev}')
-  elif peer_dev is not None:
-    peer_skip = 'time budget'
+  built, failed = build_all(device, s, todo, clock0 + FLAGS.gpu_budget_s / 2, jobs)
   runs = {k: b.run for k, b in built.items()}
-  steps, rounds = fit_steps(runs, deadline - time.monotonic(), FLAGS.gpu_steps, FLAGS.gpu_rounds)
+  left = deadline - time.monotonic() - (PEER_RESERVE_S if peer else 0)
+  steps, rounds = fit_steps(runs, left, FLAGS.gpu_steps, FLAGS.gpu_rounds)
   log(f'timing {len(runs)} cases: {rounds} rounds x {steps} steps')
   times = harness.interleave(runs, steps, rounds,
                              on_block=lambda k, t: log(f'{k}: {t * 1e3:.2f} ms'))
-  return dict(shape=s, device=device, cases=todo, auto=auto, built=built, times=times,
-              steps=steps, rounds=rounds, peer_dev=peer_dev, peer_skip=peer_skip,
-              elapsed=time.monotonic() - clock0)
+  peer_out = measure_peer(deadline - time.monotonic(), steps, rounds) if peer else {
+      'skip': '--nopeer'}
+  log(f'peer: {peer_out}')
+  return dict(shape=s, device=device, cases=todo, auto=auto, built=built, failed=failed,
+              times=times, steps=steps, rounds=rounds, peer=peer_out, dry_run=dry_run,
+              budget_s=FLAGS.gpu_budget_s, elapsed=time.monotonic() - clock0)
 
 
 # ----------------------------------------------------------------------------- report
@@ -196,21 +246,20 @@ def _perf(flop: int, t: float | None, tokens: int, peak: float | None) -> str:
           f'{"-" if m is None else f"{m * 100:.1f}%"}')
 
 
-def header_lines(r: dict, peak: float | None, peak_from: str, started) -> list[str]:
-  s, dev = r['shape'], r['device']
+def header_lines(r: dict, started) -> list[str]:
+  s, dev, peak = r['shape'], r['device'], r['peak']
   dry = ('- **dry run** (--gpu_dry_run): the suite\'s code on CPU at the quick shape, to test '
-         'it; these are not GPU figures' if FLAGS.gpu_dry_run else None)
-  torch_line = ''
-  if r['peer_dev'] == 'cuda':
-    import torch
-    torch_line = f'; torch CUDA {torch.version.cuda} on {torch.cuda.get_device_name(0)}'
+         'it; these are not GPU figures' if r['dry_run'] else None)
+  p = r['peer']
+  torch_line = (f'; the peer\'s torch {p["torch"]}, CUDA {p["cuda"]}, on {p["device_name"]}'
+                if p.get('device') == 'cuda' else '')
   lines = [
       HEADING, '',
       f'- command: `python -m bench.run {shlex.join(sys.argv[1:])}`',
       f'- date: {started:%Y-%m-%d %H:%M} UTC; suite time {r["elapsed"]:.0f} s (budget '
-      f'{FLAGS.gpu_budget_s:.0f} s for compiling and timing)',
+      f'{r["budget_s"]:.0f} s for compiling and timing)',
       f'- device: {dev.device_kind} (JAX platform {dev.platform}, the first of its devices); '
-      + (f'dense bf16 peak {peak:g} TFLOP/s ({peak_from})' if peak is not None else
+      + (f'dense bf16 peak {peak:g} TFLOP/s ({r["peak_from"]})' if peak is not None else
          'not in bench/flops.py\'s peak table: FLOP/s reported, MFU not (pass '
          '--gpu_peak_tflops)'),
       f'- versions: Python {sys.version.split()[0]}, {harness.versions()}{torch_line}',
@@ -220,7 +269,8 @@ def header_lines(r: dict, peak: float | None, peak_from: str, started) -> list[s
       'compute, bf16 frozen weights, full fine-tuning with float32 master weights; Adam',
       f'- timing: median of {r["rounds"]} rounds x {r["steps"]} timed steps per case, in '
       'blocks alternating between all cases below (order reversed every round), each block '
-      'after one untimed step; every step waits for its loss on the host',
+      'after one untimed step; every step waits for its loss on the host. The peer: as many '
+      'steps, timed alone in its own process after ours',
       f'- MFU = model FLOPs per step / step time / dense bf16 peak, with {flops.FORMULA} '
       '(bench/flops.py)',
   ]
@@ -228,38 +278,44 @@ def header_lines(r: dict, peak: float | None, peak_from: str, started) -> list[s
 
 
 def report(r: dict, started) -> str:
-  """The '## GPU suite' section (markdown) of the measurements `r`."""
+  """The '## GPU suite' section (markdown) of the measurements `r` (`measure`'s, with the
+  device's 'peak' bf16 TFLOP/s or None and 'peak_from', where that figure comes from)."""
+  lines = header_lines(r, started) + train_lines(r, r['peak']) + strategy_lines(r, r['peak'])
+  return '\n'.join(lines) + '\n'
+
+
+def train_lines(r: dict, peak: float | None) -> list[str]:
+  """The train step table: our three cases and the peer, with MFU."""
   s, built, times = r['shape'], r['built'], r['times']
-  peak, peak_from = FLAGS.gpu_peak_tflops, '--gpu_peak_tflops'
-  if peak is None:
-    peak, peak_from = flops.peak_bf16_tflops(r['device'].device_kind), 'bench/flops.py'
   tokens = s.batch * s.seq
-  lines = header_lines(r, peak, peak_from, started)
-  lines += ['', '### Train step', '', '| case | trainable params | ms / step | tokens / s | '
+  lines = ['', '### Train step', '', '| case | trainable params | ms / step | tokens / s | '
             'model TFLOP / step | TFLOP/s | MFU |', '|---|---|---|---|---|---|---|']
   by_key = {c.key: c for c in r['cases']}
   for key in TRAIN_CASES:
     c = by_key[key]
     if key not in built:
-      lines.append(f'| {c.label} | skipped (time budget) | - | - | - | - | - |')
+      lines.append(f'| {c.label} | {not_run(r, key)} | - | - | - | - | - |')
       continue
     lines.append(f'| {c.label} | {built[key].trainable:,} | '
                  f'{_perf(c.flops, times[key], tokens, peak)} |')
-  peer_label = cases.PEERS[PEER] + (f' (torch {r["peer_dev"]})' if r['peer_dev'] else '')
-  if PEER in built:
-    lines.append(f'| {peer_label} | {built[PEER].trainable:,} | '
-                 f'{_perf(by_key["lora_c1"].flops, times[PEER], tokens, peak)} |')
-    ours = built.get('lora_c1')
-    if ours is not None:
-      lines += ['', f'Our LoRA C=1 step over the peer\'s: {times["lora_c1"] / times[PEER]:.3f}x '
-                f'(same run). First-step loss, bf16: ours {ours.first_loss:.4f}, peer '
-                f'{built[PEER].first_loss:.4f}.']
-  else:
-    lines.append(f'| {peer_label} | peer skipped: {r["peer_skip"]} | - | - | - | - | - |')
-  lines += strategy_lines(r, peak)
-  return '\n'.join(lines) + '\n'
+  p = r['peer']
+  label = cases.PEERS[PEER] + (f' (torch {p["device"]})' if 'device' in p else '')
+  if 'seconds' not in p:
+    lines.append(f'| {label} | peer skipped: {p["skip"]} | - | - | - | - | - |')
+    return lines
+  lines.append(f'| {label} | {p["trainable"]:,} | '
+               f'{_perf(by_key["lora_c1"].flops, p["seconds"], tokens, peak)} |')
+  if 'lora_c1' in built:
+    lines += ['', f'Our LoRA C=1 step over the peer\'s: {times["lora_c1"] / p["seconds"]:.3f}x. '
+              f'First-step loss (LoRA B = 0), bf16: ours {built["lora_c1"].first_loss:.4f}, '
+              f'the peer {p["first_loss"]:.4f}.']
+  return lines
 
 
+def not_run(r: dict, key: str) -> str:
+  """The cell that says why case `key` has no figures."""
+  why = r['failed'].get(key)
+  return f'failed: {why}' if why else 'skipped (time budget)'
 def strategy_lines(r: dict, peak: float | None) -> list[str]:
   """The LoRA strategies table: each C under each strategy, against LoRA C=1 of the same run."""
   built, times, s = r['built'], r['times'], r['shape']
@@ -276,7 +332,7 @@ def strategy_lines(r: dict, peak: float | None) -> list[str]:
     C = c.spec.contexts
     mark = 'auto' if r['auto'][C] == c.strategy else ''
     if c.key not in built:
-      lines.append(f'| {C} | {c.strategy} | skipped (time budget) | - | - | {mark} |')
+      lines.append(f'| {C} | {c.strategy} | {not_run(r, c.key)} | - | - | {mark} |')
       continue
     t = times[c.key]
     m = flops.mfu(c.flops, t, peak)
@@ -291,6 +347,8 @@ def strategy_lines(r: dict, peak: float | None) -> list[str]:
 
 def main(out: str, peer: bool, strategy: str, tile: int, jobs: int | None) -> int:
   """Runs the suite and writes its section into `out` (empty: print only); exit status."""
+  if FLAGS.gpu_peer_worker:
+    return peer_worker(FLAGS.gpu_dry_run)
   started = datetime.datetime.now(datetime.timezone.utc)
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', JAX_MEMORY_FRACTION)
   try:
@@ -298,10 +356,10 @@ def main(out: str, peer: bool, strategy: str, tile: int, jobs: int | None) -> in
   except NoGpu as e:
     print(f'bench.run --suite=gpu: {e} Nothing written.', file=sys.stderr, flush=True)
     return 2
-  import jax
-  jobs = jobs or min(4, harness.cores())
-  with jax.default_device(device):
-    r = measure(device, FLAGS.gpu_dry_run, peer, strategy, tile, jobs)
+  r = measure(device, FLAGS.gpu_dry_run, peer, strategy, tile, jobs or min(4, harness.cores()))
+  r['peak'], r['peak_from'] = FLAGS.gpu_peak_tflops, '--gpu_peak_tflops'
+  if r['peak'] is None:
+    r['peak'], r['peak_from'] = flops.peak_bf16_tflops(device.device_kind), 'bench/flops.py'
   text = report(r, started)
   print(text)
   if out:
