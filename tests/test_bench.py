@@ -25,6 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_bench_prints_every_row(tmp_path):
   out = tmp_path / 'BENCHMARKS.md'
+  kept = '## GPU suite\n\nkept\n'  # the GPU suite's section: the CPU report keeps it
+  out.write_text('# Old report\n\n' + kept)
   env = dict(os.environ)
   xla_flags.add_defaults(xla_flags.FAST_COMPILE, env)
   p = subprocess.run(
@@ -34,7 +36,7 @@ def test_quick_bench_prints_every_row(tmp_path):
   assert p.returncode == 0, p.stderr[-3000:]
   print(p.stderr[-1500:])  # the skip of the peer is said there and in the report
   text = out.read_text()
-  assert text == p.stdout.strip() + '\n'
+  assert text == p.stdout.strip() + '\n\n' + kept
   assert 'transformers + peft peer skipped: --nopeer' in p.stderr
   table = [l for l in text.splitlines() if l.startswith('| ')]
   for spec in cases.OURS.values():
@@ -176,6 +178,7 @@ def test_gpu_suite_dry_run_writes_only_its_section(tmp_path):
   """The whole suite on CPU: a stale GPU section in the middle of a copy of BENCHMARKS.md is
   replaced by one with every row and the FLOP formula; every other byte stays."""
   original = open(os.path.join(ROOT, 'BENCHMARKS.md')).read()
+  original = original.replace(harness.section(original, gpu.HEADING) or '\0', '')
   cut = original.index('\n## ', original.index('## Train step')) + 1
   before, after = original[:cut], original[cut:]
   out = tmp_path / 'BENCHMARKS.md'
