@@ -163,6 +163,7 @@ class Built:
   trainable: int
   xla_mib: float | None = None
   first_loss: float | None = None
+  compiled: object = None  # our step's jax Compiled (for its cost analysis), None for the peer
 
 
 def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
@@ -218,7 +219,7 @@ def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
     box['state'], metrics = compiled(box['state'], frozen, batch, rng)
     return jax.block_until_ready(metrics)['loss']
   first = float(run())
-  return Built(run, _count(trainable), xla_mib, first)
+  return Built(run, _count(trainable), xla_mib, first, compiled)
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -247,9 +248,11 @@ def hf_model(shape: Shape, base=None):
                                                          torch_dtype=torch.float32).eval()
 
 
-def build_peer(model, shape: Shape, variants=('peft_fp32', 'peft_bf16')) -> dict[str, Built]:
+def build_peer(model, shape: Shape, variants=('peft_fp32', 'peft_bf16'),
+               device: str = 'cpu') -> dict[str, Built]:
   """The peft LoRA train step, in bf16 autocast and in float32, on one peft model (LoRA
-  r=rank, alpha=rank, the seven projections, no dropout) and one Adam."""
+  r=rank, alpha=rank, the seven projections, no dropout) and one Adam, on torch `device`
+  ('cpu' or 'cuda'; `run()` waits for the step: it reads the loss back)."""
   import peft
   import torch
   import torch.nn.functional as F
@@ -257,18 +260,19 @@ def build_peer(model, shape: Shape, variants=('peft_fp32', 'peft_bf16')) -> dict
                          target_modules=list(PEER_TARGETS), bias='none')
   if shape.remat:  # the peer's equivalent of our layer remat
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-  pm = peft.get_peft_model(model, lora)
+  pm = peft.get_peft_model(model.to(device), lora)
   pm.train()
   params = [p for p in pm.parameters() if p.requires_grad]
   opt = torch.optim.Adam(params, lr=LR, betas=(B1, B2), eps=EPS)
   b = make_batch(shape, 1)
-  tokens = torch.from_numpy(b['tokens']).long()
-  targets = torch.from_numpy(b['targets']).long()
-  mask = torch.from_numpy(b['loss_mask'])
+  tokens = torch.from_numpy(b['tokens']).long().to(device)
+  targets = torch.from_numpy(b['targets']).long().to(device)
+  mask = torch.from_numpy(b['loss_mask']).to(device)
+  device_type = torch.device(device).type
 
   def step(bf16):
     opt.zero_grad(set_to_none=True)
-    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
       logits = pm(input_ids=tokens).logits
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction='none')
     loss = (losses * mask.flatten()).sum() / mask.sum()

@@ -110,3 +110,45 @@ def cores() -> int:
 
 def load_average() -> str:
   return ' '.join(f'{x:.2f}' for x in os.getloadavg())
+
+
+# ----------------------------------------------------------------------------- markdown sections
+
+
+def _section_span(text: str, heading: str) -> tuple[int, int] | None:
+  """(start, end) character offsets of the section that `heading` (a whole line such as
+  '## GPU suite') opens: up to the next heading of its level or above, or the end."""
+  level = len(heading) - len(heading.lstrip('#'))
+  lines = text.splitlines(keepends=True)
+  offset, start = 0, None
+  for line in lines:
+    if start is None and line.rstrip('\n') == heading:
+      start = offset
+    elif start is not None:
+      hashes = len(line) - len(line.lstrip('#'))
+      if 0 < hashes <= level and line[hashes:hashes + 1] == ' ':
+        return start, offset
+    offset += len(line)
+  return None if start is None else (start, len(text))
+
+
+def section(text: str, heading: str) -> str | None:
+  """The section `heading` opens in markdown `text` (heading line included), or None."""
+  span = _section_span(text, heading)
+  return None if span is None else text[span[0]:span[1]]
+
+
+def replace_section(text: str, heading: str, new: str) -> str:
+  """`text` with the section `heading` opens replaced by `new` (which starts with that heading),
+  or, without one, `new` appended after a blank line; every other byte of `text` is kept."""
+  if not new.startswith(heading + '\n'):
+    raise ValueError(f'The new section must start with the line {heading!r}, got {new[:40]!r}.')
+  new = new if new.endswith('\n') else new + '\n'
+  span = _section_span(text, heading)
+  if span is None:
+    sep = '' if not text else ('\n' if text.endswith('\n') else '\n\n')
+    return text + sep + new
+  start, end = span
+  if end < len(text) and not new.endswith('\n\n'):
+    new += '\n'  # a blank line before the heading that follows
+  return text[:start] + new + text[end:]

@@ -3,6 +3,7 @@
     python -m bench.run                   # the paper's LLM shape (<= ~15 min on 2 CPU cores)
     python -m bench.run --quick           # a small shape (well under a minute)
     python -m bench.run --out=            # print only, write no file
+    python -m bench.run --suite=gpu       # the GPU suite (bench/gpu.py): its own section only
 
 Prints one markdown report and writes it to --out (BENCHMARKS.md): train step time, tokens/s
 and memory per case, generation tokens/s, the first-step loss parity with the peer, and the
@@ -33,9 +34,11 @@ from cpeft_jax import xla_flags
 USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
 xla_flags.set_training_defaults()
 
-from bench import cases, harness  # noqa: E402  (starts JAX, after the flags)
+from bench import cases, gpu, harness  # noqa: E402  (starts JAX, after the flags)
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum('suite', 'cpu', ['cpu', 'gpu'], 'cpu: this report (the whole --out file but '
+                  'its GPU section); gpu: bench/gpu.py, only its section of --out.')
 flags.DEFINE_bool('quick', False, 'The small shape instead of the paper\'s LLM shape.')
 flags.DEFINE_string('out', 'BENCHMARKS.md', 'Markdown file to write; empty: print only.')
 flags.DEFINE_integer('steps', None, 'Timed calls per block (default: 3, quick: 2).')
@@ -259,11 +262,22 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
   return '\n'.join(lines) + '\n'
 
 
+def write(path: str, text: str):
+  """Writes the report `text` to `path`, keeping the GPU suite's section already there."""
+  old = open(path).read() if os.path.exists(path) else ''
+  kept = harness.section(old, gpu.HEADING)
+  with open(path, 'w') as f:
+    f.write(text if kept is None else harness.replace_section(text, gpu.HEADING, kept))
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv):
   del argv
+  if FLAGS.suite == 'gpu':
+    return gpu.main(FLAGS.out, FLAGS.peer, FLAGS.strategy, FLAGS.tile,
+                    FLAGS.jobs if FLAGS['jobs'].present else None)
   if FLAGS.steps is None:
     FLAGS.steps = 2 if FLAGS.quick else 3
   if FLAGS.memory_case:
@@ -315,8 +329,8 @@ def main(argv):
   mem = {}
   rss = (not FLAGS.quick) if FLAGS.rss is None else FLAGS.rss
   if rss and FLAGS.out:  # the timings so far, in case the memory phase is cut short
-    with open(FLAGS.out, 'w') as f:
-      f.write(report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start))
+    write(FLAGS.out, report(s, built, times, mem, gen_info, gen_times, peer_skip, started,
+                            load_start))
   if rss:
     del hf
     log(f'memory: {len(built)} fresh processes')
@@ -327,8 +341,7 @@ def main(argv):
   text = report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_start)
   print(text)
   if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      f.write(text)
+    write(FLAGS.out, text)
     log(f'wrote {FLAGS.out}')
 
 
