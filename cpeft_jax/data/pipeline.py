@@ -10,6 +10,10 @@ skipped.
 With several `tasks` (e.g. ('caption', 'qa')) every image gives examples of each task (a
 prompt and a target, see `Split.texts`), mixed in one shuffled stream; evaluation yields every
 image once per task. Each batch says each row's task (`tasks`, an index into the tuple).
+
+`epoch` prepares batches ahead on a thread, or with `workers` > 0 (data.workers) in that many
+processes (`workers.ordered_map`, grain), each building whole batches: since a batch is a pure
+function of (seed, epoch, k), the batches are the same bytes whatever the worker count.
 """
 
 from __future__ import annotations
