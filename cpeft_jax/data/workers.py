@@ -10,7 +10,10 @@ Workers live no longer than the iterator: closing it (a consumer that stops earl
 that breaks out on a signal) stops and joins them. They ignore SIGINT and SIGTERM, which a
 terminal or a scheduler sends to the whole process group, so a trainer that catches those to
 save at a step boundary still gets its batches; and they exit by themselves if the parent
-dies without closing them (SIGKILL, a crash), so none is left behind.
+dies without closing them (SIGKILL, a crash), so none is left behind. Each call starts its
+workers anew (seconds: each imports grain, jax and the caller's modules). A process that exits
+right after stopping early may see Python's resource tracker warn of leaked shared_memory
+objects (the batches that were in flight); it removes them itself.
 """
 
 from __future__ import annotations
