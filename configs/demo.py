@@ -39,7 +39,11 @@ def get_config(arg=None):
       context_map=contexts,
       # No flips: the demo's captions say left and right. No colour jitter: they name colours.
       augment=dict(flip=False, crop_min_scale=1.0, brightness=0.0, contrast=0.0,
-                   saturation=0.0))
+                   saturation=0.0),
+      # Batches on a thread of the trainer (processes building them give the same batches):
+      # on 2 cores the model step needs the other core, and each epoch would pay the
+      # workers' start (seconds) on epochs of seconds.
+      workers=0)
   c.tokenizer = 'word_level'  # built from the training captions, saved in the workdir
   # No checkpoint to download: stage 0 pre-trains the decoder below as a text-only LM on the
   # training captions and saves it as a Hugging Face checkpoint (workdir/base_lm), which is

@@ -87,7 +87,12 @@ def get_config(arg=None):
       context_map=CONTEXT_MAPS[a.contexts],
       # The paper names flip, crop and colour jitter but not their strengths.
       augment=dict(flip=True, crop_min_scale=0.8, brightness=0.1, contrast=0.1,
-                   saturation=0.1))
+                   saturation=0.1),
+      # Processes building batches (the same batches as 0, a thread). One builds ~200-290
+      # examples/s at 256x256 with augmentation (BENCHMARKS.md, 2 loaded cores); 8 should give
+      # several times that where the host has the cores (not measured here), enough for an
+      # accelerator host's steps of 96, and leave its other cores to the trainer.
+      workers=8)
   c.tokenizer = a.text_model  # the text model's own tokenizer: change both together
   c.text_model = a.text_model
   # Stage 0 of text_model=standin (none otherwise): text-only pre-training of the LM.

@@ -71,7 +71,7 @@ class Experiment:
         augment=pipeline.AugmentConfig(**c.data.augment), boundary=c.connector.boundary_tokens,
         host=(jax.process_index(), jax.process_count()), tasks=self.tasks,
         invocations=dict(c.data.get('invocations') or {}),
-        all_references=not train and all_references)
+        all_references=not train and all_references, workers=c.data.get('workers', 0))
 
   @property
   def tasks(self) -> tuple[str, ...]:

@@ -1,12 +1,20 @@
 """CaptionBatches: determinism, augmentation, host sharding, evaluation padding, validation
-over every reference caption."""
+over every reference caption, worker processes (the same batches, stopped cleanly)."""
 
 import functools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 import types
 
 import jax
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 
 from cpeft_jax import experiment, losses
@@ -14,7 +22,7 @@ from cpeft_jax.data import layout, pipeline, tokenizer
 from cpeft_jax.evaluation import perplexity
 from cpeft_jax.models import vlm
 from cpeft_jax.data.demo import examples
-from cpeft_jax.data.sources import Split
+from cpeft_jax.data.sources import ImageFiles, Split
 from helpers import VLM_DEC, VLM_PEFT, PatchEncoder  # the tiny vision-language model
 
 
@@ -155,3 +163,121 @@ def test_all_references_perplexity_matches_each_pair_computed_alone():
   config.eval.all_references = True
   assert (batches(train=False), batches(train=True), batches(train=False, all_references=False)
           ) == (6, 6, 3)
+
+
+def _copy(batch):
+  """Plain numpy copies of a batch (workers' arrays live in shared memory until dropped)."""
+  return {k: np.array(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize('train,epoch,start', [(True, 1, 0), (True, 2, 3), (False, 0, 0),
+                                               (False, 0, 1)])
+def test_worker_processes_give_the_same_batches(split, train, epoch, start):
+  """data.workers=2 gives batch k of an epoch bit for bit as the in-process thread does,
+  augmented or not, from the epoch's start or its middle; truncations count the same."""
+  aug = pipeline.AugmentConfig(flip=True, crop_min_scale=0.6, brightness=0.3, contrast=0.3,
+                               saturation=0.3)
+  kw = dict(train=train, augment=aug, seq_len=12)  # 12: some captions are truncated
+  ref, two = _data(split, **kw), _data(split, workers=2, **kw)
+  want = [_copy(b) for b in ref.epoch(epoch, start=start)]
+  got = [_copy(b) for b in two.epoch(epoch, start=start)]
+  assert len(got) == len(want) == len(ref) - start > 0
+  for x, y in zip(want, got):
+    assert x.keys() == y.keys()
+    for k in x:
+      assert x[k].dtype == y[k].dtype, k
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  assert two.truncated == ref.truncated and ref.truncated[0] > 0
+  assert not multiprocessing.active_children()
+
+
+def _workers_alive(pids):
+  return [p for p in pids if _running(p)]
+
+
+def _running(pid):
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] != 'Z'  # a zombie has exited
+  except FileNotFoundError:
+    return False
+
+
+def test_workers_ignore_group_signals_and_stop_with_the_consumer(split):
+  """Ctrl-C reaches the whole process group: the workers ignore it (the trainer saves at the
+  next step boundary and needs its batches); a consumer that stops after 2 batches leaves no
+  worker behind, running or zombie."""
+  data = _data(split, workers=2)
+  ref = [_copy(data.batch(0, k)) for k in range(4)]
+  it = data.epoch(0)
+  first = _copy(next(it))
+  workers = multiprocessing.active_children()
+  assert len(workers) == 2
+  for w in workers:
+    os.kill(w.pid, signal.SIGINT)
+  second = _copy(next(it))
+  for got, want in zip((first, second), ref):
+    np.testing.assert_array_equal(got['pixels'], want['pixels'])
+  it.close()
+  assert not multiprocessing.active_children()
+  assert not _workers_alive([w.pid for w in workers])
+  for _ in zip(range(2), data.epoch(1)):  # a for loop left by break: the generator is dropped
+    pass
+  assert not multiprocessing.active_children()
+
+
+def test_workers_exit_when_the_trainer_is_killed(tmp_path):
+  """A trainer killed by SIGTERM (no handler: no clean-up runs) leaves no worker running."""
+  script = textwrap.dedent(f"""
+      import multiprocessing, os, signal, sys
+      import numpy as np
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import test_pipeline
+      from cpeft_jax.data.demo import examples
+      from cpeft_jax.data.sources import Split
+      if __name__ == '__main__':
+        exs = list(examples.generate_examples('train', 10, image_size=32, captions_per_image=3))
+        split = Split('demo/train', [{{'image': e['image']}} for e in exs],
+                      [[c['text'] for c in e['captions']] for e in exs],
+                      np.asarray([e['image/id'] for e in exs]))
+        it = test_pipeline._data(split, workers=2).epoch(0)
+        next(it)
+        print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+      """)
+  (tmp_path / 'trainer.py').write_text(script)
+  run = subprocess.run([sys.executable, str(tmp_path / 'trainer.py')], capture_output=True,
+                       text=True, timeout=300)
+  assert run.returncode == -signal.SIGTERM, run.stderr
+  pids = [int(p) for p in run.stdout.split()]
+  assert len(pids) == 2
+  deadline = time.monotonic() + 30
+  while _workers_alive(pids) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert not _workers_alive(pids)
+
+
+def test_a_corrupt_image_fails_the_same_way_in_a_worker(split, tmp_path):
+  """An image that stopped decoding after load raises the error the thread path raises (its
+  type and message name the file), not a worker crash."""
+  paths = []
+  for i in range(len(split)):
+    paths.append(str(tmp_path / f'{i}.png'))
+    PIL.Image.fromarray(split.image(i)).save(paths[-1])
+  files = Split('folder/train', ImageFiles(paths), split.captions, split.image_ids)
+  with open(paths[4], 'r+b') as f:  # cut the file short: PIL fails to decode it
+    f.truncate(40)
+  errors = []
+  for workers in (0, 2):
+    with pytest.raises(RuntimeError, match=r'4\.png \(index 4\) decoded at load time') as e:
+      for _ in _data(files, train=False, workers=workers, batch_size=2).epoch(0):
+        pass
+    errors.append((type(e.value), str(e.value)))
+  assert errors[0] == errors[1]
+  assert not multiprocessing.active_children()
+
+
+def test_bad_worker_count_is_an_error(split):
+  for bad in (-1, 1.5, True):
+    with pytest.raises(ValueError, match=r'data.workers must be an int >= 0'):
+      _data(split, workers=bad)

@@ -11,11 +11,16 @@ skipped.
 With several `tasks` (e.g. ('caption', 'qa')) every image gives examples of each task (a
 prompt and a target, see `Split.texts`), mixed in one shuffled stream; evaluation yields every
 image once per task. Each batch says each row's task (`tasks`, an index into the tuple).
+
+`epoch` prepares batches ahead on a thread, or with `workers` > 0 (data.workers) in that many
+processes (`workers.ordered_map`, grain), each building whole batches: since a batch is a pure
+function of (seed, epoch, k), the batches are the same bytes whatever the worker count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from collections.abc import Iterator, Mapping
@@ -26,6 +31,7 @@ import PIL.Image
 from cpeft_jax import contexts
 from cpeft_jax.data import layout
 from cpeft_jax.data import tokenizer as tokenizer_lib
+from cpeft_jax.data import workers as workers_lib
 from cpeft_jax.data.sources import Split
 
 
@@ -112,11 +118,16 @@ class CaptionBatches:
   # the tokens before it keep the context map's ids.
   invocations: Mapping[str, int] | None = None
   all_references: bool = False  # evaluation: every (image, caption) pair, not first captions
+  # Processes that build batches (`epoch`); 0: one thread in this process. Same batches.
+  workers: int = 0
 
   def __post_init__(self):
     index, count = self.host
     if not 0 <= index < count:
       raise ValueError(f'host=(index={index}, count={count}) is not a valid host.')
+    if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+      raise ValueError(f'data.workers must be an int >= 0 (0: no worker processes), got '
+                       f'{self.workers!r}.')
     self.tasks = check_tasks(self.tasks)
     self.context_map = contexts.check_context_map(self.context_map, self.tasks)
     self._ids = tokenizer_lib.special_ids(self.tokenizer)
@@ -152,7 +163,18 @@ class CaptionBatches:
     return self._pairs[perm]
 
   def batch(self, epoch: int, k: int) -> dict[str, np.ndarray]:
-    """Batch k of an epoch, a pure function of (seed, epoch, k)."""
+    """Batch k of an epoch, a pure function of (seed, epoch, k); counts its truncations."""
+    out = self.build(epoch, k)
+    self._count_truncation(out)
+    return out
+
+  def _count_truncation(self, out: Mapping[str, np.ndarray]) -> None:
+    truncated, dropped = layout.truncation(out)
+    self.truncated[0] += truncated
+    self.truncated[1] += dropped
+
+  def build(self, epoch: int, k: int) -> dict[str, np.ndarray]:
+    """Batch k of an epoch, without side effects (what a worker process runs)."""
     order, first = self._order(epoch), k * self._global + self.host[0] * self.batch_size
     rows = order[first:first + self.batch_size]  # this host's rows of the global batch k
     valid = len(rows)
@@ -170,9 +192,6 @@ class CaptionBatches:
         eos_id=self._ids.eos, pad_id=self._ids.pad, boundary=self.boundary,
         context_map=self.context_map, prompts=encoded, task_ids=rows[:, 2],
         task_names=self.tasks)
-    truncated, dropped = layout.truncation(out)
-    self.truncated[0] += truncated
-    self.truncated[1] += dropped
     out['loss_mask'][valid:] = 0.0
     out['pixels'] = np.stack([self._pixels(i, epoch, self.host[0] * self.batch_size + n)
                               for n, (i, _, _) in enumerate(rows)])  # n: the global row
@@ -230,7 +249,22 @@ class CaptionBatches:
     return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
 
   def epoch(self, epoch: int, start: int = 0, prefetch: int = 2) -> Iterator[dict]:
-    """Batches start.. of an epoch, prepared `prefetch` ahead on a background thread."""
+    """Batches start.. of an epoch, prepared ahead: `prefetch` of them on a background thread,
+    or with `workers` processes, one ready per worker (`workers.ordered_map`). Truncations
+    count as batches are consumed."""
+    if self.workers:
+      batches = workers_lib.ordered_map(functools.partial(self.build, epoch),
+                                        range(start, len(self)), self.workers)
+    else:
+      batches = self._thread_batches(epoch, start, prefetch)
+    try:
+      for out in batches:
+        self._count_truncation(out)
+        yield out
+    finally:
+      batches.close()  # stops the thread or the worker processes when the consumer stops
+
+  def _thread_batches(self, epoch: int, start: int, prefetch: int) -> Iterator[dict]:
     q: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
 
@@ -239,7 +273,7 @@ class CaptionBatches:
         for k in range(start, len(self)):
           if stop.is_set():
             return
-          q.put(self.batch(epoch, k))
+          q.put(self.build(epoch, k))
         q.put(None)
       except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
         q.put(e)
@@ -252,3 +286,5 @@ class CaptionBatches:
         yield item
     finally:
       stop.set()
+      while not q.empty():  # unblocks a put, after which the thread sees `stop`
+        q.get_nowait()

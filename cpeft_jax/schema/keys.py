@@ -92,6 +92,8 @@ DATA = Section({
     'image_dir': string(required=False),
     # dataset='folder', Karpathy layout: 'restval' images join the train split
     'restval': boolean(required=False),
+    # processes building batches (pipeline.CaptionBatches); 0: a thread, the same batches
+    'workers': integer(0, required=False),
 })
 
 VISION_PRETRAIN = Section({
