@@ -262,12 +262,19 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
   return '\n'.join(lines) + '\n'
 
 
+# Sections other commands write into the same file, kept as they are by this report.
+KEPT_SECTIONS = ('## Input pipeline (data.workers)', gpu.HEADING)
+
+
 def write(path: str, text: str):
-  """Writes the report `text` to `path`, keeping the GPU suite's section already there."""
+  """Writes the report `text` to `path`, keeping the sections of `KEPT_SECTIONS` there."""
   old = open(path).read() if os.path.exists(path) else ''
-  kept = harness.section(old, gpu.HEADING)
+  for heading in KEPT_SECTIONS:
+    kept = harness.section(old, heading)
+    if kept is not None:
+      text = harness.replace_section(text, heading, kept)
   with open(path, 'w') as f:
-    f.write(text if kept is None else harness.replace_section(text, gpu.HEADING, kept))
+    f.write(text)
 
 
 # ----------------------------------------------------------------------------- main

@@ -274,12 +274,16 @@ def lora_delta(x_TD, a_RDr, b_RrE, routing: Routing):
   if not routing.axes:
     return _lora_delta(x_TD, a_RDr, b_RrE, routing)
   spec, whole = PartitionSpec(routing.axes), PartitionSpec()
+  # The tables enter in float32 and are cast inside: their gradients are then summed over the
+  # shards in float32 (exact where bf16 sums would round; and XLA:CPU aborts compiling a bf16
+  # all-reduce here, in its AllReducePromotion pass).
+  dtype = a_RDr.dtype
   # check_vma=False: the loops' carries need no per-axis types, and the transpose sums the
   # tables' gradients over the batch shards (one psum each, where the base has its own).
-  local = lambda x, a, b, r: _lora_delta(x, a, b, r._shard())
+  local = lambda x, a, b, r: _lora_delta(x, a.astype(dtype), b.astype(dtype), r._shard())
   return jax.shard_map(local, mesh=routing.mesh, in_specs=(spec, whole, whole, spec),
-                       out_specs=spec, axis_names=set(routing.axes),
-                       check_vma=False)(x_TD, a_RDr, b_RrE, routing)
+                       out_specs=spec, axis_names=set(routing.axes), check_vma=False)(
+                           x_TD, a_RDr.astype(jnp.float32), b_RrE.astype(jnp.float32), routing)
 
 
 def _ragged_dot(x_MK, w_GKN, sizes_G):
