@@ -266,9 +266,12 @@ class Trainer:
         self.train_epoch(epoch)
         self.validate_and_keep_best(epoch)
     finally:
-      for s, handler in old.items():
-        signal.signal(s, handler)
-      self.writer.close()
+      try:  # the last (asynchronous) save commits before the run ends, however it ends
+        checkpointing.wait(self.mgr)
+      finally:
+        for s, handler in old.items():
+          signal.signal(s, handler)
+        self.writer.close()
 
   def finish(self) -> dict[str, float]:
     """The adaptor-only export and (train.plugins) every context's plug-in of the best weights;
