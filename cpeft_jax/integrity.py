@@ -47,7 +47,8 @@ def read(fn, what: str):
     raise unreadable(what, e) from e
 
 
-def check_saved(directory: epath.PathLike, custom_metadata, tree, what: str, prefix: str = '') -> None:
+def check_saved(directory: epath.PathLike, custom_metadata, tree, what: str,
+                prefix: str = '') -> None:
   """Verifies `tree` (read from the orbax checkpoint in `directory`, under `prefix` of what was
   saved) against the digests in its custom metadata; unverified with a warning if it has none."""
   digests_ = recorded(directory, custom_metadata, what)

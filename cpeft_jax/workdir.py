@@ -1,5 +1,6 @@
 """The names of what a training run's workdir holds, in one place for every reader and writer,
-and the path helpers they share (`path`, `is_local`, `write_text`).
+and the path helpers they share (`path`, `is_local`, `write_text`, `read_json`,
+`best_version`).
 
     DIR/config.json        the run's config (written first; evaluation and plug-ins rebuild from it)
     DIR/tokenizer/         the tokenizer built from the training captions (word-level runs)
@@ -17,8 +18,8 @@ and the path helpers they share (`path`, `is_local`, `write_text`).
     DIR/metrics.jsonl, DIR/tensorboard/, DIR/eval/   metrics of training and evaluation
 
 A workdir is any `etils.epath` path: a local directory or, where its filesystem is installed,
-an object store (gs://...), which has neither symlinks nor atomic renames; code that writes one
-goes through these helpers, never os.path.
+an object store (gs://...), which has neither symlinks nor atomic renames (but writes each object
+atomically); code that reads or writes one goes through these helpers and epath, not os.path.
 """
 
 from __future__ import annotations
