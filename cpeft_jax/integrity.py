@@ -14,11 +14,11 @@ are checked in full.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -47,7 +47,8 @@ def read(fn, what: str):
     raise unreadable(what, e) from e
 
 
-def check_saved(directory: str, custom_metadata, tree, what: str, prefix: str = '') -> None:
+def check_saved(directory: epath.PathLike, custom_metadata, tree, what: str,
+                prefix: str = '') -> None:
   """Verifies `tree` (read from the orbax checkpoint in `directory`, under `prefix` of what was
   saved) against the digests in its custom metadata; unverified with a warning if it has none."""
   digests_ = recorded(directory, custom_metadata, what)
@@ -55,16 +56,16 @@ def check_saved(directory: str, custom_metadata, tree, what: str, prefix: str = 
     verify(subtree(digests_, prefix) if prefix else digests_, tree, what)
 
 
-def recorded(directory: str, custom_metadata: Mapping[str, Any] | None,
+def recorded(directory: epath.PathLike, custom_metadata: Mapping[str, Any] | None,
              what: str) -> dict[str, str | None] | None:
   """The digests saved with the orbax checkpoint in `directory` (from its custom metadata).
 
   None, with a warning, for a checkpoint saved before digests were recorded; `Damaged` when
   the file that holds them is gone.
   """
-  if not os.path.isfile(os.path.join(directory, STEP_METADATA)):
-    raise Damaged(f'{what} is damaged: {os.path.join(directory, STEP_METADATA)}, which holds '
-                  'its checksums, is missing.')
+  holder = epath.Path(directory) / STEP_METADATA
+  if not holder.is_file():
+    raise Damaged(f'{what} is damaged: {holder}, which holds its checksums, is missing.')
   digests_ = (custom_metadata or {}).get(METADATA_KEY)
   if digests_ is None:
     logging.warning('%s was saved without checksums (by an older version): read unverified.',

@@ -2,21 +2,23 @@
 rebuilt, its plug-ins taken out.
 
 A run's weights are named as evaluate.py's --checkpoint names them: 'best' (the best-validation
-trainable tree, DIR/best), 'latest' (the newest step of DIR/checkpoints, its trainable tree
-only) or the path of a directory saved like DIR/best. `restore` rebuilds the model from the
-config as training built it (`experiment.build` reloads the saved tokenizer and the demo's
-stage-0 decoder, never rebuilding them) and checks the checkpoint fits it before reading it.
+trainable tree, the DIR/best_versions/<step> that DIR/best.json names), 'latest' (the newest
+step of DIR/checkpoints, its trainable tree only) or the path of a directory saved like a best
+version. `restore` rebuilds the model from the config as training built it (`experiment.build`
+reloads the saved tokenizer and the demo's stage-0 decoder, never rebuilding them) and checks
+the checkpoint fits it before reading it. Workdirs are `etils.epath` paths (gs://... where that
+filesystem is installed); nothing here reads through a symlink.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -44,31 +46,43 @@ class Checkpoint:
   step: int | None  # training step of the weights, where known
 
 
-def find_checkpoint(workdir: str, checkpoint: str = 'best') -> Checkpoint:
-  """The weights that --checkpoint names; errors name the paths looked in."""
-  best = os.path.abspath(os.path.join(workdir, workdir_lib.BEST))
-  managed = os.path.abspath(os.path.join(workdir, workdir_lib.CHECKPOINTS))
+def find_checkpoint(workdir: epath.PathLike, checkpoint: str = 'best') -> Checkpoint:
+  """The weights that --checkpoint names; errors name the paths looked in.
+
+  'best' is the version DIR/best.json names (`workdir.best_version`; DIR/best in older runs).
+  """
+  w = workdir_lib.path(workdir)
+  best = workdir_lib.best_version(w)
+  managed = w / workdir_lib.CHECKPOINTS
   if checkpoint not in CHECKPOINTS:
-    if not os.path.isdir(checkpoint):
+    path = workdir_lib.path(checkpoint)
+    if not path.is_dir():
       raise ValueError(f'Unknown --checkpoint value {checkpoint!r}: expected one of '
-                       f'{CHECKPOINTS} or a directory saved like {best} (no such directory).')
-    path = os.path.abspath(checkpoint)
+                       f'{CHECKPOINTS} or a directory saved like {w / workdir_lib.BEST_VERSIONS}'
+                       '/<step> (no such directory).')
     saved_tree(path)  # fail before the model is built
-    return Checkpoint('path', path, read_json(path + '.json').get('step'))
+    step = read_json(f'{path}.json').get('step')
+    if step is None and path.parent.name == workdir_lib.BEST_VERSIONS and path.name.isdigit():
+      step = int(path.name)
+    return Checkpoint('path', str(path), step)
   latest = latest_step(managed)
-  if checkpoint == 'best' and os.path.isdir(best):
-    return Checkpoint('best', best, read_json(best + '.json').get('step'))
+  if checkpoint == 'best' and best is not None:
+    if not best.is_dir():
+      raise integrity.Damaged(f'{w / workdir_lib.BEST_JSON} names best-validation weights in '
+                              f'{best}, which is missing; pass --checkpoint=latest.')
+    return Checkpoint('best', str(best), read_json(w / workdir_lib.BEST_JSON).get('step'))
   if checkpoint == 'latest' and latest is not None:
-    return Checkpoint('latest', managed, latest)
-  if latest is None and not os.path.isdir(best):
-    raise FileNotFoundError(f'No checkpoint in workdir {workdir}: looked for best-validation '
-                            f'weights in {best} and for steps in {managed}; train first.')
+    return Checkpoint('latest', str(managed), latest)
+  json_ = w / workdir_lib.BEST_JSON
+  if latest is None and best is None:
+    raise FileNotFoundError(f'No checkpoint in workdir {w}: looked for best-validation weights '
+                            f'through {json_} and for steps in {managed}; train first.')
   if checkpoint == 'best':
-    raise FileNotFoundError(f'No best-validation weights in workdir {workdir}: {best} does not '
-                            f'exist (training writes it after its first validation); {managed} '
+    raise FileNotFoundError(f'No best-validation weights in workdir {w}: {json_} does not name '
+                            f'any (training writes it after its first validation); {managed} '
                             f'holds step {latest}: pass --checkpoint=latest.')
-  raise FileNotFoundError(f'No step in {managed}; workdir {workdir} has best-validation weights '
-                          f'in {best}: pass --checkpoint=best.')
+  raise FileNotFoundError(f'No step in {managed}; workdir {w} has best-validation weights in '
+                          f'{best}: pass --checkpoint=best.')
 
 
 @dataclasses.dataclass
@@ -103,16 +117,16 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str 
   # trainable tree whole on every device, small beside it and read back to hosts.
   rules = sharding.parse_rules(config.get('partition_rules'))
   frozen = jax.device_put(frozen, sharding.tree_shardings(frozen, exp.mesh, rules))
-  return Restored(exp, ckpt, trainable, frozen, os.path.abspath(workdir))
+  return Restored(exp, ckpt, trainable, frozen, str(workdir_lib.path(workdir)))
 
 
-def restore_run(workdir: str, checkpoint: str = 'best') -> Restored:
+def restore_run(workdir: epath.PathLike, checkpoint: str = 'best') -> Restored:
   """A training run rebuilt from DIR/config.json with its `checkpoint` weights."""
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  if not os.path.isfile(path):
+  path = workdir_lib.path(workdir) / workdir_lib.CONFIG
+  if not path.is_file():
     raise FileNotFoundError(f'{path} is missing: {workdir} is not a training workdir.')
   config = ml_collections.ConfigDict(read_json(path))
-  return restore(config, workdir, checkpoint=checkpoint, config_name=path)
+  return restore(config, workdir, checkpoint=checkpoint, config_name=str(path))
 
 
 def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the given config',
@@ -132,7 +146,7 @@ def restore_trainable(ckpt: Checkpoint, abstract, *, config_name: str = 'the giv
               item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
               partial_restore=True))), where)
     tree = out['state']['trainable']
-    integrity.check_saved(os.path.join(ckpt.path, str(ckpt.step)), metadata.custom_metadata,
+    integrity.check_saved(epath.Path(ckpt.path) / str(ckpt.step), metadata.custom_metadata,
                           tree, where, 'trainable')
     return integrity.cast_like(tree, abstract)
   saved = saved_tree(ckpt.path)
@@ -155,7 +169,7 @@ def read_trainable(ckpt: Checkpoint):
       # PyTreeRestore: steps_reader's handler (StandardRestore would not match it).
       out = integrity.read(lambda: mgr.restore(
           ckpt.step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore())), where)
-    integrity.check_saved(os.path.join(ckpt.path, str(ckpt.step)), custom, out['state'], where)
+    integrity.check_saved(epath.Path(ckpt.path) / str(ckpt.step), custom, out['state'], where)
     return out['state']['trainable']
   with ocp.StandardCheckpointer() as reader:
     metadata = integrity.read(lambda: reader.metadata(ckpt.path), ckpt.path)
@@ -183,16 +197,16 @@ def _check_fits(saved, wanted, where: str, config_name: str, note: str):
       hint='different methods, ranks, contexts or targets?', note=note, error=CheckpointMismatch)
 
 
-def steps_reader(directory: str) -> ocp.CheckpointManager:
+def steps_reader(directory: epath.PathLike) -> ocp.CheckpointManager:
   """A reader of DIR/checkpoints whose 'state' can be restored in part."""
   return ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(create=False),
+      workdir_lib.path(directory), options=ocp.CheckpointManagerOptions(create=False),
       item_handlers={'state': ocp.PyTreeCheckpointHandler(),
                      'meta': ocp.JsonCheckpointHandler()})
 
 
-def saved_tree(path: str):
-  """The metadata tree of a directory saved like DIR/best (StandardCheckpointer)."""
+def saved_tree(path: epath.PathLike):
+  """The metadata tree of a directory saved like DIR/best_versions/<step> (StandardCheckpointer)."""
   with ocp.StandardCheckpointer() as reader:
     try:
       metadata = reader.metadata(path).item_metadata
@@ -201,39 +215,36 @@ def saved_tree(path: str):
     else:
       why = ''
   if metadata is None:
-    if os.path.isfile(os.path.join(path, integrity.STEP_METADATA)):  # orbax saved it, once
+    if (epath.Path(path) / integrity.STEP_METADATA).is_file():  # orbax saved it, once
       raise integrity.Damaged(f'{path} is damaged: orbax cannot read the metadata of its '
                               f'tree{why}.')
     raise FileNotFoundError(f'{path} holds no orbax checkpoint of a trainable tree (a directory '
-                            f'saved like DIR/best){why}.')
+                            f'saved like DIR/best_versions/<step>){why}.')
   return metadata.tree
 
 
-def latest_step(directory: str) -> int | None:
-  if not os.path.isdir(directory):
+def latest_step(directory: epath.PathLike) -> int | None:
+  if not workdir_lib.path(directory).is_dir():
     return None
   with steps_reader(directory) as mgr:
     return mgr.latest_step()
 
 
-def read_json(path: str) -> dict:
+def read_json(path: epath.PathLike) -> dict:
   """The JSON object in `path`, or {} when there is no such file."""
-  if not os.path.isfile(path):
-    return {}
-  with open(path) as f:
-    return json.load(f)
+  return workdir_lib.read_json(path)
 
 
 def check_base_saved(config, workdir):
   """Evaluation reloads, never rebuilds, what training saved: its tokenizer and stage-0 decoder."""
   if config.text_model:
     return
-  needed = []
+  needed, w = [], workdir_lib.path(workdir)
   if config.tokenizer == 'word_level':
-    needed.append(os.path.join(workdir, workdir_lib.TOKENIZER))
+    needed.append(w / workdir_lib.TOKENIZER)
   if config.get('pretrain', {}).get('epochs'):
-    needed.append(os.path.join(workdir, workdir_lib.BASE_LM, workdir_lib.CONFIG))
-  missing = [p for p in needed if not os.path.exists(p)]
+    needed.append(w / workdir_lib.BASE_LM / workdir_lib.CONFIG)
+  missing = [str(p) for p in needed if not p.exists()]
   if missing:
     raise FileNotFoundError(f'Workdir {workdir} lacks {missing}, which training saves and '
                             'evaluation reloads (the tokenizer built from the training '
@@ -242,8 +253,8 @@ def check_base_saved(config, workdir):
 
 def config_note(config, workdir, config_name) -> str:
   """The model-shaping entries where the workdir's config.json and `config` disagree."""
-  path = os.path.join(workdir, workdir_lib.CONFIG)
-  if not os.path.isfile(path):
+  path = workdir_lib.path(workdir) / workdir_lib.CONFIG
+  if not path.is_file():
     return ''
   saved = trees.flatten(read_json(path), sep='.')
   given = trees.flatten(json.loads(config.to_json_best_effort()), sep='.')
@@ -295,7 +306,7 @@ def write_plugins(workdir: str, peft) -> list[str]:
   out = []
   for c in plugins.adapted_contexts(peft):
     plugin = plugin_from_run(run, c, name=f'context {c}')
-    path = os.path.join(workdir, workdir_lib.PLUGINS, str(c))
+    path = workdir_lib.path(workdir) / workdir_lib.PLUGINS / str(c)
     out.append(str(plugins.save(path, plugin) if hosts.is_lead() else path))
   logging.info('plug-ins of the best weights: %s', out)
   return out

@@ -74,9 +74,11 @@ def test_flipped_bytes_in_a_saved_step_or_best_are_detected(run, tmp_path):
   best = runs.find_checkpoint(str(w), 'best')
   runs.read_trainable(best)  # intact
   _flip(_data_file(str(w / 'best_versions' / '15')))
-  with pytest.raises(integrity.Damaged, match=f'{w / "best"} is'):
+  version = w / 'best_versions' / '15'  # the one best.json names
+  assert best.path == str(version)
+  with pytest.raises(integrity.Damaged, match=f'{version} is'):
     runs.read_trainable(best)
-  with pytest.raises(integrity.Damaged, match=f'{w / "best"} is'):
+  with pytest.raises(integrity.Damaged, match=f'{version} is'):
     runs.restore_trainable(best, abstract)
 
 

@@ -277,8 +277,9 @@ def test_interrupted_runs_resume_bit_identical(tmp_path, monkeypatch, uninterrup
 
 
 def test_best_versions_are_named_by_step(tmp_path):
-  """Every host names a best version alike (its step); a leftover unlinked version of the same
-  step is replaced, the linked one is kept, and only the linked version survives a save."""
+  """Every host names a best version alike (its step); a leftover uncommitted version of the
+  same step is replaced, the committed one (named by best.json) is kept, and only it survives a
+  save. (Without symlinks and as on an object store: tests/test_paths.py.)"""
   from cpeft_jax.train import checkpointing
   w = str(tmp_path)
   one, two = {'a': np.ones((2, 3), np.float32)}, {'a': np.full((2, 3), 2.0, np.float32)}
@@ -291,4 +292,5 @@ def test_best_versions_are_named_by_step(tmp_path):
   checkpointing.save_best(w, one, {'step': 5, 'val_loss': 1.0})  # replayed: linked, kept
   np.testing.assert_array_equal(_best(w)['a'], two['a'])
   assert sorted(os.listdir(tmp_path / 'best_versions')) == ['5']
-  assert json.load(open(tmp_path / 'best.json')) == {'step': 5, 'val_loss': 1.0}
+  assert json.load(open(tmp_path / 'best.json')) == {'step': 5, 'val_loss': 1.0,
+                                                     'version': 'best_versions/5'}

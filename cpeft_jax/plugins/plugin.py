@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -136,13 +135,17 @@ def _peft_to_json(peft: PeftConfig) -> dict:
   return d
 
 
-def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
-  """Writes plugin.json (config, bases, metadata, the tables' sha256) and tables.safetensors."""
-  directory = pathlib.Path(directory)
+def save(directory: epath.PathLike, plugin: Plugin) -> epath.Path:
+  """Writes tables.safetensors, then plugin.json (config, bases, metadata, the tables' sha256).
+
+  `directory` is any epath path (gs://... where that filesystem is installed). plugin.json goes
+  last, so a plug-in cut off mid-save has none and `load` refuses it.
+  """
+  directory = epath.Path(directory)
   check_fingerprints(plugin.bases, f'Plug-in {plugin.name or "(unnamed)"!r} for {directory}')
   directory.mkdir(parents=True, exist_ok=True)
   arrays = {k: np.asarray(jax.device_get(v)) for k, v in trees.flatten(plugin.tables).items()}
-  safetensors.numpy.save_file(arrays, str(directory / PLUGIN_TABLES))
+  (directory / PLUGIN_TABLES).write_bytes(safetensors.numpy.save(arrays))
   (directory / PLUGIN_CONFIG).write_text(json.dumps(
       {'format': FORMAT, 'name': plugin.name, 'peft': _peft_to_json(plugin.peft),
        'bases': plugin.bases, 'meta': plugin.meta,
@@ -150,14 +153,14 @@ def save(directory: str | os.PathLike, plugin: Plugin) -> pathlib.Path:
   return directory
 
 
-def load(directory: str | os.PathLike,
+def load(directory: epath.PathLike,
          bases: Mapping[str, Mapping[str, Any]] | None = None) -> Plugin:
   """A saved plug-in; `bases` ({name: fingerprint} of the bases at hand) are checked against it.
 
   Its tables must hash to the sha256 in plugin.json (`integrity.Damaged` otherwise) and its
   plugin.json must hold every field `save` writes, well-formed (ValueError naming the file).
   """
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   path = directory / PLUGIN_CONFIG
   if not path.is_file() or not (directory / PLUGIN_TABLES).is_file():
     raise FileNotFoundError(f'{directory} is not a plug-in: expected {PLUGIN_CONFIG} and '
@@ -170,7 +173,7 @@ def load(directory: str | os.PathLike,
   check_fingerprints(config['bases'], f'Plug-in {directory} ({PLUGIN_CONFIG})')
   tables_path = directory / PLUGIN_TABLES
   try:
-    saved = safetensors.numpy.load_file(str(tables_path))
+    saved = safetensors.numpy.load(tables_path.read_bytes())
   except Exception as e:  # noqa: BLE001  (safetensors' errors for a broken file)
     raise integrity.unreadable(f'Plug-in {directory} ({PLUGIN_TABLES})', e) from e
   if integrity.tree_sha256(saved) != config[TABLES_HASH]:
@@ -187,7 +190,7 @@ _FIELDS = {'format': str, 'name': str, 'peft': dict, 'bases': dict, 'meta': dict
            TABLES_HASH: str}
 
 
-def _read_config(path: pathlib.Path) -> dict[str, Any]:
+def _read_config(path: epath.Path) -> dict[str, Any]:
   """plugin.json, with each field `save` writes present and of its type."""
   try:
     config = json.loads(path.read_text())

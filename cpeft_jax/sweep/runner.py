@@ -24,7 +24,6 @@ import jax
 import ml_collections
 
 from cpeft_jax import configlib, demo, runs, schema
-from cpeft_jax import workdir as workdir_lib
 from cpeft_jax.evaluation import captioning
 from cpeft_jax.evaluation import captions as captions_lib
 from cpeft_jax.sweep import report
@@ -128,7 +127,7 @@ def cell_dir(workdir: str, cell: Cell, seed: int) -> str:
 
 def trainable_params(run_dir: str) -> int:
   """Parameters of the run's best trainable tree, from its checkpoint's metadata."""
-  tree = runs.saved_tree(os.path.join(run_dir, workdir_lib.BEST))
+  tree = runs.saved_tree(runs.find_checkpoint(run_dir, 'best').path)
   return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 

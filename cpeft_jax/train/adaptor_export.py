@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -28,65 +28,82 @@ WEIGHTS, INFO = 'trainable.safetensors', 'export.json'
 CONFIG, TOKENIZER = workdir_lib.CONFIG, workdir_lib.TOKENIZER
 
 
-def _trainable(workdir: str, checkpoint: str):
-  """(trainable tree as numpy, info) of DIR/best or of the latest managed checkpoint."""
+def _trainable(workdir: epath.Path, checkpoint: str):
+  """(trainable tree as numpy, info) of the best weights or of the latest managed checkpoint."""
   if checkpoint not in runs.CHECKPOINTS:
     raise ValueError(f"--checkpoint={checkpoint!r}; expected 'best' or 'latest'.")
   ckpt = runs.find_checkpoint(workdir, checkpoint)
   tree = runs.read_trainable(ckpt)
   if ckpt.kind == 'best':
-    return tree, {'source': 'best', **runs.read_json(ckpt.path + '.json')}
+    info = runs.read_json(workdir / workdir_lib.BEST_JSON)
+    info.pop(workdir_lib.VERSION, None)
+    return tree, {'source': 'best', **info}
   return tree, {'source': 'latest', 'step': int(ckpt.step)}
 
 
-def export(workdir: str, checkpoint: str = 'best') -> str:
-  """Writes DIR/export (replacing an older export) and returns its path. On several hosts
-  every one must call it (they read the weights together); process 0 writes."""
-  workdir = os.path.abspath(workdir)
-  cfg_path = os.path.join(workdir, CONFIG)
-  if not os.path.isfile(cfg_path):
-    raise FileNotFoundError(f'{cfg_path} is missing: {workdir} is not a training workdir.')
-  with open(cfg_path) as f:
-    config = json.load(f)
-  tree, info = _trainable(workdir, checkpoint)
+def _copy_tree(src: epath.Path, dst: epath.Path) -> None:
+  """Copies directory `src` to `dst` file by file (epath has no copytree)."""
+  dst.mkdir(parents=True, exist_ok=True)
+  for p in src.iterdir():
+    if p.is_dir():
+      _copy_tree(p, dst / p.name)
+    else:
+      p.copy(dst / p.name, overwrite=True)
+
+
+def export(workdir: epath.PathLike, checkpoint: str = 'best') -> str:
+  """Writes DIR/export (replacing an older export) and returns its path.
+
+  Locally the export is written to DIR/export.tmp and renamed into place; on an object store
+  (no directory renames) it is written in place, export.json last, so a complete export is one
+  that has export.json. On several hosts every one must call it (they read the weights
+  together); process 0 writes.
+  """
+  w = workdir_lib.path(workdir)
+  cfg_path = w / CONFIG
+  if not cfg_path.is_file():
+    raise FileNotFoundError(f'{cfg_path} is missing: {w} is not a training workdir.')
+  config = json.loads(cfg_path.read_text())
+  tree, info = _trainable(w, checkpoint)
   flat = {k: np.asarray(v) for k, v in trees.flatten(tree).items()}
-  out = os.path.join(workdir, workdir_lib.EXPORT)
+  out = w / workdir_lib.EXPORT
   if not hosts.is_lead():
-    return out
+    return str(out)
   if not config.get('text_model') and config.get('pretrain', {}).get('epochs'):
-    config['text_model'] = os.path.join(workdir, workdir_lib.BASE_LM)  # the demo's stage-0 decoder
+    config['text_model'] = str(w / workdir_lib.BASE_LM)  # the demo's stage-0 decoder
   for d, key in ((config, 'text_model'), (config.get('vision', {}), 'path')):
-    if d.get(key) and os.path.isdir(d[key]):  # a local directory, not a hub id
+    if d.get(key) and workdir_lib.is_local(d[key]) and os.path.isdir(d[key]):  # not a hub id
       d[key] = os.path.abspath(d[key])
 
-  tmp = out + '.tmp'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  safetensors.numpy.save_file(flat, os.path.join(tmp, WEIGHTS))
-  with open(os.path.join(tmp, CONFIG), 'w') as f:
-    json.dump(config, f, indent=2)
-  if os.path.isdir(os.path.join(workdir, TOKENIZER)):
-    shutil.copytree(os.path.join(workdir, TOKENIZER), os.path.join(tmp, TOKENIZER))
-  info.update(parameters=int(sum(v.size for v in flat.values())),
-              bytes=os.path.getsize(os.path.join(tmp, WEIGHTS)))
-  with open(os.path.join(tmp, INFO), 'w') as f:
-    json.dump(info, f, indent=2)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
-  return out
+  local = workdir_lib.is_local(w)
+  tmp = out.parent / (out.name + workdir_lib.TMP) if local else out
+  if tmp.exists():
+    tmp.rmtree()  # a leftover, or (object store) the older export
+  tmp.mkdir(parents=True)
+  weights = safetensors.numpy.save(flat)
+  (tmp / WEIGHTS).write_bytes(weights)
+  (tmp / CONFIG).write_text(json.dumps(config, indent=2))
+  if (w / TOKENIZER).is_dir():
+    _copy_tree(w / TOKENIZER, tmp / TOKENIZER)
+  info.update(parameters=int(sum(v.size for v in flat.values())), bytes=len(weights))
+  (tmp / INFO).write_text(json.dumps(info, indent=2))
+  if local:
+    if out.exists():
+      out.rmtree()
+    os.replace(tmp, out)
+  return str(out)
 
 
-def load(export_dir: str):
+def load(export_dir: epath.PathLike):
   """(experiment, variables): the model rebuilt from an export, with its trainable tables.
 
   Errors when the exported tensors do not fit the model the config builds.
   """
-  export_dir = os.path.abspath(export_dir)
-  with open(os.path.join(export_dir, CONFIG)) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  exp = experiment.build(config, export_dir, None)
+  export_dir = workdir_lib.path(export_dir)
+  config = ml_collections.ConfigDict(json.loads((export_dir / CONFIG).read_text()))
+  exp = experiment.build(config, str(export_dir), None)
   init, frozen = trainable_lib.split_for(exp.variables, config)
-  got = safetensors.numpy.load_file(os.path.join(export_dir, WEIGHTS))
+  got = safetensors.numpy.load((export_dir / WEIGHTS).read_bytes())
   trees.require_same_shapes(trees.shapes(trees.flatten(init)), trees.shapes(got),
                             f'{export_dir}/{WEIGHTS}', got_name='the export',
                             want_name='the model its config builds')
@@ -100,8 +117,7 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:  # orbax's progress lines
     logging.set_verbosity(logging.WARNING)
   out = export(flags.FLAGS.workdir, flags.FLAGS.checkpoint)
-  with open(os.path.join(out, INFO)) as f:
-    info = json.load(f)
+  info = json.loads((epath.Path(out) / INFO).read_text())
   print(f'exported {info["parameters"]:,} trainable parameters ({info["bytes"] / 1e6:.2f} MB, '
         f'{info["source"]} step {info.get("step")}) to {out}')
 

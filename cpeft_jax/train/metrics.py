@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from typing import Any
 
 from absl import logging
+from etils import epath
 import numpy as np
 import tensorboardX  # pure Python event writer, no TensorFlow
 import tqdm
@@ -88,15 +88,20 @@ class Writer:
   """Writes scalars per step to the console, `metrics.jsonl` and TensorBoard.
 
   Only one process of a multi-host run writes (`enabled`). Scalars whose names hold a '/'
-  (e.g. 'loss/ctx1') group under one TensorBoard section.
+  (e.g. 'loss/ctx1') group under one TensorBoard section. `workdir` is an epath path: locally
+  each line is appended; an object store cannot append, so there the whole file (its lines
+  from before, then this run's) is rewritten with each line.
   """
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: epath.PathLike, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, workdir_lib.METRICS)
-    self._tb = None
+    w = workdir_lib.path(workdir)
+    self.path = w / workdir_lib.METRICS
+    self._tb = self._lines = None
     if enabled:
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, workdir_lib.TENSORBOARD))
+      self._tb = tensorboardX.SummaryWriter(str(w / workdir_lib.TENSORBOARD))
+      if not workdir_lib.is_local(w):
+        self._lines = [self.path.read_text()] if self.path.exists() else []
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -106,8 +111,13 @@ class Writer:
     logging.info(line)
     tqdm.tqdm.write(line)  # stdout, kept clear of a running progress bar
     sys.stdout.flush()
-    with open(self.path, 'a') as f:
-      f.write(json.dumps({'step': step, **clean}) + '\n')
+    record = json.dumps({'step': step, **clean}) + '\n'
+    if self._lines is None:
+      with self.path.open('a') as f:
+        f.write(record)
+    else:
+      self._lines.append(record)
+      self.path.write_text(''.join(self._lines))
     for k, v in clean.items():
       self._tb.add_scalar(k, v, step)
     self._tb.flush()

@@ -276,9 +276,12 @@ class Trainer:
         self.train_epoch(epoch)
         self.validate_and_keep_best(epoch)
     finally:
-      for s, handler in old.items():
-        signal.signal(s, handler)
-      self.writer.close()
+      try:  # the last (asynchronous) save commits before the run ends, however it ends
+        checkpointing.wait(self.mgr)
+      finally:
+        for s, handler in old.items():
+          signal.signal(s, handler)
+        self.writer.close()
 
   def finish(self) -> dict[str, float]:
     """The adaptor-only export and (train.plugins) every context's plug-in of the best weights;
@@ -323,9 +326,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """Trains; returns the final metrics. Resumes from the latest checkpoint in `workdir`."""
   schema.check(config)  # every key known, typed and in range, before any work
   experiment.make_mesh(config)  # a bad mesh, batch size or partition rule fails before any work
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, workdir_lib.CONFIG), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
+  w = workdir_lib.path(workdir)
+  if hosts.is_lead():  # one writer; the others wait for the directory and its config.json
+    w.mkdir(parents=True, exist_ok=True)
+    workdir_lib.write_text(w / workdir_lib.CONFIG, config.to_json_best_effort(indent=2))
+  hosts.sync('cpeft_workdir_created')
   train_split = experiment.open_split(config, workdir, config.data.train_split)
   eval_split = experiment.open_split(config, workdir, config.data.eval_split)
   exp = experiment.build(config, workdir, train_split, text_lm=pretrain.text_lm)
