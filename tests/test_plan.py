@@ -123,3 +123,26 @@ def test_cli_says_whether_the_plan_fits(tmp_path):
   assert doc['bytes_per_device']['total'] == total and doc['fits'] is True
   assert doc['device_memory'] == total
   assert re.search(r'^does not fit in ', _cli(f'--device_memory={total - 1}'), re.M)
+
+
+def test_fsdp_keeps_one_layer_of_gathered_weights_live_not_all():
+  """bf16 compute on an fsdp=8 mesh (8 simulated devices): each added layer costs less than one
+  layer's whole bf16 weights. Unrolled layers (XLA:CPU's choice for 16-bit compute without
+  fsdp) kept every layer's gathered weights live for the backward pass: +4x a layer each."""
+  D, F = 256, 1024
+  layer_bytes = (4 * D * D + 3 * D * F) * 2  # bf16 q, k, v, o, gate, up, down
+  got = {}
+  for layers in (2, 4):
+    model = dict(arch='llama', vocab_size=256, hidden_size=D, num_layers=layers, num_heads=4,
+                 intermediate_size=F)
+    cmd = [sys.executable, '-m', 'cpeft_jax.plan', '--config=configs/paper.py:method=lora,rank=4',
+           '--config.train.batch_size=8', '--config.data.seq_len=16', f'--model={json.dumps(model)}',
+           '--mesh=data=1,fsdp=8,tensor=1', '--activations=compile', '--json=-']
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(
+        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
+        XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+    assert out.returncode == 0, out.stderr[-3000:]
+    doc = json.loads(out.stdout)
+    assert doc['activations_method'].startswith('XLA memory analysis'), doc
+    got[layers] = doc['bytes_per_device']['activations']
+  assert 0 < (got[4] - got[2]) / 2 < layer_bytes, (got, layer_bytes)

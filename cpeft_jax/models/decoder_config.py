@@ -50,8 +50,9 @@ class DecoderConfig:
   fused_gate_up: bool = False
   residual_dropout: float = 0.0
   remat: bool = False
-  # Layers as straight-line code (their parameters still stacked [num_layers, ...]). None: when
-  # computing in bf16/fp16 without remat, where XLA:CPU's layer loop round-trips every value
+  # Layers as straight-line code (their parameters still stacked [num_layers, ...]). None: on
+  # XLA:CPU computing in bf16/fp16 without remat, unless the traced step's mesh splits weights
+  # over fsdp (llama._unroll_by_default). There the CPU's layer loop round-trips every value
   # through float32, which costs more than the longer compile (bench/: paper shape, bf16 train
   # step 1.2x faster on one core); in float32 the loop is as fast or faster and compiles
   # sooner. With remat the loop stays: XLA schedules unrolled layers' recomputation so that it
