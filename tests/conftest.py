@@ -24,6 +24,22 @@ from cpeft_jax.models.decoder_config import DecoderConfig  # noqa: E402
 from cpeft_jax.models.llama import Decoder  # noqa: E402
 from helpers import GPT_OPT_PEFT, GPT_TOKENS, MASK  # noqa: E402
 
+# Modules whose module-scoped fixture trains or compiles something costly: each runs on one
+# xdist worker (setup.cfg's --dist=loadgroup), so that fixture is built once, not once per
+# worker that happens to get one of its tests.
+ONE_WORKER = ('test_demo', 'test_evaluate', 'test_faults', 'test_integrity',
+              'test_plugin_workflow', 'test_plugins', 'test_shard_routing', 'test_sharded_load',
+              'test_sweep', 'test_tasks', 'test_trainer')
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+  for item in items:
+    name = item.module.__name__.rpartition('.')[2]
+    if name in ONE_WORKER:
+      item.add_marker(pytest.mark.xdist_group(name))
+
+
 # GQA, untied, a few units of logits: the tiny Llama of test_checkpoints.py.
 LLAMA = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
                       num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, rope_theta=500.0)

@@ -45,8 +45,10 @@ def test_best_validation_perplexity_is_trainings(workdir):
   val = out['splits']['validation']
   np.testing.assert_allclose(val['perplexity'], math.exp(best['val_loss']), rtol=1e-5)
   np.testing.assert_allclose(val['loss'], best['val_loss'], rtol=1e-5)
-  assert out['checkpoint'] == {'kind': 'best', 'path': os.path.join(workdir, 'best'),
-                               'step': best['step']}
+  # The version best.json commits (DIR/best is only a local convenience link to it).
+  assert out['checkpoint'] == {
+      'kind': 'best', 'path': os.path.join(workdir, 'best_versions', str(best['step'])),
+      'step': best['step']}
   test = out['splits']['test']
   assert test['images'] == 100 and val['images'] == 8
   assert math.isfinite(test['perplexity']) and test['perplexity'] != val['perplexity']
