@@ -14,23 +14,6 @@ from cpeft_jax import sharding, xla_flags
 
 FAST_COMPILE = ' '.join(xla_flags.FAST_COMPILE)  # both sides of each comparison use it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUN = '''
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-from helpers import tiny
-from cpeft_jax.train import trainer
-import jax
-from absl import logging
-logging.set_verbosity(logging.INFO if {info} else logging.WARNING)  # INFO: the sharding log
-c = tiny(1)
-c.data.data_dir = {data!r}
-c.eval.batch_size = 8
-c.mesh = {mesh!r}
-print('devices', jax.device_count())
-trainer.train_and_evaluate(c, {workdir!r})
-'''
-
-
 QUANTIZED = '''
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -348,43 +331,3 @@ def test_bad_batch_and_rules_error_clearly():
   sharding.check_batch({'data': 2, 'fsdp': 2, 'tensor': 2}, 'train', 8)
   with pytest.raises(ValueError, match=r"names axis 'model'"):
     sharding.parse_rules([('q_proj', (None, 'model'))])
-
-
-def _complete_lines(path):
-  """The newline-terminated lines of `path` so far (none while it does not exist)."""
-  return path.read_text().split('\n')[:-1] if path.exists() else []
-
-
-def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
-  import signal
-  import time
-  code = RUN.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), data=str(tmp_path / 'tfds'),
-                    workdir=str(tmp_path / 'run'), mesh=sharding.DEFAULT_MESH, info=False,
-                    ).replace('tiny(1)', 'tiny(3)')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  log = tmp_path / 'stderr.txt'  # files, not pipes: nothing blocks on an unread pipe
-  with open(tmp_path / 'stdout.txt', 'w') as out, open(log, 'w') as errors:
-    proc = subprocess.Popen([sys.executable, '-u', '-c', code], env=env, cwd=ROOT, text=True,
-                            stdout=out, stderr=errors)
-  # The event: the run has written step 5's metrics line (training is under way). Polled, with
-  # a generous deadline for a loaded machine (the whole 3-epoch run takes about a minute).
-  metrics = tmp_path / 'run' / 'metrics.jsonl'
-  deadline = time.monotonic() + 900
-  while not any(json.loads(l)['step'] >= 5 for l in _complete_lines(metrics)):
-    if proc.poll() is not None or time.monotonic() > deadline:
-      proc.kill()
-      pytest.fail(f'no step 5 in {metrics} (exit {proc.poll()}): {log.read_text()[-3000:]}')
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  proc.wait(timeout=300)
-  err = log.read_text()
-  assert proc.returncode != 0
-  assert 'checkpoint saved, rerun the same command to resume' in err
-  steps = sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir()
-                 if p.name.isdigit())
-  assert steps and 5 <= steps[-1] < 45
-  out = subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True,
-                       text=True)
-  assert out.returncode == 0, out.stderr[-3000:]
-  lines = [json.loads(l) for l in open(tmp_path / 'run' / 'metrics.jsonl')]
-  assert lines[-1]['step'] == 45 and 'val_loss' in lines[-1]
