@@ -108,9 +108,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str, *, checkpoint: str 
   # The tokenizer and the base decoder are read from the workdir, so build needs no train split.
   exp = experiment.build(config, workdir, None)
   trainable, frozen = trainable_lib.split_for(exp.variables, config)
-  replicated = jax.sharding.NamedSharding(exp.mesh, jax.sharding.PartitionSpec())
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                          trainable)
+  abstract = _replicated(trainable, exp.mesh)
   trainable = restore_trainable(ckpt, abstract, config_name=config_name,
                                 note=config_note(config, workdir, config_name))
   # The frozen base as training placed it (the partition rules; `build` loads it so); the
@@ -174,7 +172,7 @@ def read_trainable(ckpt: Checkpoint):
   with ocp.StandardCheckpointer() as reader:
     metadata = integrity.read(lambda: reader.metadata(ckpt.path), ckpt.path)
     # Several hosts: every leaf whole on each (replicated), so each can read it to the host.
-    target = (_replicated_target(metadata.item_metadata.tree) if jax.process_count() > 1
+    target = (_replicated(metadata.item_metadata.tree) if jax.process_count() > 1
               else None)
     tree = integrity.read(lambda: reader.restore(ckpt.path, target), ckpt.path)
     custom = metadata.custom_metadata
@@ -182,12 +180,13 @@ def read_trainable(ckpt: Checkpoint):
   return tree
 
 
-def _replicated_target(saved_tree):
-  """Shapes and dtypes of a saved tree, each leaf replicated over every device."""
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
+def _replicated(tree, mesh: jax.sharding.Mesh | None = None):
+  """Shapes and dtypes of `tree`'s leaves (arrays or orbax metadata), each leaf whole on every
+  device of `mesh` (default: every device of every process)."""
+  if mesh is None:
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
   whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=whole),
-                      saved_tree)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), tree)
 
 
 def _check_fits(saved, wanted, where: str, config_name: str, note: str):

@@ -10,9 +10,10 @@ SIGTERM and SIGINT (Ctrl-C) only raise a flag, read between steps and between va
 batches, where the state and its progress agree: that pair is saved and the run stops. A second
 signal changes nothing. On several hosts the flag is voted on (`hosts.StopVote`, or a blocking
 `hosts.any_host` at epoch boundaries and between validation batches), so that a signal any one
-host receives stops every host after the same step, all of them joining the same save. Every save (periodic, epoch end, signal) goes through `Trainer.save`,
-which never writes non-finite parameters and rewrites a step already saved only when its
-progress differs (the same step before and after its epoch's validation).
+host receives stops every host after the same step, all of them joining the same save. Every
+save (periodic, epoch end, signal) goes through `Trainer.save`, which never writes non-finite
+parameters and rewrites a step already saved only when its progress differs (the same step
+before and after its epoch's validation).
 """
 
 from __future__ import annotations
