@@ -257,6 +257,16 @@ def test_workers_exit_when_the_trainer_is_killed(tmp_path):
   assert not _workers_alive(pids)
 
 
+def test_a_worker_that_starts_after_its_parent_died_exits():
+  """A worker still importing when the trainer is killed runs its start-up as an orphan: it
+  must compare with the trainer's pid (taken in the trainer), not its parent at that time."""
+  code = ('import time; from cpeft_jax.data import workers; '
+          'workers._init_worker(1, 0, 1); time.sleep(60)')  # pid 1 is not its parent
+  run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=50)
+  assert run.returncode == 1, run.stderr
+
+
 def test_a_corrupt_image_fails_the_same_way_in_a_worker(split, tmp_path):
   """An image that stopped decoding after load raises the error the thread path raises (its
   type and message name the file), not a worker crash."""

@@ -18,6 +18,7 @@ objects (the batches that were in flight); it removes them itself.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import signal
@@ -50,7 +51,7 @@ def ordered_map(fn: Callable[[int], T], indices: range, workers: int,
   ds = grain.MapDataset.range(indices.start, indices.stop).map(fn).to_iter_dataset()
   ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
                                                    per_worker_buffer_size=max(1, buffer)),
-                      worker_init_fn=_init_worker)
+                      worker_init_fn=functools.partial(_init_worker, os.getpid()))
   it = iter(ds)
   try:
     yield from it
@@ -62,13 +63,13 @@ def ordered_map(fn: Callable[[int], T], indices: range, workers: int,
     gc.collect()
 
 
-def _init_worker(index: int, count: int) -> None:
+def _init_worker(parent: int, index: int, count: int) -> None:
   """In each worker before any work: leave SIGINT and SIGTERM to the parent (it closes the
-  workers), and exit when the parent is gone."""
+  workers), and exit when the parent (`parent`, its pid taken in the parent, since a worker
+  that starts slowly may first run this after the parent died) is gone."""
   del index, count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-  parent = os.getppid()
 
   def watch():
     while os.getppid() == parent:
