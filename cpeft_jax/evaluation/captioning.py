@@ -79,7 +79,7 @@ def generate_split(r: Restored, split, decoding: Decoding, *, desc: str = '',
   """One generated caption per image of `split`, in split order (`desc`: the progress bar's)."""
   exp = r.exp
   ids = tokenizer_lib.special_ids(exp.tokenizer)
-  variables = r.variables
+  variables = generate_lib.prepare(exp.model, r.variables)  # once for every batch
   data = exp.batches(split, train=False, all_references=False)
   index = {int(i): n for n, i in enumerate(split.image_ids)}
   out = []

@@ -18,11 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from typing import Any
+
+import flax
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpeft_jax import lowp
 from cpeft_jax.contexts import Kind
 from cpeft_jax.models.attention import KVCache
 from cpeft_jax.models.llama import Decoder
@@ -103,38 +107,104 @@ def unrolled(cfg):
   return dataclasses.replace(cfg, unroll_layers=True)
 
 
-def stepper(apply, variables, path, num_layers):
+@flax.struct.dataclass
+class DecodeWeights:
+  """A model's variables laid out for decoding (`prepare`): what every prefill and one-token step
+  reads, made once.
+
+  - `layers`: the decoder's layer stacks (at `path` in every collection) cut into per-layer
+    trees. A step stacks them again, which XLA folds away against each layer's static slice,
+    so no step copies a weight. (XLA does not hoist static slices of a stack out of a loop, and
+    a layer loop's dynamic slices copy them every step: a memory-bound one-token step would read
+    every weight twice; bench/: paper shape, float32, 1.6x faster generation.)
+  - Frozen float kernels of the layers and the untied LM head stored output-major
+    (`lowp.OutputMajorKernel`), the layout a one-token step multiplies fastest on XLA:CPU, as
+    torch's nn.Linear keeps them; not with DoRA, whose column norms read the kernel.
+  - `variables`: everything else, as given (the stacks' place left empty).
+
+  Building it reads and writes every weight once (a fraction of a second at the paper's shape),
+  so a loop over batches (evaluation, the benchmark) prepares once and passes it to `generate`
+  or `generate_text` in place of the variables; given plain variables they prepare inside.
+  """
+  variables: Any
+  layers: Any
+  path: tuple[str, ...] = flax.struct.field(pytree_node=False)
+
+
+def prepare(model: Decoder | VisionLanguageModel, variables) -> DecodeWeights:
+  """`variables` of `model` laid out for decoding (`DecodeWeights`), computed once under jit."""
+  if isinstance(variables, DecodeWeights):
+    return variables
+  return _prepare_jit(*_layer_path(model))(variables)
+
+
+def layout(model: Decoder | VisionLanguageModel, variables) -> DecodeWeights:
+  """`prepare` without its own jit: for use inside a jitted function."""
+  path, num_layers = _layer_path(model)
+  return _layout(variables, path=path, num_layers=num_layers)
+
+
+def _layer_path(model) -> tuple[tuple[str, ...], int]:
+  if isinstance(model, VisionLanguageModel):
+    return ('decoder', 'layers'), model.decoder_cfg.num_layers
+  return ('layers',), model.cfg.num_layers
+
+
+@functools.lru_cache(maxsize=16)
+def _prepare_jit(path, num_layers):
+  return jax.jit(functools.partial(_layout, path=path, num_layers=num_layers))
+
+
+def _at(tree, keys):
+  for key in keys:
+    if not isinstance(tree, Mapping) or key not in tree:
+      return None
+    tree = tree[key]
+  return tree
+
+
+def _put(tree, keys, value):
+  return value if not keys else {**tree, keys[0]: _put(tree[keys[0]], keys[1:], value)}
+
+
+def _layout(variables, *, path, num_layers) -> DecodeWeights:
+  if isinstance(variables, DecodeWeights):
+    return variables
+  adaptors = jax.tree_util.tree_flatten_with_path(variables.get('adaptors', {}))[0]
+  dora = any('dora_m' in jax.tree_util.keystr(p) for p, _ in adaptors)
+
+  def output_major(key_path, x):
+    if (not dora and getattr(key_path[-1], 'key', None) == 'kernel' and isinstance(x, jax.Array)
+        and jnp.issubdtype(x.dtype, jnp.floating)):
+      return lowp.OutputMajorKernel.of(x)
+    return x
+
+  layers, rest = {}, dict(variables)
+  for col, tree in variables.items():
+    stacked = _at(tree, path)
+    if stacked is None:
+      continue
+    layers[col] = tuple(jax.tree_util.tree_map_with_path(output_major, jax.tree.map(
+        lambda x, i=i: x[i], stacked)) for i in range(num_layers))
+    rest[col] = _put(tree, path, None)
+  head = path[:-1] + ('lm_head', 'kernel')
+  kernel = _at(rest.get('params', {}), head)
+  if kernel is not None:
+    rest['params'] = _put(rest['params'], head, output_major((jax.tree_util.DictKey('kernel'),),
+                                                             kernel))
+  return DecodeWeights(rest, layers, tuple(path))
+
+
+def stepper(apply, weights: DecodeWeights):
   """apply(variables, *args, cache=..., **kw) -> (logits, cache), made for a prefill and the
   one-token steps of a decoding loop whose state holds the cache per layer
-  (`KVCache.per_layer`).
-
-  `apply` runs an unrolled decoder (`unrolled`). The decoder's layer stacks (at `path` in
-  every collection of `variables`) are cut into per-layer slices here, once, before the loop;
-  in each call they and the cache are stacked again, which XLA folds away against each layer's
-  static slice. So the weights are copied out of their stacks once per generation, and the
-  cache never (XLA does not hoist such slices out of a loop, and a layer loop's dynamic slices
-  copy them every step: a memory-bound one-token step would read every weight twice; bench/:
-  paper shape, float32, 1.6x faster generation).
+  (`KVCache.per_layer`). `apply` runs an unrolled decoder (`unrolled`) on `weights`' layers,
+  stacked again in each call (see `DecodeWeights`); the cache likewise, so it is never copied.
   """
-  def at(tree, keys):
-    for key in keys:
-      if not isinstance(tree, Mapping) or key not in tree:
-        return None
-      tree = tree[key]
-    return tree
-
-  def put(tree, keys, value):
-    return value if not keys else {**tree, keys[0]: put(tree[keys[0]], keys[1:], value)}
-
-  pieces = {}
-  for col, tree in variables.items():
-    stacked = at(tree, path)
-    if stacked is not None:
-      pieces[col] = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)]
-
   def step(*args, cache, **kw):
-    rebuilt = {col: put(tree, path, jax.tree.map(lambda *xs: jnp.stack(xs), *pieces[col]))
-               if col in pieces else tree for col, tree in variables.items()}
+    rebuilt = {col: _put(tree, weights.path, jax.tree.map(lambda *xs: jnp.stack(xs),
+                                                          *weights.layers[col]))
+               if col in weights.layers else tree for col, tree in weights.variables.items()}
     logits, cache = apply(rebuilt, *args, cache=cache, **kw)  # the decoder stacks the cache
     return logits, cache.per_layer()
   return step
@@ -148,7 +218,7 @@ def _vlm_generator(model, prompt_len, max_new_tokens, eos_id, pad_id, num_beams,
   def run(variables, pixels, tokens_BP, kinds_BP, ctx_BP, text_context):
     B = tokens_BP.shape[0]
     cache = KVCache.create(model.decoder_cfg, B, prompt_len + max_new_tokens - 1)
-    prefill = stepper(model.apply, variables, ('decoder', 'layers'), model.decoder_cfg.num_layers)
+    prefill = stepper(model.apply, layout(model, variables))
     logits_B1V, cache = prefill(pixels, tokens_BP, kinds_BP, ctx_BP, cache=cache,
                                 logits_to_keep=1)
     decode = functools.partial(prefill, method=VisionLanguageModel.decode)
@@ -172,7 +242,7 @@ def _text_generator(model, max_new_tokens, eos_id, pad_id, num_beams, length_pen
     B, P = tokens_BP.shape
     positions_BP = jnp.maximum(jnp.cumsum(mask_BP, 1) - 1, 0).astype(jnp.int32)
     cache = KVCache.create(model.cfg, B, P + max_new_tokens - 1)
-    apply = stepper(model.apply, variables, ('layers',), model.cfg.num_layers)
+    apply = stepper(model.apply, layout(model, variables))
     logits_B1V, cache = apply(tokens_BP, context_ids_BL=ctx_BP, attention_mask_BL=mask_BP,
                               positions_BL=positions_BP, cache=cache, logits_to_keep=1)
 

@@ -163,7 +163,7 @@ def _continuer(model, max_new_tokens, eos_id, pad_id, num_beams, length_penalty)
     # Positions count non-padding tokens only (as generate_text with left padding).
     seen_B = jnp.sum(cache.valid_BM, 1, dtype=jnp.int32)
     positions_BS = seen_B[:, None] + jnp.maximum(jnp.cumsum(mask_BS, 1) - 1, 0).astype(jnp.int32)
-    apply = gen.stepper(model.apply, variables, ('layers',), model.cfg.num_layers)
+    apply = gen.stepper(model.apply, gen.layout(model, variables))
     logits_B1V, cache = apply(tokens_BS, context_ids_BL=ctx_BS, attention_mask_BL=mask_BS,
                               positions_BL=positions_BS, cache=cache, logits_to_keep=1)
     gen_ctx_B = ctx_BS[:, -1]
