@@ -55,6 +55,8 @@ flags.DEFINE_integer('gpu_steps', 10, 'GPU suite: timed steps per block, at most
 flags.DEFINE_integer('gpu_rounds', 2, 'GPU suite: rounds of alternating blocks, at most.')
 flags.DEFINE_float('gpu_budget_s', 400.0, 'GPU suite: seconds after which compiling and timing '
                    'stop (what is left is reported as skipped), so the suite ends within 8 min.')
+flags.DEFINE_list('gpu_contexts', [str(c) for c in CONTEXTS], 'GPU suite: the C of the LoRA '
+                  'strategies table (the tests\' dry run takes one).')
 flags.DEFINE_bool('gpu_peer_worker', False, 'Internal: build and time the peer, print JSON.')
 flags.DEFINE_float('gpu_peak_tflops', None, 'GPU suite: the device\'s dense bf16 peak in TFLOP/s '
                    '(default: bench/flops.py\'s table by device kind).')
@@ -152,6 +154,10 @@ class Case:
   flops: int
 
 
+def contexts() -> tuple[int, ...]:
+  return tuple(int(c) for c in flags.FLAGS.gpu_contexts)
+
+
 def plan(s: cases.Shape, platform: str) -> tuple[list[Case], dict[int, str]]:
   """Every case of the suite, and the strategy 'auto' picks at each C on `platform`."""
   from cpeft_jax.adaptors import pick_strategy
@@ -160,7 +166,7 @@ def plan(s: cases.Shape, platform: str) -> tuple[list[Case], dict[int, str]]:
     spec = cases.OURS[name]
     out.append(Case(name, spec.label, spec, s.strategy, flops.train_flops(s, spec.mode)))
   auto = {}
-  for C in CONTEXTS:
+  for C in contexts():
     spec = cases.TrainSpec(f'LoRA C={C}', contexts=C)
     auto[C] = pick_strategy('auto', spec.peft(s).num_rows, s.rank, platform)
     for strategy in STRATEGIES:
@@ -321,7 +327,7 @@ def strategy_lines(r: dict, peak: float | None) -> list[str]:
   """The LoRA strategies table: each C under each strategy, against LoRA C=1 of the same run."""
   built, times, s = r['built'], r['times'], r['shape']
   ref = times.get('lora_c1')
-  lines = ['', f'### LoRA strategies (C = {", ".join(map(str, CONTEXTS))})', '',
+  lines = ['', f'### LoRA strategies (C = {", ".join(map(str, contexts()))})', '',
            f'Context-LoRA train step at each C, contexts in contiguous segments of each row; '
            f'"auto" marks what `pick_strategy(\'auto\', C, r={s.rank}, '
            f'\'{r["device"].platform}\')` takes. MFU counts the same model FLOPs for every '

@@ -66,7 +66,7 @@ GOAL_ROWS = (
     # 'memory'/'speed' (>= bound).
     ('Context-LoRA C=2 over context-agnostic LoRA', 'lora_c2', 'lora_c1', 1.10, 'time'),
     ('Context-LoRA C=8 over C=1', 'lora_c8', 'lora_c1', 1.25, 'time'),
-    ('our LoRA step over transformers+peft, bf16', 'lora_c1', 'peft_bf16', 0.70, 'time'),
+    ('our LoRA step over transformers+peft, bf16', 'lora_c1', 'peft_bf16', 0.85, 'time'),
     ('our LoRA step over transformers+peft, float32', 'lora_c1_fp32', 'peft_fp32', 0.70, 'time'),
     ('full fine-tuning over Context-LoRA C=2, peak memory', 'full', 'lora_c2', 2.0, 'memory'),
     ('the same, both with layer remat', 'full' + REMAT, 'lora_c2' + REMAT, 2.0, 'memory'),

@@ -7,6 +7,7 @@ constants shared by several modules are in helpers.py.
 """
 
 import os
+import tempfile
 import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -14,6 +15,15 @@ from cpeft_jax import xla_flags  # noqa: E402  (imports no JAX)
 # Tiny shapes: compiling dominates, and unoptimised CPU code compiles sooner (LLVM's level only;
 # XLA's HLO passes, which the HLO assertions read, still run). Subprocesses inherit it.
 xla_flags.add_defaults(xla_flags.FAST_COMPILE)
+# One persistent compilation cache for the run, shared by the xdist workers and every process
+# they start (train.py and evaluate.py runs, the hosts of a multi-host test), which compile the
+# same steps again and again; only programs that took a second or more to compile (writing the
+# cheap ones costs more than it saves), in a fresh directory per run, so no test reads another
+# run's programs.
+_RUN = os.environ.get('PYTEST_XDIST_TESTRUNUID') or str(os.getpid())
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), f'cpeft-jax-tests-xla-{_RUN}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '1')
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
