@@ -155,6 +155,9 @@ class Case:
 
 
 def contexts() -> tuple[int, ...]:
+  """The C of the strategies table: --gpu_contexts once flags are parsed, else CONTEXTS."""
+  if not flags.FLAGS.is_parsed():
+    return CONTEXTS
   return tuple(int(c) for c in flags.FLAGS.gpu_contexts)
 
 
@@ -327,7 +330,8 @@ def strategy_lines(r: dict, peak: float | None) -> list[str]:
   """The LoRA strategies table: each C under each strategy, against LoRA C=1 of the same run."""
   built, times, s = r['built'], r['times'], r['shape']
   ref = times.get('lora_c1')
-  lines = ['', f'### LoRA strategies (C = {", ".join(map(str, contexts()))})', '',
+  Cs = sorted({c.spec.contexts for c in r['cases'] if c.key not in TRAIN_CASES})
+  lines = ['', f'### LoRA strategies (C = {", ".join(map(str, Cs))})', '',
            f'Context-LoRA train step at each C, contexts in contiguous segments of each row; '
            f'"auto" marks what `pick_strategy(\'auto\', C, r={s.rank}, '
            f'\'{r["device"].platform}\')` takes. MFU counts the same model FLOPs for every '

@@ -79,14 +79,24 @@ def current_rss_mib() -> float:
 
 
 def cpu_model() -> str:
+  """The CPU's model name and whether it multiplies bf16 natively (avx512_bf16 or AMX): without,
+  XLA:CPU emulates bf16 dots and the bf16 rows slow down several times (so ratios between
+  machines of the two kinds do not compare)."""
+  name, flags = '', set()
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        if line.startswith('model name') and not name:
+          name = line.split(':', 1)[1].strip()
+        elif line.startswith('flags') and not flags:
+          flags = set(line.split(':', 1)[1].split())
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  name = name or platform.processor() or platform.machine()
+  if not flags:
+    return name
+  native = sorted(flags & {'avx512_bf16', 'amx_bf16'})
+  return f'{name} (bf16: {", ".join(native) if native else "no avx512_bf16 or amx_bf16"})'
 
 
 def versions(names=('jax', 'flax', 'optax', 'torch', 'transformers', 'peft')) -> str:
@@ -145,9 +155,8 @@ def replace_section(text: str, heading: str, new: str) -> str:
     raise ValueError(f'The new section must start with the line {heading!r}, got {new[:40]!r}.')
   new = new if new.endswith('\n') else new + '\n'
   span = _section_span(text, heading)
-  if span is None:
-    sep = '' if not text else ('\n' if text.endswith('\n') else '\n\n')
-    return text + sep + new
+  if span is None:  # one blank line between, however many `text` ended with
+    return (text.rstrip('\n') + '\n\n' if text.strip() else '') + new
   start, end = span
   if end < len(text) and not new.endswith('\n\n'):
     new += '\n'  # a blank line before the heading that follows
