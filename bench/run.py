@@ -232,7 +232,8 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
   if gen_times:
     lines += ['', '## Generation (greedy, KV cache)', '',
               '| stack | ms / call | new tokens / s |', '|---|---|---|']
-    for name, label in (('generate_ours', 'ours: generate_text (jitted while_loop, weights from generate.prepare)'),
+    for name, label in (('generate_ours',
+                         'ours: generate_text (jitted while_loop, weights from generate.prepare)'),
                         ('generate_peer', 'transformers generate(use_cache=True)')):
       if name not in gen_times:
         lines.append(f'| {label} | skipped ({peer_skip}) | - |')

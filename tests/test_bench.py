@@ -187,8 +187,8 @@ def test_gpu_suite_dry_run_writes_only_its_section(tmp_path):
   xla_flags.add_defaults(xla_flags.FAST_COMPILE, env)
   p = subprocess.run(
       [sys.executable, '-m', 'bench.run', '--suite=gpu', '--gpu_dry_run', '--gpu_steps=1',
-       '--gpu_rounds=1', '--gpu_peak_tflops=1', '--gpu_contexts=4', '--nopeer', f'--out={out}'], cwd=ROOT, env=env,
-      capture_output=True, text=True, timeout=600, check=False)
+       '--gpu_rounds=1', '--gpu_peak_tflops=1', '--gpu_contexts=4', '--nopeer', f'--out={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert p.returncode == 0, p.stderr[-3000:]
   text = out.read_text()
   section = harness.section(text, gpu.HEADING)

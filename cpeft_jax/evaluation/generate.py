@@ -173,25 +173,26 @@ def _layout(variables, *, path, num_layers) -> DecodeWeights:
   adaptors = jax.tree_util.tree_flatten_with_path(variables.get('adaptors', {}))[0]
   dora = any('dora_m' in jax.tree_util.keystr(p) for p, _ in adaptors)
 
-  def output_major(key_path, x):
-    if (not dora and getattr(key_path[-1], 'key', None) == 'kernel' and isinstance(x, jax.Array)
-        and jnp.issubdtype(x.dtype, jnp.floating)):
-      return lowp.OutputMajorKernel.of(x)
-    return x
+  def output_major(kernel):  # a frozen float kernel (not a quantized one), DoRA aside
+    if dora or not isinstance(kernel, jax.Array) or not jnp.issubdtype(kernel.dtype, jnp.floating):
+      return kernel
+    return lowp.OutputMajorKernel.of(kernel)
+
+  def layer_kernels(key_path, x):
+    return output_major(x) if getattr(key_path[-1], 'key', None) == 'kernel' else x
 
   layers, rest = {}, dict(variables)
   for col, tree in variables.items():
     stacked = _at(tree, path)
     if stacked is None:
       continue
-    layers[col] = tuple(jax.tree_util.tree_map_with_path(output_major, jax.tree.map(
+    layers[col] = tuple(jax.tree_util.tree_map_with_path(layer_kernels, jax.tree.map(
         lambda x, i=i: x[i], stacked)) for i in range(num_layers))
     rest[col] = _put(tree, path, None)
   head = path[:-1] + ('lm_head', 'kernel')
   kernel = _at(rest.get('params', {}), head)
   if kernel is not None:
-    rest['params'] = _put(rest['params'], head, output_major((jax.tree_util.DictKey('kernel'),),
-                                                             kernel))
+    rest['params'] = _put(rest['params'], head, output_major(kernel))
   return DecodeWeights(rest, layers, tuple(path))
 
 
