@@ -18,6 +18,10 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 
+# The section bench/breakdown.py writes (bench.run keeps it; breakdown's flags clash with run's).
+BREAKDOWN_HEADING = '## Context-LoRA C=8 over C=1: where the time goes'
+
+
 def context_ids(batch: int, seq: int, num_contexts: int) -> np.ndarray:
   """C=1: all zero; C=2: the paper's layout (BOS text, up to 64 image tokens, caption text);
   C>2: contiguous equal segments (e.g. roles or tasks)."""

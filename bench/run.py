@@ -264,7 +264,7 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
 
 
 # Sections other commands write into the same file, kept as they are by this report.
-KEPT_SECTIONS = ('## Input pipeline (data.workers)', gpu.HEADING)
+KEPT_SECTIONS = ('## Input pipeline (data.workers)', gpu.HEADING, harness.BREAKDOWN_HEADING)
 
 
 def write(path: str, text: str):

@@ -207,3 +207,35 @@ def test_gpu_suite_dry_run_writes_only_its_section(tmp_path):
       row = next(l for l in rows if l.startswith(f'| {C} | {strategy} | '))
       assert float(row.split(' | ')[2]) > 0, row
       assert row.endswith('| auto |') == (strategy == auto), row
+
+
+def test_breakdown_files_each_op_under_its_source():
+  """bench/breakdown.py: an op's own time excludes the ops nested in its span (a loop's body),
+  per thread; the op_names JAX writes into a grouped Context-LoRA decoder's optimized HLO land
+  in the routing, tile-loop and base categories (a renamed scope would leave them empty)."""
+  from bench import breakdown
+  from cpeft_jax.adaptors import LoraConfig, PeftConfig
+  from cpeft_jax.models.decoder_config import DecoderConfig
+  from cpeft_jax.models.llama import Decoder
+  import jax
+  import jax.numpy as jnp
+
+  ev = lambda tid, ts, dur, op: {'ph': 'X', 'tid': tid, 'ts': ts, 'dur': dur,
+                                 'args': {'hlo_op': op}}
+  own = breakdown.own_times([ev(1, 0, 10, 'while'), ev(1, 1, 3, 'dot'), ev(1, 5, 2, 'add'),
+                             ev(2, 0, 3, 'dot'), {'ph': 'X', 'tid': 1, 'ts': 0, 'dur': 99,
+                                                  'name': 'no hlo_op: not an op'}])
+  assert own == {'while': 5.0, 'dot': 6.0, 'add': 2.0}
+  cfg = DecoderConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2,
+                      intermediate_size=32)
+  peft = PeftConfig(methods=('lora',), num_contexts=3, lora=LoraConfig(rank=2, alpha=2.0),
+                    strategy='grouped', tile=4)
+  model = Decoder(cfg, peft)
+  tokens, ctx = jnp.zeros((2, 8), jnp.int32), jnp.asarray([[0, 1, 2, 1] * 2] * 2)
+  variables = model.init(jax.random.key(0), tokens, context_ids_BL=ctx)
+  hlo = jax.jit(lambda v: model.apply(v, tokens, context_ids_BL=ctx)).lower(
+      variables).compile().as_text()
+  found = {breakdown.categorize(n) for n in breakdown.op_names(hlo).values()}
+  assert {'routing', 'lora tiles', 'base'} <= found, found
+  assert breakdown.categorize('') == 'no op_name'
+  assert breakdown.categorize('jit(train_step)/add') == 'optimizer'

@@ -70,6 +70,29 @@ def test_losses_and_gradients_equal_the_full_logits(vocab_major, chunk):
   np.testing.assert_allclose(jax.grad(ours)(x, w), gf[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('vocab_major', [False, True], ids=['untied', 'tied'])
+def test_chunks_with_no_scored_position_skip_the_head_both_ways(vocab_major):
+  """The first two chunks (positions 0-5, as a caption's image positions) are unscored in every
+  row and hold NaN hidden states: given the mask, the head never reads them (a NaN would reach
+  the loss's sum or d(head) otherwise, as it does without the mask); the rest equals the full
+  logits' losses and gradients."""
+  x, w, t, mask = _head_case(vocab_major)
+  mask = mask.at[:, :6].set(0.0)
+  x_nan = x.at[:, :6].set(jnp.nan)
+  head = lambda w: LMHead(w, vocab_major)
+  full = lambda x, w: jnp.sum(losses.token_losses(head(w).logits(x), t) * mask)
+  ours = lambda x, w, m=mask: jnp.sum(
+      losses.head_token_losses(x, head(w), t, mask_BL=m, chunk_logits=CHUNK) * mask)
+  lf, gf = jax.value_and_grad(full, (0, 1))(x.at[:, :6].set(0.0), w)
+  lo, go = jax.jit(jax.value_and_grad(ours, (0, 1)))(x_nan, w)
+  np.testing.assert_allclose(lo, lf, rtol=1e-6)
+  for a, b in zip(go, gf):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert not np.any(np.asarray(go[0])[:, :6])
+  unskipped = jax.value_and_grad(lambda x, w: ours(x, w, None), (0, 1))(x_nan, w)
+  assert np.isnan(unskipped[0]) and np.isnan(np.asarray(unskipped[1][1])).any()
+
+
 def test_bfloat16_head_matches_the_full_logits_to_its_rounding():
   """bf16 hidden states and head: float32 logits either way; d(hidden) rounds once to bf16 as
   the full path's, d(head) is accumulated over chunks in float32 and rounded once."""
