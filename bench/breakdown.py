@@ -8,8 +8,8 @@ shape, batch 8 x 128, bf16 compute, LoRA r=64 on every projection, Adam) for C=1
 times them interleaved, then profiles `--steps` more steps of each with jax.profiler. Every
 HLO op's own time (its span minus the ops it encloses, so a loop's body ops count as theirs,
 not the loop's) is filed under a category read from the op's `op_name` metadata
-(`categorize`). Two threads run ops at once, so op times add up to more than the wall: a
-category's milliseconds are the step's median time times its share of the summed op time.
+(`categorize`). Figures are op time per step summed over the threads that ran the ops (two
+threads can run ops at once, and a thread can wait), beside the step's median wall time.
 Not a test: nothing asserts a time.
 """
 
@@ -118,12 +118,11 @@ def profile(run, steps: int) -> dict[str, float]:
   return own_times(data['traceEvents'] if isinstance(data, dict) else data)
 
 
-def shares(own: dict[str, float], names: dict[str, str]) -> dict[str, float]:
-  """Each category's share of the summed own time."""
-  total = sum(own.values()) or 1.0
+def by_category(own: dict[str, float], names: dict[str, str]) -> dict[str, float]:
+  """The summed own time of each category's ops."""
   out = dict.fromkeys(CATEGORIES, 0.0)
   for op, us in own.items():
-    out[categorize(names.get(op, ''))] += us / total
+    out[categorize(names.get(op, ''))] += us
   return out
 
 
@@ -141,9 +140,10 @@ def main(argv):
     names = op_names(b.compiled.as_text())
     own = profile(b.run, FLAGS.steps)
     raw[c] = (own, names)
-    rows[c] = {k: v * times[c] * 1e3 for k, v in shares(own, names).items()}
+    rows[c] = {k: us / FLAGS.steps / 1e3 for k, us in by_category(own, names).items()}
   c0, c1 = ctx
-  extra = (times[c1] - times[c0]) * 1e3
+  total = {c: sum(rows[c].values()) for c in ctx}
+  extra = total[c1] - total[c0]
   lines = [
       HEADING, '',
       f'- command: `python -m bench.breakdown --shape={FLAGS.shape}`',
@@ -151,17 +151,20 @@ def main(argv):
       f'average {harness.load_average()}',
       f'- shape: {shape.describe()}',
       f'- step: bench.run\'s (bf16 compute, Adam); C={c1}: contiguous equal segments, strategy '
-      f'{shape.strategy}; median of 2 rounds x {FLAGS.steps} steps, then {FLAGS.steps} '
-      'profiled steps each; a category = step time x its share of the ops\' own time',
+      f'{shape.strategy}; wall: median of 2 rounds x {FLAGS.steps} steps; op time: '
+      f'{FLAGS.steps} profiled steps, each op\'s own time per step summed over threads',
       '',
-      f'| category | C={c0} ms | C={c1} ms | extra ms | share of the extra |',
+      f'| category (op time per step) | C={c0} ms | C={c1} ms | extra ms | share of the extra |',
       '|---|---|---|---|---|']
   for k in CATEGORIES:
     d = rows[c1][k] - rows[c0][k]
     lines.append(f'| {k}: {MEANING[k]} | {rows[c0][k]:.0f} | {rows[c1][k]:.0f} | {d:+.0f} | '
                  f'{d / extra:+.0%} |' if extra else '|')
-  lines.append(f'| step | {times[c0] * 1e3:.0f} | {times[c1] * 1e3:.0f} | {extra:+.0f} | '
-               f'{times[c1] / times[c0]:.2f}x |')
+  lines.append(f'| all ops (both threads) | {total[c0]:.0f} | {total[c1]:.0f} | {extra:+.0f} | '
+               f'{total[c1] / total[c0]:.2f}x |')
+  wall = (times[c1] - times[c0]) * 1e3
+  lines.append(f'| step wall time | {times[c0] * 1e3:.0f} | {times[c1] * 1e3:.0f} | '
+               f'{wall:+.0f} | {times[c1] / times[c0]:.2f}x |')
   text = '\n'.join(lines) + '\n'
   print(text)
   if FLAGS.top:  # op names differ between the two compiles: each step's own list
