@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import gzip
 import json
-import os
 import pathlib
 import re
 import tempfile
@@ -158,8 +157,9 @@ def main(argv):
       '|---|---|---|---|---|']
   for k in CATEGORIES:
     d = rows[c1][k] - rows[c0][k]
+    share = f'{d / extra:+.0%}' if extra else '-'
     lines.append(f'| {k}: {MEANING[k]} | {rows[c0][k]:.0f} | {rows[c1][k]:.0f} | {d:+.0f} | '
-                 f'{d / extra:+.0%} |' if extra else '|')
+                 f'{share} |')
   lines.append(f'| all ops (both threads) | {total[c0]:.0f} | {total[c1]:.0f} | {extra:+.0f} | '
                f'{total[c1] / total[c0]:.2f}x |')
   wall = (times[c1] - times[c0]) * 1e3
@@ -178,9 +178,7 @@ def main(argv):
         for op, ms in by_cat[k].most_common(FLAGS.top):
           print(f'{ms:8.1f}  {op}')
   if FLAGS.out:
-    old = open(FLAGS.out).read() if os.path.exists(FLAGS.out) else ''
-    with open(FLAGS.out, 'w') as f:
-      f.write(harness.replace_section(old, HEADING, text))
+    harness.write_section(FLAGS.out, HEADING, text)
 
 
 if __name__ == '__main__':

@@ -376,9 +376,7 @@ def main(out: str, peer: bool, strategy: str, tile: int, jobs: int | None) -> in
   text = report(r, started)
   print(text)
   if out:
-    old = open(out).read() if os.path.exists(out) else ''
-    with open(out, 'w') as f:
-      f.write(harness.replace_section(old, HEADING, text))
+    harness.write_section(out, HEADING, text)
     log(f'wrote the section {HEADING!r} of {out}')
   total = (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds()
   log(f'elapsed: {r["elapsed"]:.0f} s building and timing, {total:.0f} s since the suite began')

@@ -165,3 +165,11 @@ def replace_section(text: str, heading: str, new: str) -> str:
   if end < len(text) and not new.endswith('\n\n'):
     new += '\n'  # a blank line before the heading that follows
   return text[:start] + new + text[end:]
+
+
+def write_section(path: str, heading: str, new: str):
+  """Replaces (or appends) the section `heading` of the markdown file `path` by `new`
+  (`replace_section`), creating the file if there is none."""
+  old = open(path).read() if os.path.exists(path) else ''
+  with open(path, 'w') as f:
+    f.write(replace_section(old, heading, new))

@@ -133,14 +133,10 @@ def shard_batch(x):
   return jax.lax.with_sharding_constraint(x, PartitionSpec(axes)) if axes else x
 
 
+@jax.named_scope('route')  # the op_name scope bench/breakdown.py files routing under
 def route(context_ids, peft: PeftConfig) -> Routing:
   """Sorts the tokens of `context_ids` (any shape, batch first) into adaptor groups for every
   layer; under a mesh with batch shards (`batch_split`), each shard's tokens on their own."""
-  with jax.named_scope('route'):  # the op_name scope bench/breakdown.py files routing under
-    return _route(context_ids, peft)
-
-
-def _route(context_ids, peft: PeftConfig) -> Routing:
   ids = jnp.asarray(context_ids, jnp.int32)
   strategy = pick_strategy(peft.strategy, peft.num_rows, _max_rank(peft), jax.default_backend())
   mesh, axes = batch_split(ids.shape[0]) if ids.ndim else (None, ())
