@@ -14,7 +14,28 @@ Args: method (lora | ia3 | bitfit | lora+bitfit | none), rank, contexts (agnosti
 empty: both), mode (peft | connector | full), epochs, num_train (images), pretrain_epochs
 (0: random decoder), vision_epochs (the vision tower's label pre-training), specs (per-context
 adaptor specs, context 0 first, e.g. `specs=lora+bitfit:rank=8;lora:rank=32` for LoRA r=8 plus
-BitFit on text tokens and LoRA r=32 on image tokens), targets (A | F | AF), warmup_steps.
+BitFit on text tokens and LoRA r=32 on image tokens), targets (A | F | AF), warmup_steps,
+patch (the image patch side in pixels, of stage 0's tower and of the patch encoder: 16 gives
+16 image tokens, 8 gives 64), batch_size (stage 1's).
+
+The schedule is what makes the captions right within about 10 minutes on 2 cores (issue 20):
+16 image tokens (patch 16) instead of 64 (patch 8) cut a stage-1 row from 96 positions to 48,
+so a step of batch 16 costs about 0.09 s where one of batch 32 cost 0.36 s, and stage 1 runs 6
+epochs (1872 steps) where it ran 3 (468); the tower is 128 wide (was 96) and learns its labels
+for 12 epochs (was 6). The whole command took 535 s here (2-core Xeon, quiet; before: about
+9-12 min). Validation, greedy captions graded by `python -m cpeft_jax.data.demo.grading`
+(groups named with the right count, colour and shape; captions with every group right):
+
+                          val PPL  CIDEr  groups right  captions right
+  before, agnostic          3.221   1.262      0.121          0.07
+  before, modality          3.099   1.464      0.181          0.09
+  now, agnostic             2.578   2.448      0.583          0.41
+  now, modality             2.633   2.487      0.543          0.40
+(before: `patch=8,batch_size=32,epochs=3,vision_epochs=6` with a 96-wide, 384-MLP tower.)
+
+The tower on validation patches showing an object, before -> now: shape 0.73 -> 0.81, group
+count 0.79 -> 0.92, colour 1.00 -> 0.99. With the longer schedule context-agnostic LoRA ends
+slightly below context-specific in PPL (it was above at 3 epochs); captions are about even.
 """
 
 import ml_collections
@@ -24,9 +45,13 @@ from cpeft_jax import configlib
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
-                          epochs=3, num_train=1000, pretrain_epochs=2,
-                          vision_epochs=6, specs='', targets='AF',
-                          warmup_steps=50)
+                          epochs=6, num_train=1000, pretrain_epochs=2,
+                          vision_epochs=12, specs='', targets='AF',
+                          warmup_steps=50, patch=16, batch_size=16)
+  if a.patch < 1 or 64 % a.patch:
+    raise ValueError(f'patch={a.patch}: the demo\'s 64-pixel images need a patch size that '
+                     'divides 64 (e.g. 8 or 16).')
+  num_image_tokens = (64 // a.patch)**2
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -35,7 +60,7 @@ def get_config(arg=None):
   c.data = dict(
       dataset='demo', data_dir='', train_split='train', eval_split='validation',
       demo=dict(image_size=64, num_train=a.num_train, num_validation=100, num_test=100),
-      seq_len=96,  # BOS + 64 image tokens + up to 30 caption tokens + EOS
+      seq_len=1 + num_image_tokens + 31,  # BOS + image tokens + up to 30 caption tokens + EOS
       context_map=contexts,
       # No flips: the demo's captions say left and right. No colour jitter: they name colours.
       augment=dict(flip=False, crop_min_scale=1.0, brightness=0.0, contrast=0.0,
@@ -59,9 +84,10 @@ def get_config(arg=None):
                     # (per patch: shape, colour, size and group count) of the training images
                     # and of extra_scenes more scenes drawn for it alone.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
-                                image_size=64, patch_size=8, hidden_size=96, num_layers=3,
-                                num_heads=4, intermediate_size=384, extra_scenes=6000))
-  c.vision = dict(kind='patch', image_size=64, patch_size=8, width=96)
+                                image_size=64, patch_size=a.patch, hidden_size=128,
+                                num_layers=3, num_heads=4, intermediate_size=512,
+                                extra_scenes=6000))
+  c.vision = dict(kind='patch', image_size=64, patch_size=a.patch, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
                  rope_theta=10000.0, residual_dropout=0.1, dtype='float32',
@@ -75,7 +101,7 @@ def get_config(arg=None):
                 lora=dict(rank=a.rank, alpha=float(a.rank), dropout=0.0), strategy='auto')
   if a.specs:  # per-context specs, context 0 first (modality: 0 text, 1 image)
     c.peft.contexts = configlib.context_specs(a.specs)
-  c.train = dict(mode=a.mode, batch_size=32, epochs=a.epochs, micro_steps=1, log_every=50,
+  c.train = dict(mode=a.mode, batch_size=a.batch_size, epochs=a.epochs, micro_steps=1, log_every=50,
                  checkpoint_every=200, max_zero_grad_steps=20,
                  export=True,  # DIR/export: the adaptor-only copy of the best weights
                  freeze_connector=False, freeze_contexts=(),

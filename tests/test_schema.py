@@ -70,7 +70,7 @@ def test_shipped_configs_pass(get):
     ('peft.lora.rank', 999, 'peft.lora.rank=999 is larger than the adapted projection'),
     ('train.freeze_contexts', (5,), 'contexts [5] are out of range'),
     ('train.micro_steps', 5, 'not divisible by train.micro_steps=5'),
-    ('data.seq_len', 40, 'expected room for BOS, 64 image tokens'),
+    ('data.seq_len', 12, 'expected room for BOS, 16 image tokens'),
     ('vision.patch_size', 7, 'not a multiple of patch_size=7'),
     ('mesh', {'data': 0}, 'config.mesh'),
     ('quantize.format', 'int3', "quantize.format='int3'"),
