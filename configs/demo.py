@@ -128,9 +128,8 @@ def grid() -> list[str]:
   The demo-scale grid with two seeds (RESULTS.md):
     python -m cpeft_jax.sweep --config=configs/demo.py:epochs=1,num_train=400,warmup_steps=10 \
         --grid=paper --seeds=0,1 --workdir=DIR
-  took 53 min on a 2-core CPU (stage 0 about 8 min once, then 0.4-1.5 min per cell and seed;
-  the later seed loads its compiles from the sweep's cache). At the demo's default sizes
-  (`epochs=1`, 156 steps a run) a cell took about 4.5 min per seed on a loaded machine.
+  took 29 min on a quiet 2-core CPU (stage 0 about 2 min once, then 0.3-0.5 min per cell and
+  seed, 125 steps each; the later seed loads its compiles from the sweep's cache).
   """
   out = [f'method={m},{f"rank={r}," if r else ""}targets={t},contexts={x}'
          for (m, r) in (('ia3', 0), ('bitfit', 0), ('lora', 1), ('lora', 8), ('lora', 64))
