@@ -42,16 +42,18 @@ import ml_collections
 
 from cpeft_jax import configlib
 
+IMAGE_SIZE = 64  # pixels: the demo's scenes, its tower's input and the patch encoder's
+
 
 def get_config(arg=None):
   a = configlib.parse_arg(arg, method='lora', rank=16, contexts='', mode='peft',
                           epochs=6, num_train=1000, pretrain_epochs=2,
                           vision_epochs=12, specs='', targets='AF',
                           warmup_steps=50, patch=16, batch_size=16)
-  if a.patch < 1 or 64 % a.patch:
-    raise ValueError(f'patch={a.patch}: the demo\'s 64-pixel images need a patch size that '
-                     'divides 64 (e.g. 8 or 16).')
-  num_image_tokens = (64 // a.patch)**2
+  if a.patch < 1 or IMAGE_SIZE % a.patch:
+    raise ValueError(f'patch={a.patch}: the demo\'s {IMAGE_SIZE}-pixel images need a patch size '
+                     f'that divides {IMAGE_SIZE} (e.g. 8 or 16).')
+  num_image_tokens = (IMAGE_SIZE // a.patch)**2
   c = ml_collections.ConfigDict()
   c.seed = 0
   if not a.contexts:  # the two-variant demo; a single run (loop) still uses 'modality' below
@@ -59,7 +61,7 @@ def get_config(arg=None):
   contexts = a.contexts or 'modality'
   c.data = dict(
       dataset='demo', data_dir='', train_split='train', eval_split='validation',
-      demo=dict(image_size=64, num_train=a.num_train, num_validation=100, num_test=100),
+      demo=dict(image_size=IMAGE_SIZE, num_train=a.num_train, num_validation=100, num_test=100),
       seq_len=1 + num_image_tokens + 31,  # BOS + image tokens + up to 30 caption tokens + EOS
       context_map=contexts,
       # No flips: the demo's captions say left and right. No colour jitter: they name colours.
@@ -84,10 +86,10 @@ def get_config(arg=None):
                     # (per patch: shape, colour, size and group count) of the training images
                     # and of extra_scenes more scenes drawn for it alone.
                     vision=dict(epochs=a.vision_epochs, batch_size=64, learning_rate=3e-3,
-                                image_size=64, patch_size=a.patch, hidden_size=128,
+                                image_size=IMAGE_SIZE, patch_size=a.patch, hidden_size=128,
                                 num_layers=3, num_heads=4, intermediate_size=512,
                                 extra_scenes=6000))
-  c.vision = dict(kind='patch', image_size=64, patch_size=a.patch, width=96)
+  c.vision = dict(kind='patch', image_size=IMAGE_SIZE, patch_size=a.patch, width=96)
   c.model = dict(vocab_size=0,  # 0: the tokenizer's size
                  hidden_size=128, num_layers=4, num_heads=4, intermediate_size=384,
                  rope_theta=10000.0, residual_dropout=0.1, dtype='float32',
