@@ -3,7 +3,9 @@
 The model hands over its final hidden states and LM head (`models.lm_head.LMHead`), and
 `head_token_losses` computes the logits a chunk of positions at a time, forward and backward,
 so no [B, L, V] float32 array exists (at the paper's LLM shape those and their gradient were
-the step's largest buffers). An apply function that returns logits still works (`token_losses`).
+the step's largest buffers). Under a frozen head (as PEFT runs have it) the gradient of the hidden
+states is made beside the logits in the forward pass, so the head is read twice a chunk, not
+three times. An apply function that returns logits still works (`token_losses`).
 `eval_step` and `task_eval_step` are the pure evaluation steps (loss sums and token counts over
 a batch, overall or per task) that evaluation consumes as its predict functions.
 """
@@ -78,7 +80,8 @@ def head_token_losses(hidden_BLD, head: LMHead, targets_BL, *, mask_BL=None,
   With `mask_BL` (the loss mask), a chunk with no scored position in any row skips the head
   both ways and gives losses of 0: a caption's image and prompt positions, which every row
   has at the same places, cost nothing (at the paper's shape 6 of 13 chunks, the head's 64
-  image positions). The backward pass also skips any chunk whose cotangent is all zero.
+  image positions). With a trainable head, the backward pass also skips any chunk whose
+  cotangent is all zero; with a frozen one it has no head product left to skip.
   """
   B, L, D = hidden_BLD.shape
   K, n = chunking(B, L, head.vocab_size, CHUNK_LOGITS if chunk_logits is None else chunk_logits)
@@ -99,39 +102,86 @@ def _map(f, xs):
   return jax.lax.map(f, xs)
 
 
-def _chunk_lse_picked(head, x_BnD, t_Bn, live):
-  """(log-sum-exp, the target's logit) of a chunk's positions; zeros where not `live`."""
+def _chunk_forward(head, x_BnD, t_Bn, live, with_dx: bool = False):
+  """(log-sum-exp, the target's logit) of a chunk's positions; zeros where not `live`.
+
+  `with_dx` adds d(loss)/d(hidden) of each position for a unit cotangent, float32 [B, n, D]:
+  (softmax - onehot) W^T, read off the logits while they exist (see `_chunked_losses_fwd`).
+  """
   def run(x_BnD, t_Bn):
     logits_BnV = head.logits(x_BnD)
     picked_Bn = jnp.take_along_axis(logits_BnV, t_Bn[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits_BnV, axis=-1), picked_Bn
+    lse_Bn = jax.nn.logsumexp(logits_BnV, axis=-1)
+    if not with_dx:
+      return lse_Bn, picked_Bn
+    return lse_Bn, picked_Bn, _hidden_grad(head, _dlogits(logits_BnV, lse_Bn, t_Bn, head))
   if live is None:
     return run(x_BnD, t_Bn)
-  skip = lambda x_BnD, t_Bn: (jnp.zeros(t_Bn.shape, jnp.float32),) * 2
+  zeros = (jnp.zeros(t_Bn.shape, jnp.float32),) * 2
+  skip = lambda x_BnD, t_Bn: zeros + ((jnp.zeros(x_BnD.shape, jnp.float32),) if with_dx else ())
   return jax.lax.cond(live, run, skip, x_BnD, t_Bn)
+
+
+def _dlogits(logits_BnV, lse_Bn, t_Bn, head, g_Bn=None):
+  """softmax - onehot (times the cotangent `g_Bn`, if given), in the head's compute dtype, as
+  lowp.matmul_f32's backward pass has it."""
+  onehot_BnV = jax.nn.one_hot(t_Bn, head.vocab_size, dtype=jnp.float32)
+  d_BnV = jnp.exp(logits_BnV - lse_Bn[..., None]) - onehot_BnV
+  return (d_BnV if g_Bn is None else d_BnV * g_Bn[..., None]).astype(head.weight.dtype)
+
+
+def _hidden_grad(head, dlogits_BnV, g_VT=None):
+  """dlogits W^T, float32 [B, n, D]. It reads the head as it is stored: W^T of a [D, V]
+  kernel would be a transposed copy of the whole head (XLA:CPU lays a dot's operands out
+  row-major), so an untied head's product is (W g^T)^T with the chunk's g transposed (`g_VT`,
+  if the caller has it already)."""
+  *lead, V = dlogits_BnV.shape
+  g_TV, w, f32 = dlogits_BnV.reshape(-1, V), head.weight, dict(preferred_element_type=jnp.float32)
+  if head.vocab_major:
+    dx_TD = jnp.matmul(g_TV, w, **f32)
+  else:
+    # (The barrier keeps XLA:CPU from folding .T into the dot's output layout, which its
+    # bf16 x bf16 -> f32 dot cannot write.)
+    g_VT = lowp.transposed(g_TV) if g_VT is None else g_VT
+    dx_TD = jax.lax.optimization_barrier(jnp.matmul(w, g_VT, **f32)).T
+  return dx_TD.reshape(*lead, dx_TD.shape[-1])
 
 
 @jax.custom_vjp
 def _chunked_losses(x_KBnD, head, t_KBn, live_K):
-  lse_KBn, picked_KBn = _map(lambda a: _chunk_lse_picked(head, *a), (x_KBnD, t_KBn, live_K))
+  lse_KBn, picked_KBn = _map(lambda a: _chunk_forward(head, *a), (x_KBnD, t_KBn, live_K))
   return lse_KBn - picked_KBn
 
 
 def _chunked_losses_fwd(x_KBnD, head, t_KBn, live_K):
   x, h, t = x_KBnD.value, jax.tree.map(lambda p: p.value, head), t_KBn.value
   live = None if live_K is None else live_K.value
-  lse_KBn, picked_KBn = _map(lambda a: _chunk_lse_picked(h, *a), (x, t, live))
   # Which gradients to make is static (the residuals' structure): a frozen head gets none, and
   # no [D, V] accumulator is carried through the loop.
   wants = (x_KBnD.perturbed, head.weight.perturbed)
+  if wants == (True, False):
+    # A frozen head (as PEFT runs have it): d(hidden) is linear in each position's cotangent,
+    # so it is made here from the logits at hand, per unit cotangent, and the backward pass
+    # only scales it: two head matmuls a chunk instead of three (the backward pass would
+    # compute the logits again), for a float32 [B, L, D] residual in place of the hidden
+    # states.
+    lse_KBn, picked_KBn, unit_KBnD = _map(lambda a: _chunk_forward(h, *a, with_dx=True),
+                                          (x, t, live))
+    return lse_KBn - picked_KBn, (unit_KBnD, jnp.zeros((0,), x.dtype))
+  lse_KBn, picked_KBn = _map(lambda a: _chunk_forward(h, *a), (x, t, live))
   return lse_KBn - picked_KBn, (x, h, t, live, lse_KBn, *(() if w else None for w in wants))
 
 
 def _chunked_losses_bwd(res, g_KBn):
+  zero = isinstance(g_KBn, jax.custom_derivatives.SymbolicZero)
+  if len(res) == 2:  # a frozen head: d(hidden) per unit cotangent, from the forward pass
+    unit_KBnD, like = res
+    g_KBn1 = 0.0 if zero else g_KBn[..., None]
+    return (g_KBn1 * unit_KBnD).astype(like.dtype), None, None, None
   x_KBnD, head, t_KBn, live_K, lse_KBn, want_dx, want_dw = res
-  if isinstance(g_KBn, jax.custom_derivatives.SymbolicZero):
+  if zero:
     g_KBn = jnp.zeros(lse_KBn.shape, lse_KBn.dtype)
-  V, cd, w = head.vocab_size, head.weight.dtype, head.weight
+  V, cd = head.vocab_size, head.weight.dtype
   f32 = dict(preferred_element_type=jnp.float32)
 
   def chunk(dw_acc, xs):
@@ -144,22 +194,14 @@ def _chunked_losses_bwd(res, g_KBn):
                         dw_acc, x_BnD, t_Bn, lse_Bn, g_Bn)
 
   def live_chunk(dw_acc, x_BnD, t_Bn, lse_Bn, g_Bn):
-    # softmax - onehot, scaled by the loss's cotangent; then in the compute dtype, as
-    # lowp.matmul_f32's backward pass has it. Every product reads the head as it is stored:
-    # W^T of a [D, V] kernel would be a transposed copy of the whole head (XLA:CPU lays a dot's
-    # operands out row-major), so its d(hidden) is (W g^T)^T with the chunk's g transposed.
-    onehot_BnV = jax.nn.one_hot(t_Bn, V, dtype=jnp.float32)
-    dlogits_BnV = ((jnp.exp(head.logits(x_BnD) - lse_Bn[..., None]) - onehot_BnV)
-                   * g_Bn[..., None]).astype(cd)
+    dlogits_BnV = _dlogits(head.logits(x_BnD), lse_Bn, t_Bn, head, g_Bn)
+    # (The logits are computed again here: storing them or their gradient would make the
+    # [B, L, V] array the chunking avoids.)
     x_TD, g_TV = x_BnD.reshape(-1, x_BnD.shape[-1]).astype(cd), dlogits_BnV.reshape(-1, V)
     g_VT = lowp.transposed(g_TV) if not head.vocab_major or dw_acc is not None else None
     dx_BnD = None
     if want_dx is not None:
-      # (The barrier keeps XLA:CPU from folding .T into the dot's output layout, which its
-      # bf16 x bf16 -> f32 dot cannot write.)
-      dx_TD = (jnp.matmul(g_TV, w, **f32) if head.vocab_major
-               else jax.lax.optimization_barrier(jnp.matmul(w, g_VT, **f32)).T)
-      dx_BnD = dx_TD.astype(x_BnD.dtype).reshape(x_BnD.shape)
+      dx_BnD = _hidden_grad(head, dlogits_BnV, g_VT).astype(x_BnD.dtype)
     if dw_acc is not None:
       dw_acc = dw_acc + (jnp.matmul(g_VT, x_TD, **f32) if head.vocab_major
                          else jnp.matmul(lowp.transposed(x_TD), g_TV, **f32))

@@ -89,6 +89,8 @@ def test_chunks_with_no_scored_position_skip_the_head_both_ways(vocab_major):
   for a, b in zip(go, gf):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert not np.any(np.asarray(go[0])[:, :6])
+  # A frozen head (d(hidden) made in the forward pass) skips the same chunks.
+  np.testing.assert_allclose(jax.jit(jax.grad(ours))(x_nan, w), gf[0], rtol=1e-5, atol=1e-6)
   unskipped = jax.value_and_grad(lambda x, w: ours(x, w, None), (0, 1))(x_nan, w)
   assert np.isnan(unskipped[0]) and np.isnan(np.asarray(unskipped[1][1])).any()
 
@@ -102,7 +104,8 @@ def test_bfloat16_head_matches_the_full_logits_to_its_rounding():
                               * mask)
   (lf, gf), (lo, go) = (jax.jit(jax.value_and_grad(f, (0, 1)))(x, w) for f in (full, ours))
   np.testing.assert_allclose(lo, lf, rtol=1e-6)
-  for a, b in zip(go, gf):
+  frozen = jax.jit(jax.grad(ours))(x, w)  # d(hidden) alone: made in the forward pass
+  for a, b in zip((*go, frozen), (*gf, gf[0])):
     assert a.dtype == jnp.bfloat16
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
     np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=2 ** -7 * np.abs(b).max())
@@ -131,6 +134,34 @@ def test_a_frozen_head_gets_no_gradient_computed(vocab_major):
   head_shaped = (tuple(w.shape), 'float32')
   assert head_shaped not in _shapes(jax.make_jaxpr(jax.grad(f))(x, w).jaxpr)
   assert head_shaped in _shapes(jax.make_jaxpr(jax.grad(f, 1))(x, w).jaxpr)
+
+
+def _products_with(jaxpr, shapes) -> int:
+  """How many dot_general equations of `jaxpr` (and the jaxprs inside it, each counted once,
+  a loop body as one) take an operand of one of `shapes`."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == 'dot_general' and any(
+        tuple(v.aval.shape) in shapes for v in eqn.invars)
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          n += _products_with(inner, shapes)
+  return n
+
+
+@pytest.mark.parametrize('vocab_major', [False, True], ids=['untied', 'tied'])
+def test_a_frozen_head_is_read_twice_a_chunk_a_trainable_one_three_times(vocab_major):
+  """With the head frozen, d(hidden) is made beside the logits in the forward pass, so the
+  backward pass computes no logits again: two products with the head per chunk (logits and
+  d(hidden)) where a trainable head needs three (logits, then logits again and d(hidden))."""
+  x, w, t, mask = _head_case(vocab_major)
+  f = lambda x, w: jnp.sum(losses.head_token_losses(x, LMHead(w, vocab_major), t,
+                                                    chunk_logits=CHUNK) * mask)
+  head = {w.shape, w.shape[::-1]}  # the tied table enters the logits as W^T
+  assert _products_with(jax.make_jaxpr(jax.grad(f))(x, w).jaxpr, head) == 2
+  assert _products_with(jax.make_jaxpr(jax.grad(f, (0, 1)))(x, w).jaxpr, head) == 3
 
 
 # ----------------------------------------------------------------------------- train steps
