@@ -111,17 +111,21 @@ def test_bfloat16_head_matches_the_full_logits_to_its_rounding():
     np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=2 ** -7 * np.abs(b).max())
 
 
-def _shapes(jaxpr, out=None):
-  """Every (shape, dtype) an equation of `jaxpr` (or of a jaxpr inside it) outputs."""
-  out = set() if out is None else out
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it (a loop body's once)."""
   for eqn in jaxpr.eqns:
-    out.update((tuple(v.aval.shape), str(v.aval.dtype)) for v in eqn.outvars)
+    yield eqn
     for p in eqn.params.values():
       for sub in (p if isinstance(p, (tuple, list)) else (p,)):
         inner = getattr(sub, 'jaxpr', sub)
         if hasattr(inner, 'eqns'):
-          _shapes(inner, out)
-  return out
+          yield from _equations(inner)
+
+
+def _shapes(jaxpr):
+  """Every (shape, dtype) an equation of `jaxpr` (or of a jaxpr inside it) outputs."""
+  return {(tuple(v.aval.shape), str(v.aval.dtype)) for eqn in _equations(jaxpr)
+          for v in eqn.outvars}
 
 
 @pytest.mark.parametrize('vocab_major', [False, True], ids=['untied', 'tied'])
@@ -137,18 +141,10 @@ def test_a_frozen_head_gets_no_gradient_computed(vocab_major):
 
 
 def _products_with(jaxpr, shapes) -> int:
-  """How many dot_general equations of `jaxpr` (and the jaxprs inside it, each counted once,
-  a loop body as one) take an operand of one of `shapes`."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == 'dot_general' and any(
-        tuple(v.aval.shape) in shapes for v in eqn.invars)
-    for p in eqn.params.values():
-      for sub in (p if isinstance(p, (tuple, list)) else (p,)):
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          n += _products_with(inner, shapes)
-  return n
+  """How many dot_general equations of `jaxpr` (and of the jaxprs inside it, a loop body's
+  once) take an operand of one of `shapes`."""
+  return sum(eqn.primitive.name == 'dot_general' and any(
+      tuple(v.aval.shape) in shapes for v in eqn.invars) for eqn in _equations(jaxpr))
 
 
 @pytest.mark.parametrize('vocab_major', [False, True], ids=['untied', 'tied'])
