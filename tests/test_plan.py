@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpeft_jax import plan, sharding
+from cpeft_jax import plan, sharding, xla_flags
 from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.train import state as state_lib
 from helpers import ROOT
@@ -140,7 +140,7 @@ def test_fsdp_keeps_one_layer_of_gathered_weights_live_not_all():
            '--mesh=data=1,fsdp=8,tensor=1', '--activations=compile', '--json=-']
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(
         os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-        XLA_FLAGS='--xla_force_host_platform_device_count=8'))
+        XLA_FLAGS=' '.join(('--xla_force_host_platform_device_count=8',) + xla_flags.FAST_COMPILE)))
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(out.stdout)
     assert doc['activations_method'].startswith('XLA memory analysis'), doc
