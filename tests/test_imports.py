@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / 'cpeft_jax'
 LAYERS = {
     'cpeft_jax.trees': 0, 'cpeft_jax.configlib': 0, 'cpeft_jax.lowp': 0,
     'cpeft_jax.workdir': 0, 'cpeft_jax.xla_flags': 0, 'cpeft_jax.contexts': 0,
-    'cpeft_jax.hosts': 0,
+    'cpeft_jax.hosts': 0, 'cpeft_jax.invocations': 0,
     'cpeft_jax.sharding': 1, 'cpeft_jax.integrity': 1,
     'cpeft_jax.adaptors': 2,
     'cpeft_jax.models': 3, 'cpeft_jax.quantize': 3, 'cpeft_jax.data': 3,

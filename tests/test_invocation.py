@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpeft_jax import contexts
+from cpeft_jax import invocations as invocations_lib
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.evaluation import invocation as inv
 from cpeft_jax.models.attention import KVCache
@@ -61,7 +61,7 @@ def test_invocation_contexts_equal_per_row_loop():
   pad_right = np.arange(L) < L - rng.integers(0, 4, size=(B, 1))
   valid = np.where(np.arange(B)[:, None] % 2 == 0, pad_left, pad_right)
   valid[1] = True
-  got = contexts.invocation_contexts(tokens, invocations, 0, attention_mask_BL=valid,
+  got = invocations_lib.invocation_contexts(tokens, invocations, 0, attention_mask_BL=valid,
                                      num_contexts=6)
   want = _reference_contexts(tokens, invocations, 0, valid)
   np.testing.assert_array_equal(got, want)
@@ -74,15 +74,15 @@ def test_invocation_contexts_equal_per_row_loop():
   assert (got[~valid] == 0).all()
   # Without a mask every token counts; the base context may be any unadapted id.
   np.testing.assert_array_equal(
-      contexts.invocation_contexts(tokens, {1: [4, 5]}, base_context=2),
+      invocations_lib.invocation_contexts(tokens, {1: [4, 5]}, base_context=2),
       _reference_contexts(tokens, {1: [4, 5]}, 2, np.ones((B, L), bool)))
 
 
 def test_reusable_prefix():
   ctx = np.array([[0, 0, 0, 1, 1], [0, 0, 0, 0, 2]])
-  assert contexts.reusable_prefix(ctx) == 3
-  assert contexts.reusable_prefix(np.zeros((2, 5), int)) == 5
-  assert contexts.reusable_prefix(ctx, base_context=1) == 0
+  assert invocations_lib.reusable_prefix(ctx) == 3
+  assert invocations_lib.reusable_prefix(np.zeros((2, 5), int)) == 5
+  assert invocations_lib.reusable_prefix(ctx, base_context=1) == 0
 
 
 @pytest.mark.parametrize('invocations, kw, match', [
@@ -97,7 +97,7 @@ def test_reusable_prefix():
 ])
 def test_bad_invocations_are_named(invocations, kw, match):
   with pytest.raises(ValueError, match=match):
-    contexts.invocation_contexts(np.zeros((2, 4), np.int32), invocations, **kw)
+    invocations_lib.invocation_contexts(np.zeros((2, 4), np.int32), invocations, **kw)
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -134,7 +134,8 @@ def _positions(mask):
 def test_keys_values_before_the_invocation_are_the_base_models(models):
   model, base, v = models
   B, P = TOKENS.shape
-  ctx = contexts.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK, num_contexts=3)
+  ctx = invocations_lib.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK,
+                                            num_contexts=3)
   assert [int(np.argmax(np.append(c, 1) != 0)) for c in ctx] == STARTS
   kw = dict(attention_mask_BL=MASK, positions_BL=_positions(MASK))
   _, adapted = jax.jit(model.apply)(v, TOKENS, context_ids_BL=ctx,
@@ -150,7 +151,7 @@ def test_keys_values_before_the_invocation_are_the_base_models(models):
       diff_M = np.abs(a - f).max(axis=(0, 2, 3))
       assert (diff_M[start:] > 1e-3).all(), (r, name, diff_M)
   # The base's cache of the shared prefix, extended by the adapted model, is the same cache.
-  P0 = contexts.reusable_prefix(ctx)
+  P0 = invocations_lib.reusable_prefix(ctx)
   assert P0 == 3
   cache = inv.prefill_base(base, {'params': v['params']}, TOKENS[:, :P0], max_len=P,
                            attention_mask_BP=MASK[:, :P0])
@@ -194,7 +195,8 @@ def _reference_greedy(forward, eos_id):
 
 def test_greedy_from_base_cache_equals_full_prefill(models):
   model, base, v = models
-  ctx = contexts.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK, num_contexts=3)
+  ctx = invocations_lib.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK,
+                                            num_contexts=3)
   forward = _full_forward(model, v, ctx)
   free = _reference_greedy(forward, eos_id=-1)
   # An EOS that ends some row r after k + 1 > 1 tokens (and other rows wherever it occurs).
@@ -232,7 +234,8 @@ def test_beam_search_rows_keep_their_own_contexts(models):
   """Batched beam search from the base cache equals each row's beam search on its own."""
   model, base, v = models
   B, P = TOKENS.shape
-  ctx = contexts.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK, num_contexts=3)
+  ctx = invocations_lib.invocation_contexts(TOKENS, INVOCATIONS, attention_mask_BL=MASK,
+                                            num_contexts=3)
   kw = dict(max_new_tokens=T, eos_id=DEC.vocab_size - 1, num_beams=3, length_penalty=1.0)
   got = inv.generate_invoked(model, v, TOKENS, INVOCATIONS, attention_mask_BP=MASK,
                              base_model=base, **kw)

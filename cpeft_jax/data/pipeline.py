@@ -29,6 +29,7 @@ import numpy as np
 import PIL.Image
 
 from cpeft_jax import contexts
+from cpeft_jax import invocations as invocations_lib
 from cpeft_jax.data import layout
 from cpeft_jax.data import tokenizer as tokenizer_lib
 from cpeft_jax.data import workers as workers_lib
@@ -114,7 +115,7 @@ class CaptionBatches:
   host: tuple[int, int] = (0, 1)  # (index, count) for multi-host runs
   tasks: tuple[str, ...] = ('caption',)  # batch['tasks'] holds indices into this
   # Invocation-triggered contexts {text: context id}: in a row, the tokens from the first
-  # occurrence of a text's tokens onwards move to its context (contexts.invocation_contexts);
+  # occurrence of a text's tokens onwards move to its context (invocations.invocation_contexts);
   # the tokens before it keep the context map's ids.
   invocations: Mapping[str, int] | None = None
   all_references: bool = False  # evaluation: every (image, caption) pair, not first captions
@@ -200,8 +201,8 @@ class CaptionBatches:
     out['tasks'] = rows[:, 2].astype(np.int32)
     if self._invocations:
       keep = max(self._invocations) + 1  # a marker: no invocation before this token
-      inv_BL = contexts.invocation_contexts(out['tokens'], self._invocations, keep,
-                                            attention_mask_BL=out['attention_mask'])
+      inv_BL = invocations_lib.invocation_contexts(out['tokens'], self._invocations, keep,
+                                                   attention_mask_BL=out['attention_mask'])
       out['context_ids'] = np.where(inv_BL != keep, inv_BL, out['context_ids']).astype(np.int32)
     return out
 
@@ -220,7 +221,7 @@ class CaptionBatches:
       if not seq:
         raise ValueError(f'data.invocations text {text!r} has no tokens')
       by_context[ctx] = seq
-    return contexts.check_invocations(by_context, max(by_context) + 1)
+    return invocations_lib.check_invocations(by_context, max(by_context) + 1)
 
   def _check_prompts(self):
     """Every prompt leaves room for a target token (checked once, not when a batch meets it)."""

@@ -3,14 +3,14 @@
 PEFT's activated LoRA switches one adaptor on from an invocation sequence onwards, so the keys
 and values of the earlier tokens are the base model's and a cache the base computed (e.g. of a
 shared conversation) is reused as it is. Here every row may invoke its own adaptor
-(`contexts.invocation_contexts`): the base context (0 by default) must have no adaptor rows
+(`invocations.invocation_contexts`): the base context (0 by default) must have no adaptor rows
 (`PeftConfig.adapted_contexts` leaves it out, or its per-context spec is {'methods': 'none'}).
 
   cache = prefill_base(base_or_adapted_decoder, variables, prefix_BP, max_len=...)
   out_BT = generate_from_cache(decoder, variables, cache, rest_BS, context_ids_BS, ...)
 
 `generate_invoked` does both for whole prompts: it splits them at the earliest invocation of
-the batch (`contexts.reusable_prefix`), so only the rest is run with the adaptors. Generated
+the batch (`invocations.reusable_prefix`), so only the rest is run with the adaptors. Generated
 tokens stay in the context of their row's last prompt token (its invocation's, or the base's).
 """
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cpeft_jax import contexts
+from cpeft_jax import invocations as invocations_lib
 from cpeft_jax.evaluation import generate as gen
 from cpeft_jax.models.attention import KVCache
 from cpeft_jax.models.llama import Decoder
@@ -127,11 +127,13 @@ def generate_invoked(model: Decoder, variables, tokens_BP,
     raise ValueError(f'tokens_BP must be [batch, prompt length >= 1], got shape {tokens_BP.shape}.')
   mask_BP = _left_padded(attention_mask_BP, tokens_BP.shape, 'attention_mask_BP', True)
   num_contexts = model.peft.num_contexts if model.peft is not None else 1
-  ctx_BP = contexts.invocation_contexts(tokens_BP, invocations, base_context,
-                                        attention_mask_BL=mask_BP, num_contexts=num_contexts)
+  ctx_BP = invocations_lib.invocation_contexts(tokens_BP, invocations, base_context,
+                                               attention_mask_BL=mask_BP,
+                                               num_contexts=num_contexts)
   check_base_context(model, base_context)
   P = tokens_BP.shape[1]
-  P0 = min(contexts.reusable_prefix(ctx_BP, base_context), P - 1)  # the rest holds >= 1 token
+  # The rest holds >= 1 token.
+  P0 = min(invocations_lib.reusable_prefix(ctx_BP, base_context), P - 1)
   cache = prefill_base(base_model or model, variables, tokens_BP[:, :P0],
                        max_len=P + max_new_tokens - 1, attention_mask_BP=mask_BP[:, :P0],
                        base_context=base_context if base_model is None else 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from cpeft_jax import adaptors, contexts, experiment, quantize, sharding, trainable
+from cpeft_jax import invocations as invocations_lib
 from cpeft_jax.checkpoints import io
 from cpeft_jax.configlib import is_int
 from cpeft_jax.data import pipeline, sources
@@ -192,4 +193,4 @@ def check_tasks(v):
 
 def check_invocations(v, num_contexts):
   inv = {int(k) if isinstance(k, str) and k.isdigit() else k: list(s) for k, s in dict(v).items()}
-  contexts.check_invocations(inv, num_contexts=num_contexts)
+  invocations_lib.check_invocations(inv, num_contexts=num_contexts)
