@@ -390,5 +390,3 @@ def sequence_contexts(mapping, kinds_BL: np.ndarray, task_B: np.ndarray | None =
   task_BL = np.broadcast_to(task_B[:, None], kinds_BL.shape)
   return rule_contexts(mapping, {'kind': kinds_BL, 'task': task_BL}, {'task': tuple(tasks)})
 
-
-# ----------------------------------------------------------------------------- invocations

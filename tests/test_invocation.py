@@ -62,7 +62,7 @@ def test_invocation_contexts_equal_per_row_loop():
   valid = np.where(np.arange(B)[:, None] % 2 == 0, pad_left, pad_right)
   valid[1] = True
   got = invocations_lib.invocation_contexts(tokens, invocations, 0, attention_mask_BL=valid,
-                                     num_contexts=6)
+                                            num_contexts=6)
   want = _reference_contexts(tokens, invocations, 0, valid)
   np.testing.assert_array_equal(got, want)
   assert got.dtype == np.int32
