@@ -248,11 +248,11 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
             '|---|---|---|---|']
   for label, num, den, bound, kind in GOAL_ROWS:
     sign = '<=' if kind == 'time' else '>='
-    for label, a, b in goal_figures(label, num, den, kind, figures, built, mem):
+    for row, a, b in goal_figures(label, num, den, kind, figures, built, mem):
       if a is None or b is None:
-        lines.append(f'| {label} | - | {bound} | not measured |')
+        lines.append(f'| {row} | - | {bound} | not measured |')
       else:
-        lines.append(f'| {label} | {a / b:.3f}x | {sign} {bound} | '
+        lines.append(f'| {row} | {a / b:.3f}x | {sign} {bound} | '
                      f'{ratio_verdict(a / b, bound, kind)} |')
   return '\n'.join(lines) + '\n'
 

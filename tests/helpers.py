@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpeft_jax import xla_flags
 from cpeft_jax.adaptors import ContextDense, LoraConfig, PeftConfig
 from cpeft_jax.data import layout
 from cpeft_jax.models.decoder_config import DecoderConfig
@@ -21,6 +22,15 @@ from cpeft_jax.models.decoders import init_adaptors
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from configs import demo  # noqa: E402  (configs/ is a directory of the repository, not a package)
+
+
+def cpu_env(devices: int | None = None, **extra) -> dict:
+  """A test subprocess's environment: XLA:CPU with `devices` host devices (XLA's default if
+  None), LLVM without its optimisations (`xla_flags.FAST_COMPILE`: tiny shapes compile sooner,
+  the HLO is the same), plus `extra` variables."""
+  count = () if devices is None else (f'--xla_force_host_platform_device_count={devices}',)
+  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(count + xla_flags.FAST_COMPILE),
+              **extra)
 
 # --- The training loop's tiny demo run. -------------------------------------------------------
 

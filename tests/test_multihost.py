@@ -19,17 +19,12 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cpeft_jax import xla_flags
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESH = 'data=2,fsdp=2,tensor=2'
 COMMON = ['--config=tests/tiny_run_config.py:2', '--config.eval.batch_size=8', f'--mesh={MESH}']
 pytestmark = [pytest.mark.multiprocess, pytest.mark.xdist_group('multihost')]
-
-
-def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-      f'--xla_force_host_platform_device_count={devices} ' + ' '.join(xla_flags.FAST_COMPILE)))
 
 
 def _free_port() -> int:
@@ -43,7 +38,7 @@ def _start(script: str, flags: list[str], log_dir, tag: str, hosts: int = 2):
   port = _free_port()
   procs = []
   for i in range(hosts):
-    env = dict(_env(8 // hosts), JAX_COORDINATOR_ADDRESS=f'localhost:{port}')
+    env = dict(cpu_env(8 // hosts), JAX_COORDINATOR_ADDRESS=f'localhost:{port}')
     with open(log_dir / f'{tag}.{i}.out', 'w') as out, open(log_dir / f'{tag}.{i}.err', 'w') as err:
       procs.append(subprocess.Popen(
           [sys.executable, '-u', script, *flags, f'--num_processes={hosts}', f'--process_id={i}'],
@@ -81,7 +76,7 @@ def reference(tmp_path_factory):
   workdir = tmp / 'run'
   run = subprocess.run([sys.executable, 'train.py', *COMMON, f'--config.data.data_dir={data}',
                         f'--workdir={workdir}', '--verbosity=0'],  # INFO: the sharding log
-                       env=_env(8), cwd=ROOT, capture_output=True, text=True)
+                       env=cpu_env(8), cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
   return dict(workdir=workdir, data=data, log=run.stderr)
 
@@ -90,7 +85,7 @@ def test_one_device_equals_the_eight_device_mesh(reference, tmp_path):
   workdir = tmp_path / 'run'
   run = subprocess.run([sys.executable, 'train.py', *COMMON[:2], '--mesh=data=1',
                         f'--config.data.data_dir={reference["data"]}', f'--workdir={workdir}'],
-                       env=_env(1), cwd=ROOT, capture_output=True, text=True)
+                       env=cpu_env(1), cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
   # The base really is split: Megatron column/row kernels, LoRA B over 'tensor' and 'fsdp'.
   log = reference['log']
@@ -153,7 +148,7 @@ def test_two_hosts_evaluate_with_captions_as_one_host(reference, tmp_path):
   flags = [*COMMON, f'--config.data.data_dir={reference["data"]}', '--show=0']
   one = tmp_path / 'one'
   shutil.copytree(reference['workdir'], one, symlinks=True)
-  run = subprocess.run([sys.executable, 'evaluate.py', *flags, f'--workdir={one}'], env=_env(8),
+  run = subprocess.run([sys.executable, 'evaluate.py', *flags, f'--workdir={one}'], env=cpu_env(8),
                        cwd=ROOT, capture_output=True, text=True)
   assert run.returncode == 0, run.stderr[-3000:]
   two = tmp_path / 'two'

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpeft_jax import plan, sharding, xla_flags
+from cpeft_jax import plan, sharding
 from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.train import state as state_lib
-from helpers import ROOT
+from helpers import ROOT, cpu_env
 from configs import paper  # noqa: E402  (configs/ is on sys.path through helpers)
 
 TINY = dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
@@ -138,9 +138,8 @@ def test_fsdp_keeps_one_layer_of_gathered_weights_live_not_all():
     cmd = [sys.executable, '-m', 'cpeft_jax.plan', '--config=configs/paper.py:method=lora,rank=4',
            '--config.train.batch_size=8', '--config.data.seq_len=16', f'--model={json.dumps(model)}',
            '--mesh=data=1,fsdp=8,tensor=1', '--activations=compile', '--json=-']
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(
-        os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-        XLA_FLAGS=' '.join(('--xla_force_host_platform_device_count=8',) + xla_flags.FAST_COMPILE)))
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                         env=cpu_env(8, PYTHONPATH=ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(out.stdout)
     assert doc['activations_method'].startswith('XLA memory analysis'), doc

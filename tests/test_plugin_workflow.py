@@ -24,8 +24,9 @@ from cpeft_jax import checkpoints, plugins  # noqa: E402
 from cpeft_jax.data import tokenizer as tokenizer_lib  # noqa: E402
 from cpeft_jax.models import vlm  # noqa: E402
 from cpeft_jax.models.llama import Decoder, DecoderConfig  # noqa: E402
-from cpeft_jax import experiment, runs, xla_flags  # noqa: E402
+from cpeft_jax import experiment, runs  # noqa: E402
 from cpeft_jax.train import trainer  # noqa: E402
+from helpers import cpu_env  # noqa: E402
 
 
 def tiny(arg):
@@ -66,11 +67,6 @@ def random_base(config, workdir):
   checkpoints.save_decoder(os.path.join(workdir, 'base_lm'), cfg, params, tok)
 
 
-def _cpu_env():
-  """A subprocess's environment: XLA:CPU, LLVM without its optimisations (tiny shapes)."""
-  return dict(os.environ, XLA_FLAGS=' '.join(xla_flags.FAST_COMPILE), JAX_PLATFORMS='cpu')
-
-
 @pytest.fixture(scope='module')
 def recipe(tmp_path_factory):
   r = Recipe(str(tmp_path_factory.mktemp('recipe')))
@@ -82,7 +78,7 @@ def recipe(tmp_path_factory):
   res = subprocess.run(
       [sys.executable, '-m', 'cpeft_jax.plugins', f'--workdir={r.dir("caption")}', '--context=0',
        '--name=caption', f'--out={r.dir("p_caption")}'], cwd=ROOT, capture_output=True,
-      text=True, env=_cpu_env())
+      text=True, env=cpu_env())
   assert res.returncode == 0, res.stderr[-2000:]
   assert "plug-in 'caption': context 0" in res.stdout
   r.runs = {'qa': runs.restore_run(r.dir('qa'))}  # the run rebuilt with its best weights
@@ -173,7 +169,7 @@ def test_two_tasks_example_runs_and_its_assembly_matches_each_plugin(tmp_path):
   res = subprocess.run(
       [sys.executable, 'examples/plugins_two_tasks.py', '--steps=3', f'--workdir={tmp_path}'],
       cwd=ROOT, capture_output=True, text=True,
-      env=_cpu_env())
+      env=cpu_env())
   assert res.returncode == 0, res.stderr[-2000:]
   table = dict(re.findall(r'^(base alone|caption plug-in alone|qa plug-in alone|assembled, '
                           r'mixed batch) +(\S+ +\S+)$', res.stdout, re.M))

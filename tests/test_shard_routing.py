@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from cpeft_jax import adaptors, xla_flags
+from cpeft_jax import adaptors
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATEGIES = ('grouped', 'ragged', 'onehot')
@@ -137,8 +138,7 @@ print(json.dumps(out))
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   hlo_dir = tmp_path_factory.mktemp('hlo')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8 '
-             + ' '.join(xla_flags.FAST_COMPILE))
+  env = cpu_env(8)
   code = SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), B=B, L=L, C=C, RANK=RANK,
                        HIDDEN=HIDDEN, RATE=RATE, cases=CASES, hlo_dir=str(hlo_dir))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,

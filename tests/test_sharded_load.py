@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from cpeft_jax import xla_flags
+from helpers import cpu_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,8 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def measured(tmp_path_factory):
   pytest.importorskip('torch')  # transformers' save_pretrained writes the GPT-2/OPT/CLIP files
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(
-      ('--xla_force_host_platform_device_count=8',) + xla_flags.FAST_COMPILE))
+  env = cpu_env(8)
   out = subprocess.run([sys.executable, os.path.join(ROOT, 'tests', 'sharded_load_check.py'),
                         str(tmp_path_factory.mktemp('shardload'))], env=env,
                        capture_output=True, text=True, cwd=ROOT)

@@ -10,9 +10,9 @@ import types
 import numpy as np
 import pytest
 
-from cpeft_jax import sharding, xla_flags
+from cpeft_jax import sharding
+from helpers import cpu_env
 
-FAST_COMPILE = ' '.join(xla_flags.FAST_COMPILE)  # both sides of each comparison use it
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUANTIZED = '''
 import sys
@@ -76,9 +76,7 @@ def test_quantized_base_trains_sharded_as_unsharded(tmp_path):
   """An int4 base (decoder projections, LM head, embeddings, vision) on an 8-device mesh: the
   4-bit values are split as their kernels, the scales along the axes they share with them, and
   three train steps give the losses and tables of the same steps on one device."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8'
-             f' {FAST_COMPILE}',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env(8)
   out = subprocess.run([sys.executable, '-c', QUANTIZED.format(
       root=ROOT, tests=os.path.join(ROOT, 'tests'))], env=env, capture_output=True, text=True,
       cwd=ROOT)
@@ -190,8 +188,7 @@ def test_every_architecture_shards_its_base_tables_and_moments():
   tables (Adam's normalised first steps magnify the summation order's rounding to ~2e-5)."""
   cases = ['llama', 'gpt2', 'opt', 'llama_int8']
   # Unoptimised CPU code compiles about 1.5x sooner; both sides of the comparison use it.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8'
-             f' {FAST_COMPILE}')
+  env = cpu_env(8)
   out = subprocess.run([sys.executable, '-c', ARCHS.format(
       root=ROOT, mesh=dict(data=1, fsdp=FSDP, tensor=TENSOR), cases=cases)], env=env,
       capture_output=True, text=True, cwd=ROOT)
