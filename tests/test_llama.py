@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.decoder_config import DecoderConfig
+from cpeft_jax.models import llama
+from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.models.llama import Decoder
 
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -199,3 +202,38 @@ def test_layer_loop_reads_frozen_bf16_weights_as_unrolled_layers_do():
   for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=0.05, atol=1e-3)
   assert _grads_close(g32, want)
+
+
+@pytest.mark.parametrize('arch', ['llama', 'gpt2'])
+def test_mlp_activation_intermediates_are_recomputed_not_kept(monkeypatch, arch):
+  """The backward pass keeps the MLP activation's inputs, not its intermediates (SwiGLU's
+  sigmoid and silu, gelu_new's tanh): fewer [layers, B, L, I] residuals than the plain
+  activation keeps, with the same loss and gradients."""
+  I = 48  # no other width of the model is 48
+  cfg = dataclasses.replace(CFG, intermediate_size=I, num_kv_heads=None)
+  if arch == 'gpt2':
+    cfg = dataclasses.replace(cfg, arch='gpt2', activation='gelu_new', max_positions=16,
+                              rope_theta=10000.0)
+  model = make_decoder(cfg, PeftConfig(methods=('lora',), num_contexts=2,
+                                       lora=LoraConfig(rank=4, alpha=8.0)))
+  tokens = _tokens()
+  ctx = (tokens % 2).astype(jnp.int32)
+  v = model.init(jax.random.key(0), tokens, context_ids_BL=ctx)
+  tables = _randomize(v['adaptors'])
+  loss = lambda t: jnp.mean(model.apply({'params': v['params'], 'adaptors': t}, tokens,
+                                        context_ids_BL=ctx) ** 2)
+
+  def run():
+    value, f_vjp = jax.vjp(loss, tables)
+    wide = [x for x in jax.tree.leaves(f_vjp) if x.shape == (CFG.num_layers, *tokens.shape, I)]
+    return value, f_vjp(1.0)[0], len(wide)
+  value, grads, kept = run()
+  monkeypatch.setattr(llama, 'recomputed', lambda activation: activation)
+  monkeypatch.setattr(llama, 'swiglu', lambda gate, up: nn.silu(gate) * up)
+  want_value, want_grads, plain_kept = run()
+  assert kept == (2 if arch == 'llama' else 1)  # gate and up; gpt2: the pre-activation
+  assert plain_kept > kept
+  np.testing.assert_allclose(value, want_value, rtol=1e-6)
+  for path, a in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    b = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])[path]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))

@@ -37,7 +37,8 @@ class DenseMlp(SubLayer):
   def __call__(self, x_BLD, routing):
     cfg = self.cfg
     _, up, down = PROJECTION_NAMES[cfg.arch]
-    h = ACTIVATIONS[cfg.activation](self.dense(up, cfg.intermediate_size, True)(x_BLD, routing))
+    act = llama.recomputed(ACTIVATIONS[cfg.activation])
+    h = act(self.dense(up, cfg.intermediate_size, True)(x_BLD, routing))
     return self.dense(down, cfg.hidden_size, True)(h, routing)
 
 
