@@ -10,8 +10,8 @@ import pytest
 
 from cpeft_jax import checkpoints
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
-from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models import llama
+from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.decoders import make_decoder
 from cpeft_jax.models.llama import Decoder
 
@@ -234,6 +234,5 @@ def test_mlp_activation_intermediates_are_recomputed_not_kept(monkeypatch, arch)
   assert kept == (2 if arch == 'llama' else 1)  # gate and up; gpt2: the pre-activation
   assert plain_kept > kept
   np.testing.assert_allclose(value, want_value, rtol=1e-6)
-  for path, a in jax.tree_util.tree_flatten_with_path(grads)[0]:
-    b = dict(jax.tree_util.tree_flatten_with_path(want_grads)[0])[path]
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  jax.tree_util.tree_map_with_path(lambda path, a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path)), grads, want_grads)
