@@ -17,8 +17,13 @@ from collections.abc import MutableMapping
 # training sets this. The flag is ignored by the GPU and TPU backends.
 TRAINING = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
 # For tiny shapes, where compiling dominates (the tests, the fault sweep): LLVM compiles without
-# its optimisations; XLA's HLO passes still run, so the optimized HLO is the same.
-FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true')
+# its optimisations, and XLA:CPU emits its loop fusions with the classic IR emitter instead of
+# the MLIR fusion emitters, which cost more to compile than tiny programs take to run (one
+# process, tests/test_losses.py: 57 -> 36 s; the suite on 2 cores: 17m27s -> 11m08s). XLA's HLO
+# passes still run, so dots and collectives are those of the users' programs; elementwise ops
+# are fused differently (fewer fusions, a scatter becomes a loop), so temporaries can differ.
+FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expensive_passes=true',
+                '--xla_cpu_use_fusion_emitters=false')
 
 
 def add_defaults(defaults, environ: MutableMapping[str, str] = os.environ) -> str:

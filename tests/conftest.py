@@ -12,8 +12,9 @@ import types
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 from cpeft_jax import xla_flags  # noqa: E402  (imports no JAX)
-# Tiny shapes: compiling dominates, and unoptimised CPU code compiles sooner (LLVM's level only;
-# XLA's HLO passes, which the HLO assertions read, still run). Subprocesses inherit it.
+# Tiny shapes: compiling dominates, and unoptimised CPU code compiles sooner (LLVM's level and
+# XLA:CPU's classic fusion emitter; XLA's HLO passes, whose dots and collectives the HLO
+# assertions read, still run). Subprocesses inherit it.
 xla_flags.add_defaults(xla_flags.FAST_COMPILE)
 # One persistent compilation cache for the run, shared by the xdist workers and every process
 # they start (train.py and evaluate.py runs, the hosts of a multi-host test), which compile the

@@ -26,8 +26,8 @@ from configs import demo  # noqa: E402  (configs/ is a directory of the reposito
 
 def cpu_env(devices: int | None = None, **extra) -> dict:
   """A test subprocess's environment: XLA:CPU with `devices` host devices (XLA's default if
-  None), LLVM without its optimisations (`xla_flags.FAST_COMPILE`: tiny shapes compile sooner,
-  the HLO is the same), plus `extra` variables."""
+  None), compiled for speed of compiling (`xla_flags.FAST_COMPILE`: tiny shapes compile sooner;
+  the same dots and collectives), plus `extra` variables."""
   count = () if devices is None else (f'--xla_force_host_platform_device_count={devices}',)
   return dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(count + xla_flags.FAST_COMPILE),
               **extra)
