@@ -301,35 +301,47 @@ def gen_prompt(shape: Shape, seed: int = 1) -> np.ndarray:
 def build_generation(shape: Shape, base, model=None) -> tuple[dict[str, Built], dict]:
   """Greedy generation, ours (generate_text, jitted, KV cache) and, given the transformers
   `model`, its generate (use_cache=True), on the same float32 weights and prompts. EOS (id 2)
-  may end rows early in both; `info` counts the tokens each produced and whether they agree."""
+  may end rows early in both; `info` counts the tokens each produced and whether they agree,
+  and the bytes of the weights a one-token step reads (all but the input embedding table).
+  'prefill_*' runs the same call for one new token: the prompt's forward pass and one pick."""
   from cpeft_jax.evaluation import generate as gen
   dec = Decoder(shape.decoder('float32'))
   prompt = gen_prompt(shape)
   # Laid out for decoding once, as evaluation does before its batches (transformers' model
   # likewise holds its weights in the layout it multiplies).
   weights = jax.block_until_ready(gen.prepare(dec, {'params': base}))
-  ours = lambda: np.asarray(gen.generate_text(dec, weights, prompt, max_new_tokens=shape.gen_new,
-                                              eos_id=2, text_context=0, pad_id=0))
-  out = {'generate_ours': Built(ours, 0)}
+  ours = lambda new=shape.gen_new: np.asarray(gen.generate_text(
+      dec, weights, prompt, max_new_tokens=new, eos_id=2, text_context=0, pad_id=0))
+  out = {'generate_ours': Built(ours, 0), 'prefill_ours': Built(lambda: ours(1), 0)}
   a = ours()
-  info = {'tokens_ours': _generated(a)}
+  out['prefill_ours'].run()  # compiled outside the timing
+  step_bytes = 4 * (_count(base) - shape.vocab * shape.width)
+  info = {'tokens_ours': _generated(a), 'steps_ours': _steps(a), 'step_weight_bytes': step_bytes}
   if model is None:
     return out, info
   import torch
   ids = torch.from_numpy(prompt).long()
   attn = torch.ones_like(ids)
 
-  def theirs():
+  def theirs(new=shape.gen_new):
     with torch.no_grad():
-      out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=shape.gen_new,
+      out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new,
                            do_sample=False, num_beams=1, use_cache=True, eos_token_id=2,
                            pad_token_id=0)
     return out[:, prompt.shape[1]:].numpy()
   b = theirs()
   b = np.pad(b, ((0, 0), (0, shape.gen_new - b.shape[1])))  # HF stops when all rows end
-  info.update(same_tokens=bool(np.array_equal(a, b)), tokens_peer=_generated(b))
+  info.update(same_tokens=bool(np.array_equal(a, b)), tokens_peer=_generated(b),
+              steps_peer=_steps(b))
   out['generate_peer'] = Built(theirs, 0)
+  out['prefill_peer'] = Built(lambda: theirs(1), 0)
   return out, info
+
+
+def _steps(out_BT) -> int:
+  """One-token steps after the prefill's token: the longest row's tokens, less one (the loop
+  runs until every row has ended)."""
+  return max(_generated(row[None]) for row in out_BT) - 1
 
 
 def _generated(out_BT) -> int:

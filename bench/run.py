@@ -231,16 +231,25 @@ def report(s, built, times, mem, gen_info, gen_times, peer_skip, started, load_s
   figures = {n: times[n] for n in times}
   if gen_times:
     lines += ['', '## Generation (greedy, KV cache)', '',
-              '| stack | ms / call | new tokens / s |', '|---|---|---|']
-    for name, label in (('generate_ours',
-                         'ours: generate_text (jitted while_loop, weights from generate.prepare)'),
-                        ('generate_peer', 'transformers generate(use_cache=True)')):
+              '| stack | ms / call | new tokens / s | prefill ms (the call for 1 new token) | '
+              'ms / further step | weights read per step, GB/s |', '|---|---|---|---|---|---|']
+    for who, label in (('ours',
+                        'ours: generate_text (jitted while_loop, weights from generate.prepare)'),
+                       ('peer', 'transformers generate(use_cache=True)')):
+      name = f'generate_{who}'
       if name not in gen_times:
-        lines.append(f'| {label} | skipped ({peer_skip}) | - |')
+        lines.append(f'| {label} | skipped ({peer_skip}) | - | - | - | - |')
         continue
-      n = gen_info['tokens_ours' if name == 'generate_ours' else 'tokens_peer']
-      figures[name] = n / gen_times[name]
-      lines.append(f'| {label} | {gen_times[name] * 1e3:.1f} | {figures[name]:,.0f} |')
+      figures[name] = gen_info[f'tokens_{who}'] / gen_times[name]
+      prefill = gen_times[f'prefill_{who}']
+      step = (gen_times[name] - prefill) / max(gen_info[f'steps_{who}'], 1)
+      lines.append(f'| {label} | {gen_times[name] * 1e3:.1f} | {figures[name]:,.0f} | '
+                   f'{prefill * 1e3:.1f} | {step * 1e3:.1f} | '
+                   f"{gen_info['step_weight_bytes'] / step / 1e9:.1f} |")
+    lines += ['', 'A further step feeds one token per row through every layer and the LM head: '
+              f"it reads {gen_info['step_weight_bytes'] / 2**20:,.1f} MiB of float32 weights "
+              '(all but the input embedding table), so its time is bound by how fast the '
+              "machine's memory and the matmul kernels stream them; the prefill is compute-bound."]
     if 'generate_peer' in gen_times:
       lines += ['', f"Same generated tokens in both stacks: {gen_info['same_tokens']} "
                 f"({gen_info['tokens_ours']} tokens ours, {gen_info['tokens_peer']} theirs)."]

@@ -45,7 +45,16 @@ def test_quick_bench_prints_every_row(tmp_path):
     assert ms > 0, row
   for label in cases.PEERS.values():
     assert f'| {label} | skipped (--nopeer) |' in text
-  assert '| ours: generate_text (jitted while_loop, weights from generate.prepare) |' in text
+  gen = next(l for l in table if l.startswith('| ours: generate_text (jitted while_loop, '
+                                                 'weights from generate.prepare) |'))
+  call, _, prefill, step, _ = (float(c.replace(',', '')) for c in gen.split('|')[2:7])
+  assert 0 < prefill < call and step > 0, gen
+  assert '| transformers generate(use_cache=True) | skipped (--nopeer) |' in text
+  # A one-token step reads every float32 weight but the input embedding table.
+  s = cases.SHAPES['quick']
+  D, F, V, N = s.width, s.ffn, s.vocab, s.layers
+  weights = N * (4 * D * D + 3 * D * F + 2 * D) + D + V * D
+  assert f'it reads {4 * weights / 2**20:,.1f} MiB of float32 weights' in text
   goals = [l for l in table if l.endswith(' met |') or l.endswith(' not measured |')]
   assert len(goals) == 7, goals  # bench/run.py GOAL_ROWS
 
