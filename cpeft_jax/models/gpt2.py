@@ -21,9 +21,14 @@ from cpeft_jax.models.decoder_config import ACTIVATIONS, DTYPES, PROJECTION_NAME
 
 
 def layer_norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
-  """The LayerNorm (scale, bias) of GPT-2 and OPT (a block's `make_norm`)."""
-  return nn.LayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype],
-                      param_dtype=DTYPES[cfg.param_dtype], name=name)
+  """The LayerNorm (scale, bias) of GPT-2 and OPT (a block's `make_norm`), recomputed in the
+  backward pass as Llama's RMSNorm (`attention.recomputed`): the pass keeps x, not its float32
+  statistics and copy."""
+  return _RecomputedLayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype],
+                              param_dtype=DTYPES[cfg.param_dtype], name=name)
+
+
+_RecomputedLayerNorm = nn.remat(nn.LayerNorm, prevent_cse=True)
 
 
 class Attention(attention.Attention):
