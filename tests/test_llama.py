@@ -233,7 +233,7 @@ def test_activation_attention_and_norm_intermediates_are_recomputed_not_kept(mon
     wide = sum(x.shape == (CFG.num_layers, *tokens.shape, I) for x in kept)
     return value, f_vjp(1.0)[0], (wide, count((L, L)), count((L, 1)))
   value, grads, (wide, weights, stats) = run()
-  monkeypatch.setattr(llama, 'recomputed', lambda activation: activation)
+  monkeypatch.setattr(attention, 'recomputed', lambda activation: activation)  # gpt2's act
   monkeypatch.setattr(llama, 'swiglu', lambda gate, up: nn.silu(gate) * up)
   monkeypatch.setattr(attention, 'causal_attention', attention.causal_attention.__wrapped__)
   monkeypatch.setattr(llama, '_rms_norm', llama._rms_norm.__wrapped__)

@@ -20,15 +20,15 @@ from cpeft_jax.models.attention import SubLayer
 from cpeft_jax.models.decoder_config import ACTIVATIONS, DTYPES, PROJECTION_NAMES, DecoderConfig
 
 
+_RecomputedLayerNorm = nn.remat(nn.LayerNorm, prevent_cse=True)
+
+
 def layer_norm(cfg: DecoderConfig, name: str | None = None) -> nn.Module:
   """The LayerNorm (scale, bias) of GPT-2 and OPT (a block's `make_norm`), recomputed in the
-  backward pass as Llama's RMSNorm (`attention.recomputed`): the pass keeps x, not its float32
-  statistics and copy."""
+  backward pass (nn.remat, as `attention.recomputed` does for Llama's RMSNorm): the pass keeps
+  x, not its float32 statistics and copy."""
   return _RecomputedLayerNorm(cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype],
                               param_dtype=DTYPES[cfg.param_dtype], name=name)
-
-
-_RecomputedLayerNorm = nn.remat(nn.LayerNorm, prevent_cse=True)
 
 
 class Attention(attention.Attention):
@@ -42,7 +42,7 @@ class DenseMlp(SubLayer):
   def __call__(self, x_BLD, routing):
     cfg = self.cfg
     _, up, down = PROJECTION_NAMES[cfg.arch]
-    act = llama.recomputed(ACTIVATIONS[cfg.activation])
+    act = attention.recomputed(ACTIVATIONS[cfg.activation])
     h = act(self.dense(up, cfg.intermediate_size, True)(x_BLD, routing))
     return self.dense(down, cfg.hidden_size, True)(h, routing)
 
