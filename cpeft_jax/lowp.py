@@ -67,6 +67,10 @@ def transposed(a_MN):
 _lowp_matmul.defvjp(_lowp_matmul_fwd, _lowp_matmul_bwd)
 
 
+# At most this many rows, `OutputMajorKernel`'s product keeps the weights as the dot's left side.
+FEW_ROWS = 128
+
+
 @flax.struct.dataclass
 class OutputMajorKernel:
   """A [..., D, E] kernel stored output-major: `data` holds the bytes of its transpose [..., E, D]
@@ -74,8 +78,9 @@ class OutputMajorKernel:
   checks, stacks and slices along leading axes like the kernel. `x @ kernel` reads each output's
   weights contiguously, which a memory-bound one-token decoding step on XLA:CPU multiplies faster
   than a row-major [D, E] kernel (generate_text at bench/cases.py's paper shape, float32, 8 rows,
-  a 2-core Xeon: 41 to 49 ms a step against 53 to 58). No __jax_array__, so nothing reads `data`
-  as the kernel by mistake."""
+  a 2-core Xeon: 41 to 49 ms a step against 53 to 58; a 2-core EPYC, with the few-row product
+  of `__rmatmul__`: 33 ms against 57 before it). No __jax_array__, so nothing reads `data` as the
+  kernel by mistake."""
   data: jax.Array
 
   shape = property(lambda self: self.data.shape)
@@ -95,8 +100,16 @@ class OutputMajorKernel:
     return self.replace(data=self.data.astype(dtype))
 
   def __rmatmul__(self, x):
-    """x [..., D] @ kernel in x's dtype, accumulated in float32 and rounded once (as `matmul`)."""
+    """x [..., D] @ kernel in x's dtype, accumulated in float32 and rounded once (as `matmul`).
+
+    For a few rows (a decoding step's) on XLA:CPU, the product is taken as kernel^T @ x^T,
+    [E, D] @ [D, T], and only then transposed: XLA would otherwise fold the transpose into the
+    dot and multiply x @ kernel^T, which streams the weights at about half the speed (bench/:
+    paper shape, float32, 8 rows, generate_text's one-token step 57 -> 33 ms, 2-core EPYC).
+    Many rows (a prompt's) multiply faster as the folded dot."""
     w_ED = self.transposed()
     E, D = w_ED.shape[-2:]
     y_ET = jnp.einsum('ed,td->et', w_ED, x.reshape(-1, D), preferred_element_type=jnp.float32)
+    if y_ET.shape[1] <= FEW_ROWS and jax.default_backend() == 'cpu':
+      y_ET = jax.lax.optimization_barrier(y_ET)
     return y_ET.T.astype(x.dtype).reshape(*x.shape[:-1], E)

@@ -310,10 +310,11 @@ def test_prepared_weights_are_output_major_and_generate_alike(vlm):
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_output_major_kernel_multiplies_as_the_kernel(dtype):
+@pytest.mark.parametrize('rows', [5, lowp.FEW_ROWS // 3 + 1])  # x3: a step's few, a prompt's many
+def test_output_major_kernel_multiplies_as_the_kernel(dtype, rows):
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((2, 24, 40)), jnp.float32)  # a stack of two
-  x = jnp.asarray(rng.standard_normal((3, 5, 24)), dtype)
+  x = jnp.asarray(rng.standard_normal((3, rows, 24)), dtype)
   om = lowp.OutputMajorKernel.of(w)
   assert om.shape == w.shape and om.astype(dtype).dtype == dtype
   for i in range(2):
