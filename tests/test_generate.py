@@ -309,6 +309,18 @@ def test_prepared_weights_are_output_major_and_generate_alike(vlm):
   assert gen.prepare(model, w) is w
 
 
+def test_argmax_is_jnp_argmax_with_ties_nans_and_infinities():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 3, (40, 30)).astype(np.float32)  # many ties
+  x[3, [4, 9]] = np.nan
+  x[5] = -np.inf
+  x[6, [2, 7]] = np.inf
+  for a in (x, x.astype(jnp.bfloat16), rng.standard_normal((2, 3, 50)).astype(np.float32)):
+    got = jax.jit(gen.argmax)(a)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(a, -1))
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('rows', [5, lowp.FEW_ROWS // 3 + 1])  # x3: a step's few, a prompt's many
 def test_output_major_kernel_multiplies_as_the_kernel(dtype, rows):

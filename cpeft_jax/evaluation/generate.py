@@ -266,11 +266,21 @@ def search(step, logits_BV, cache, positions_B, T, eos_id, pad_id, num_beams, le
   return _beam(step, logits_BV, cache, positions_B, T, eos_id, pad_id, num_beams, length_penalty)
 
 
+def argmax(x_BV) -> jax.Array:
+  """jnp.argmax over the last axis (the first maximum; the first NaN where there is one), int32,
+  as a max and then a min over the positions that hold it: XLA:CPU reduces argmax's (value,
+  index) pairs several times slower (bench/: float32 [8, 50272], once per generated token,
+  0.98 -> 0.30 ms)."""
+  top = x_BV.max(-1, keepdims=True)
+  position = jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1)
+  return jnp.min(jnp.where((x_BV == top) | jnp.isnan(x_BV), position, x_BV.shape[-1]), -1)
+
+
 def _greedy(step, logits_BV, cache, positions_B, T, eos_id, pad_id):
   B = logits_BV.shape[0]
 
   def pick(t, out_BT, done_B, logits_BV):
-    tok_B = jnp.where(done_B, pad_id, jnp.argmax(logits_BV, -1).astype(jnp.int32))
+    tok_B = jnp.where(done_B, pad_id, argmax(logits_BV))
     return out_BT.at[:, t].set(tok_B), done_B | (tok_B == eos_id), tok_B
 
   def body(state):
