@@ -27,7 +27,9 @@ from absl import app, flags
 
 from cpeft_jax import xla_flags
 
-xla_flags.set_training_defaults()  # the flags train.py and bench.run time steps under
+if __name__ == '__main__':  # our steps as train.py and bench.run time them: restarted with
+  xla_flags.restart_with_tunables()  # glibc's malloc tunables, under the XLA flags
+xla_flags.set_training_defaults()
 
 import jax  # noqa: E402  (after the flags)
 

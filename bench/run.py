@@ -29,8 +29,11 @@ from absl import app, flags
 
 from cpeft_jax import xla_flags
 
-# Train steps run under the XLA flags train.py sets; generation runs in a process of its own
-# under the user's flags, as evaluate.py does (see cpeft_jax/xla_flags.py).
+# Our train steps run as train.py runs them: under the XLA flags and, restarted, the glibc malloc
+# tunables it sets. Generation runs in a process of its own in the user's environment, as
+# evaluate.py does; so do the peer's train steps (see cpeft_jax/xla_flags.py).
+if __name__ == '__main__':
+  xla_flags.restart_with_tunables()
 USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
 xla_flags.set_training_defaults()
 
@@ -56,6 +59,8 @@ flags.DEFINE_enum('frozen_dtype', 'compute', ['compute', 'float32'],
                   'Storage of the PEFT cases\' frozen weights (a knob; see cases.Shape).')
 flags.DEFINE_string('memory_case', None, 'Internal: build one case, step twice, print its RSS.')
 flags.DEFINE_bool('generation_worker', False, 'Internal: time generation, print it as JSON.')
+flags.DEFINE_bool('peer_worker', False, 'Internal: build the peer\'s train steps, run one per '
+                  'case name read from stdin.')
 
 # Memory-only cases: a train case with layer remat (measured in a fresh process, not timed).
 REMAT = '+remat'
@@ -125,6 +130,60 @@ def generation_worker():
   print('GENERATION ' + json.dumps({'times': times, 'info': info}), flush=True)
 
 
+def user_env() -> dict[str, str]:
+  """The environment the user started bench.run in: their XLA flags, no added tunables."""
+  env = xla_flags.user_environ()
+  env.pop('XLA_FLAGS', None)
+  if USER_XLA_FLAGS is not None:
+    env['XLA_FLAGS'] = USER_XLA_FLAGS
+  return env
+
+
+def peer_worker():
+  """Builds the peer's train steps (transformers + peft, on our base weights), prints their
+  figures as JSON, then runs one step of each case named on a line of stdin, answering DONE."""
+  s = shape()
+  built = cases.build_peer(cases.hf_model(s, cases.init_base(s)), s)
+  print('PEERS ' + json.dumps({n: {'trainable': b.trainable, 'first_loss': b.first_loss}
+                               for n, b in built.items()}), flush=True)
+  for line in sys.stdin:
+    built[line.strip()].run()
+    print('DONE', flush=True)
+
+
+class PeerProcess:
+  """The peer's train steps in a process of their own, started in the user's environment
+  (`user_env`): PyTorch runs as a user's would, without the malloc tunables that train.py (and
+  so this process) sets, which slow it (cpeft_jax/xla_flags.py). `built` holds a case per peer
+  whose `run()` has the worker run one step and waits for it, so that `harness.interleave`
+  alternates its blocks with ours as before; the worker idles meanwhile."""
+
+  def __init__(self):
+    cmd = [sys.executable, '-m', 'bench.run', '--peer_worker'] + (['--quick'] if FLAGS.quick
+                                                                   else [])
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=user_env())
+    info = json.loads(self._read('PEERS '))
+    self.built = {n: cases.Built(lambda n=n: self._step(n), v['trainable'],
+                                 first_loss=v['first_loss']) for n, v in info.items()}
+
+  def _read(self, tag: str) -> str:
+    for line in self.proc.stdout:
+      if line.startswith(tag):
+        return line[len(tag):]
+    raise RuntimeError(f'The peer process ended (exit {self.proc.wait()}) before printing '
+                       f'{tag.strip()!r}; its stderr is above.')
+
+  def _step(self, name: str):
+    self.proc.stdin.write(name + '\n')
+    self.proc.stdin.flush()
+    self._read('DONE')
+
+  def close(self):
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
 def worker(args: list[str], tag: str, env=None) -> tuple[dict | None, str]:
   """Runs `python -m bench.run ARGS` in a fresh process: (the JSON it printed after TAG, '')
   or, if it printed none, (None, why)."""
@@ -138,12 +197,8 @@ def worker(args: list[str], tag: str, env=None) -> tuple[dict | None, str]:
 
 def measure_generation(peer: bool) -> tuple[dict, dict]:
   """(times, info) of `generation_worker`, run under the user's own XLA flags."""
-  env = dict(os.environ)
-  env.pop('XLA_FLAGS')
-  if USER_XLA_FLAGS is not None:
-    env['XLA_FLAGS'] = USER_XLA_FLAGS
   out, why = worker(['--generation_worker', f'--peer={peer}', f'--steps={FLAGS.steps}',
-                     f'--rounds={FLAGS.rounds}'], 'GENERATION', env)
+                     f'--rounds={FLAGS.rounds}'], 'GENERATION', user_env())
   if out is None:
     raise RuntimeError(f'The generation process failed ({why})')
   return out['times'], out['info']
@@ -154,7 +209,8 @@ def measure_memory(names, jobs: int = 2) -> dict[str, dict]:
   def one(name):
     out, why = worker([f'--memory_case={name}', f'--strategy={FLAGS.strategy}',
                        f'--tile={FLAGS.tile}', f'--frozen_dtype={FLAGS.frozen_dtype}',
-                       f'--remat={FLAGS.remat}'], 'MEMORY')
+                       f'--remat={FLAGS.remat}'], 'MEMORY',
+                      user_env() if name in cases.PEERS else None)
     if out is None:
       log(f'memory of {name} failed ({why})')
     return name, out
@@ -307,6 +363,8 @@ def main(argv):
     return memory_worker(FLAGS.memory_case)
   if FLAGS.generation_worker:
     return generation_worker()
+  if FLAGS.peer_worker:
+    return peer_worker()
   unknown = sorted(set(FLAGS.cases) - set(cases.OURS))
   if unknown:
     raise app.UsageError(f'--cases names {unknown}; expected some of {list(cases.OURS)}.')
@@ -317,22 +375,20 @@ def main(argv):
   base = cases.init_base(s)
   frozen16 = cases.frozen_base(cases.OURS['lora_c1'], s, base)  # shared by the bf16 PEFT cases
 
-  peer_skip, hf = '', None
+  peer_skip = ''
   if FLAGS.peer:
     try:
       import peft  # noqa: F401
       import torch  # noqa: F401
     except ImportError as e:
       peer_skip = f'not installed: {e}'
-    else:
-      hf = cases.hf_model(s, base)
   else:
     peer_skip = '--nopeer'
   if peer_skip:
     log(f'transformers + peft peer skipped: {peer_skip}')
 
   log('generation: timing in a process of its own')
-  gen_times, gen_info = measure_generation(hf is not None)
+  gen_times, gen_info = measure_generation(not peer_skip)
   log(f'generation: {gen_times} {gen_info}')
 
   def build(name):
@@ -344,9 +400,11 @@ def main(argv):
   # Compiling is mostly single-threaded: two cases at a time halve the wait on 2 cores.
   with concurrent.futures.ThreadPoolExecutor(FLAGS.jobs) as pool:
     built = dict(pool.map(build, FLAGS.cases))
-  if hf is not None:
-    built.update(cases.build_peer(hf, s))
-    log('built the peer')
+  peer = None
+  if not peer_skip:
+    peer = PeerProcess()
+    built.update(peer.built)
+    log('built the peer (in a process of its own)')
   times = harness.interleave({k: b.run for k, b in built.items()}, FLAGS.steps, FLAGS.rounds,
                              on_block=lambda k, t: log(f'{k}: {t * 1e3:.1f} ms'))
   mem = {}
@@ -354,8 +412,9 @@ def main(argv):
   if rss and FLAGS.out:  # the timings so far, in case the memory phase is cut short
     write(FLAGS.out, report(s, built, times, mem, gen_info, gen_times, peer_skip, started,
                             load_start))
+  if peer is not None:
+    peer.close()
   if rss:
-    del hf
     log(f'memory: {len(built)} fresh processes')
     extra = [] if FLAGS.remat else [n + REMAT for n in REMAT_CASES if n in built]
     mem = measure_memory(list(built) + extra, FLAGS.jobs)

@@ -28,3 +28,29 @@ def test_train_py_sets_them_before_jax_starts():
   flags, devices = out.stdout.split('\n')[:2]
   assert flags.split() == ['--xla_force_host_platform_device_count=3', *xla_flags.TRAINING]
   assert devices == '3'
+
+
+def test_tunables_join_the_users_and_user_environ_takes_back_only_ours():
+  env = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  assert xla_flags.add_tunables(env)
+  assert env['GLIBC_TUNABLES'].split(':') == ['glibc.malloc.arena_max=2', *xla_flags.TUNABLES]
+  assert not xla_flags.add_tunables(env)  # all named now: nothing to add, no restart
+  assert xla_flags.user_environ(env) == {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
+  name = xla_flags.TUNABLES[0].split('=')[0]
+  mine = {'GLIBC_TUNABLES': f'{name}=0'}  # the user's own value of ours is kept
+  assert not xla_flags.add_tunables(mine) and mine == {'GLIBC_TUNABLES': f'{name}=0'}
+  assert xla_flags.user_environ(mine) == mine
+  empty = {}
+  assert xla_flags.add_tunables(empty) and xla_flags.user_environ(empty) == {}
+
+
+def test_restart_reexecutes_once_with_the_tunables_and_the_same_arguments():
+  code = ('import os, sys; from cpeft_jax import xla_flags; '
+          'print("start", os.environ.get("GLIBC_TUNABLES"), flush=True); '
+          'xla_flags.restart_with_tunables(); '
+          'print("run", os.environ["GLIBC_TUNABLES"], sys.argv[1:])')
+  out = subprocess.run([sys.executable, '-c', code, 'a', '--b=c'], capture_output=True,
+                       text=True, check=True, env={'PATH': '', 'PYTHONPATH': ':'.join(sys.path)})
+  assert out.stdout.splitlines() == [
+      'start None', f'start {":".join(xla_flags.TUNABLES)}',
+      f"run {':'.join(xla_flags.TUNABLES)} ['a', '--b=c']"]

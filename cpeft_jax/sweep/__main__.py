@@ -20,6 +20,8 @@ from absl import app, flags, logging
 
 from cpeft_jax import xla_flags
 
+if __name__ == '__main__':
+  xla_flags.restart_with_tunables()  # glibc reads its malloc tunables only as a process starts
 xla_flags.set_training_defaults()  # before anything starts JAX
 
 from cpeft_jax import schema  # noqa: E402
