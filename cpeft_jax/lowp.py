@@ -33,6 +33,8 @@ def matmul_f32(x, w):
   """x @ w with a float32 result straight from the accumulator (e.g. the LM head's logits)."""
   if x.dtype == jnp.float32:
     return x @ w.astype(jnp.float32)
+  if isinstance(w, OutputMajorKernel):  # a prepared head of bf16 weights (generation)
+    return w.matmul(x, jnp.float32)
   return _lowp_matmul(x, w.astype(x.dtype), jnp.float32)
 
 
@@ -89,7 +91,9 @@ class OutputMajorKernel:
 
   @classmethod
   def of(cls, kernel_DE) -> 'OutputMajorKernel':
-    return cls(jnp.swapaxes(kernel_DE, -1, -2).reshape(kernel_DE.shape))
+    # Laid out for real (`transposed`): inside a jitted generation, XLA would otherwise fold the
+    # transpose into the dots, some of which XLA:CPU then cannot run in bf16.
+    return cls(transposed(kernel_DE).reshape(kernel_DE.shape))
 
   def transposed(self) -> jax.Array:
     """The [..., E, D] array the bytes hold."""
@@ -100,7 +104,11 @@ class OutputMajorKernel:
     return self.replace(data=self.data.astype(dtype))
 
   def __rmatmul__(self, x):
-    """x [..., D] @ kernel in x's dtype, accumulated in float32 and rounded once (as `matmul`).
+    """x [..., D] @ kernel in x's dtype, accumulated in float32 and rounded once (as `matmul`)."""
+    return self.matmul(x, x.dtype)
+
+  def matmul(self, x, out_dtype):
+    """x [..., D] @ kernel, accumulated in float32, in `out_dtype`.
 
     For a few rows (a decoding step's) on XLA:CPU, the product is taken as kernel^T @ x^T,
     [E, D] @ [D, T], and only then transposed: XLA would otherwise fold the transpose into the
@@ -112,4 +120,4 @@ class OutputMajorKernel:
     y_ET = jnp.einsum('ed,td->et', w_ED, x.reshape(-1, D), preferred_element_type=jnp.float32)
     if y_ET.shape[1] <= FEW_ROWS and jax.default_backend() == 'cpu':
       y_ET = jax.lax.optimization_barrier(y_ET)
-    return y_ET.T.astype(x.dtype).reshape(*x.shape[:-1], E)
+    return y_ET.T.astype(out_dtype).reshape(*x.shape[:-1], E)

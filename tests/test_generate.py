@@ -309,6 +309,20 @@ def test_prepared_weights_are_output_major_and_generate_alike(vlm):
   assert gen.prepare(model, w) is w
 
 
+def test_prepared_bf16_weights_generate_as_the_variables(text_lm):
+  """Frozen weights stored in bf16 (as PEFT runs keep them), untied head: the prepared
+  (output-major) kernels, the head's float32 logits included, give the same tokens."""
+  _, _, tokens, mask, _ = text_lm
+  model = Decoder(dataclasses.replace(DEC, dtype='bfloat16', param_dtype='bfloat16'))
+  v = jax.jit(model.init)(jax.random.key(1), tokens)
+  assert {x.dtype for x in jax.tree.leaves(v)} == {jnp.dtype(jnp.bfloat16)}
+  w = gen.prepare(model, v)
+  assert isinstance(w.variables['params']['lm_head']['kernel'], lowp.OutputMajorKernel)
+  kw = dict(attention_mask_BP=mask, max_new_tokens=T, eos_id=DEC.vocab_size - 1, text_context=0)
+  np.testing.assert_array_equal(gen.generate_text(model, w, tokens, **kw),
+                                gen.generate_text(model, v, tokens, **kw))
+
+
 def test_argmax_is_jnp_argmax_with_ties_nans_and_infinities():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 3, (40, 30)).astype(np.float32)  # many ties
