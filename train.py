@@ -21,9 +21,8 @@ from ml_collections import config_flags
 
 from cpeft_jax import xla_flags
 
-if __name__ == '__main__':
-  xla_flags.restart_with_tunables()  # glibc reads its malloc tunables only as a process starts
-xla_flags.set_training_defaults()  # before anything starts JAX
+# Before anything starts JAX; as a command, restarted first with glibc's malloc tunables.
+xla_flags.set_training_defaults(restart=__name__ == '__main__')
 
 from cpeft_jax import hosts, schema  # noqa: E402  (import JAX, after the flags)
 

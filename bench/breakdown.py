@@ -27,9 +27,8 @@ from absl import app, flags
 
 from cpeft_jax import xla_flags
 
-if __name__ == '__main__':  # our steps as train.py and bench.run time them: restarted with
-  xla_flags.restart_with_tunables()  # glibc's malloc tunables, under the XLA flags
-xla_flags.set_training_defaults()
+# Our steps as train.py and bench.run time them (under its flags and malloc tunables).
+xla_flags.set_training_defaults(restart=__name__ == '__main__')
 
 import jax  # noqa: E402  (after the flags)
 

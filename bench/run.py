@@ -32,10 +32,8 @@ from cpeft_jax import xla_flags
 # Our train steps run as train.py runs them: under the XLA flags and, restarted, the glibc malloc
 # tunables it sets. Generation runs in a process of its own in the user's environment, as
 # evaluate.py does; so do the peer's train steps (see cpeft_jax/xla_flags.py).
-if __name__ == '__main__':
-  xla_flags.restart_with_tunables()
-USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')
-xla_flags.set_training_defaults()
+USER_XLA_FLAGS = os.environ.get('XLA_FLAGS')  # (read again after the restart)
+xla_flags.set_training_defaults(restart=__name__ == '__main__')
 
 from bench import cases, gpu, harness  # noqa: E402  (starts JAX, after the flags)
 

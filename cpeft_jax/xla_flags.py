@@ -4,9 +4,9 @@ module imports no JAX).
 XLA reads XLA_FLAGS once, when its first backend starts, so `train.py` calls
 `set_training_defaults()` at import, before its config (which imports jax) is loaded and before
 any computation. A flag the user's own XLA_FLAGS already names is left as the user set it.
-glibc reads GLIBC_TUNABLES only as a process starts, so `train.py` run as a command first calls
-`restart_with_tunables()`, which re-executes it with TUNABLES added (once; the user's own
-settings kept).
+glibc reads GLIBC_TUNABLES only as a process starts, so `train.py` run as a command passes
+`restart=True`, which first re-executes it with TUNABLES added (`restart_with_tunables`; once,
+the user's own settings kept).
 """
 
 from __future__ import annotations
@@ -31,17 +31,25 @@ FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_llvm_disable_expens
                 '--xla_cpu_use_fusion_emitters=false')
 
 
+def _unnamed(defaults, settings) -> list[str]:
+  """The NAME=VALUE `defaults` whose NAME no entry of `settings` names."""
+  named = {x.split('=')[0] for x in settings}
+  return [x for x in defaults if x.split('=')[0] not in named]
+
+
 def add_defaults(defaults, environ: MutableMapping[str, str] = os.environ) -> str:
   """Adds `defaults` to environ['XLA_FLAGS'] (those it does not name yet); returns it."""
   flags = environ.get('XLA_FLAGS', '').split()
-  named = {f.split('=')[0] for f in flags}
-  flags += [f for f in defaults if f.split('=')[0] not in named]
-  environ['XLA_FLAGS'] = ' '.join(flags)
+  environ['XLA_FLAGS'] = ' '.join(flags + _unnamed(defaults, flags))
   return environ['XLA_FLAGS']
 
 
-def set_training_defaults(environ: MutableMapping[str, str] = os.environ) -> str:
-  """Adds TRAINING's flags to environ['XLA_FLAGS'] (those it does not name yet); returns it."""
+def set_training_defaults(environ: MutableMapping[str, str] = os.environ,
+                          restart: bool = False) -> str:
+  """Adds TRAINING's flags to environ['XLA_FLAGS'] (those it does not name yet); returns it.
+  `restart` (a command's `__name__ == '__main__'`): first `restart_with_tunables`."""
+  if restart:
+    restart_with_tunables(environ)
   return add_defaults(TRAINING, environ)
 
 
@@ -63,8 +71,7 @@ def add_tunables(environ: MutableMapping[str, str]) -> bool:
   """Adds TUNABLES to environ['GLIBC_TUNABLES'] (those it does not name yet); True if any was
   added (recorded in environ[ADDED_TUNABLES])."""
   have = [t for t in environ.get('GLIBC_TUNABLES', '').split(':') if t]
-  named = {t.split('=')[0] for t in have}
-  new = [t for t in TUNABLES if t.split('=')[0] not in named]
+  new = _unnamed(TUNABLES, have)
   if not new:
     return False
   environ['GLIBC_TUNABLES'] = ':'.join(have + new)
@@ -87,8 +94,8 @@ def user_environ(environ: MutableMapping[str, str] = os.environ) -> dict[str, st
 
 def restart_with_tunables(environ: MutableMapping[str, str] = os.environ):
   """Re-executes this process (same interpreter, options and arguments) with TUNABLES added to
-  GLIBC_TUNABLES, unless it names them all already (as after the restart). Linux only; call it
-  first thing in a command's `__main__`, before JAX starts threads or files are opened."""
+  GLIBC_TUNABLES, unless it names them all already (as after the restart). Linux only; called
+  first thing by a command (`set_training_defaults(restart=True)`), before JAX starts."""
   if sys.platform != 'linux' or not add_tunables(environ):
     return
   sys.stdout.flush()
