@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import harness
-from cpeft_jax import checkpoints
+from cpeft_jax import checkpoints, xla_flags
 from cpeft_jax.adaptors import LoraConfig, PeftConfig
 from cpeft_jax.models.decoder_config import DecoderConfig
 from cpeft_jax.models.decoders import init_adaptors
@@ -208,6 +208,7 @@ def build_ours(spec: TrainSpec, shape: Shape, base, share_base: bool = True,
   rng = jax.random.key(0)
   step = jax.jit(functools.partial(step_lib.train_step, apply_fn=apply_fn), donate_argnums=0)
   compiled = step.lower(state, frozen, batch, rng).compile()
+  xla_flags.release_freed_memory()  # as the trainer does before its first step
   mem = compiled.memory_analysis()
   xla_mib = None
   if mem is not None:

@@ -11,6 +11,7 @@ the user's own settings kept).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
 from collections.abc import MutableMapping
@@ -101,3 +102,19 @@ def restart_with_tunables(environ: MutableMapping[str, str] = os.environ):
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environ)
+
+
+def release_freed_memory() -> bool:
+  """Hands the pages that glibc's malloc holds free back to the OS (`malloc_trim(0)`); True if
+  it returned any. A no-op returning False where the C library has no malloc_trim (macOS).
+
+  Loading weights and compiling free much more than they keep, and malloc keeps what they freed
+  in its heaps, where the first step's buffers (one large block, mapped afresh) cannot reuse it.
+  The trainer calls this once, between compiling the train step and running it (bench/: paper
+  shape, a lone process, peak RSS of LoRA C=2 2158 -> 1888 MiB, full fine-tuning 3913 -> 3674).
+  """
+  try:
+    trim = ctypes.CDLL(None).malloc_trim
+  except (OSError, AttributeError):
+    return False
+  return bool(trim(0))

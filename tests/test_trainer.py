@@ -172,13 +172,20 @@ def test_per_context_specs_train_on_the_demo(tmp_path):
   assert np.any(bitfit[:, 0] != 0) and np.all(bitfit[:, 1] == 0)
 
 
-def test_checkpoint_every_step_saves_each_step_once_and_resumes(tmp_path):
+def test_checkpoint_every_step_saves_each_step_once_and_resumes(tmp_path, caplog):
   """checkpoint_every=1 saves the epoch's last step before validation and again after it (its
-  progress changed): the step is rewritten, not refused; a rerun of the finished run resumes."""
+  progress changed): the step is rewritten, not refused; a rerun of the finished run resumes.
+  The train step compiles once, ahead of its first run (Trainer.compile_step)."""
   c = tiny(2, checkpoint_every=1)
   c.data.data_dir = str(tmp_path / 'tfds')
-  out = trainer.train_and_evaluate(c, str(tmp_path / 'w'))
+  with jax.log_compiles(True), caplog.at_level('WARNING', logger='jax'):
+    out = trainer.train_and_evaluate(c, str(tmp_path / 'w'))
   assert out['steps'] == 30  # 15 steps an epoch
+  compiles = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith('Finished XLA compilation of jit(train_step)')]
+  # Stage 0 (pretrain.py, the text decoder) compiles its own; the PEFT stage's first step runs
+  # what Trainer.compile_step compiled ahead of it, not a second compile.
+  assert len(compiles) == 2, compiles
   from cpeft_jax.train import checkpointing
   with checkpointing.manager(str(tmp_path / 'w' / 'checkpoints')) as mgr:
     assert mgr.all_steps() == [29, 30]

@@ -33,6 +33,7 @@ import optax
 import tqdm
 
 from cpeft_jax import experiment, hosts, losses, params, plugins, runs, schema, sharding
+from cpeft_jax import xla_flags
 from cpeft_jax import adaptors
 from cpeft_jax import trainable as trainable_lib
 from cpeft_jax import workdir as workdir_lib
@@ -139,12 +140,14 @@ class Trainer:
     peft = exp.model.peft
     self.rows = peft.rows if peft.methods else ()
     self.tasks = exp.tasks if len(exp.tasks) > 1 else ()  # per-task losses of a multi-task run
-    self.step_fn = sharding.on_mesh(jax.jit(
+    self.step_jit = jax.jit(
         functools.partial(step_lib.train_step, apply_fn=apply,
                           micro_steps=config.train.micro_steps, num_contexts=peft.num_contexts,
                           num_tasks=len(self.tasks)),
         in_shardings=(placed.state_sh, placed.frozen_sh, placed.batch_sh, placed.replicated),
-        out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,)), exp.mesh)
+        out_shardings=(placed.state_sh, placed.replicated), donate_argnums=(0,))
+    self.step_fn = sharding.on_mesh(self.step_jit, exp.mesh)
+    self.step_compiled = False
     self.eval_fn = sharding.on_mesh(jax.jit(
         functools.partial(losses.eval_step, apply_fn=apply),
         in_shardings=(placed.state_sh.trainable, placed.frozen_sh, placed.batch_sh),
@@ -217,9 +220,12 @@ class Trainer:
                     desc=f'epoch {epoch + 1}/{c.train.epochs}', unit='step',
                     dynamic_ncols=True, leave=False, mininterval=1.0)
     for k, batch in enumerate(self.train_data.epoch(epoch, start=p.batch), p.batch):
-      self.state, m = self.step_fn(self.state, self.frozen,
-                                   experiment.device_batch(self.exp, batch),
-                                   jax.random.fold_in(self.rng, epoch * per_epoch + k))
+      args = (self.state, self.frozen, experiment.device_batch(self.exp, batch),
+              jax.random.fold_in(self.rng, epoch * per_epoch + k))
+      if not self.step_compiled:
+        self.compile_step(*args)
+      self.state, m = self.step_fn(*args)
+      del args  # the batch is not kept alive while the next one loads
       vote, before = self.vote.cast(self.stop_signal is not None), vote
       stop = self.vote.agreed(vote, before)  # the hosts' votes up to step n-1 (one host: now)
       if pending is not None:  # pull step n-1's metrics after dispatching step n
@@ -239,6 +245,16 @@ class Trainer:
       self.last = self._host_metrics(pending)
       bar.update(1)
     bar.close()
+
+  def compile_step(self, *args) -> None:
+    """Compiles the train step for `args` before it first runs (that call then finds it in
+    JAX's cache), and in between hands the memory that loading and compiling freed back to the
+    OS (`xla_flags.release_freed_memory`), so the step's buffers do not come on top of it at
+    the process's peak."""
+    with jax.set_mesh(self.exp.mesh):
+      self.step_jit.lower(*args).compile()
+    xla_flags.release_freed_memory()
+    self.step_compiled = True
 
   def _log_step(self, step: int, k: int, clock):
     """Writes step `step`'s metrics every train.log_every steps; `clock` is (time, batch) of
