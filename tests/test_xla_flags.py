@@ -59,11 +59,10 @@ def test_restart_reexecutes_once_with_the_tunables_and_the_same_arguments():
 def test_release_freed_memory_hands_freed_heap_pages_back():
   # 160 MiB of 64 KiB blocks (malloc's heap, below its mmap threshold) with one block after
   # them, so that freeing them leaves a hole inside the heap that free() alone keeps.
-  code = ('import os; from cpeft_jax import xla_flags\n'
-          'rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20\n'
+  code = ('from bench.harness import current_rss_mib; from cpeft_jax import xla_flags\n'
           'blocks = [b"x" * 65536 for _ in range(2560)]; after = b"y" * 65536\n'
-          'del blocks; before = rss()\n'
-          'print(xla_flags.release_freed_memory(), before - rss())')
+          'del blocks; before = current_rss_mib()\n'
+          'print(xla_flags.release_freed_memory(), int(before - current_rss_mib()))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True,
                        env={'PATH': '', 'PYTHONPATH': ':'.join(sys.path)})
   returned, released_mib = out.stdout.split()

@@ -251,8 +251,7 @@ class Trainer:
     JAX's cache), and in between hands the memory that loading and compiling freed back to the
     OS (`xla_flags.release_freed_memory`), so the step's buffers do not come on top of it at
     the process's peak."""
-    with jax.set_mesh(self.exp.mesh):
-      self.step_jit.lower(*args).compile()
+    sharding.on_mesh(self.step_jit.lower, self.exp.mesh)(*args).compile()  # traced as it runs
     xla_flags.release_freed_memory()
     self.step_compiled = True
 
