@@ -115,10 +115,15 @@ def test_cached_logits_equal_non_cached(vlm):
   prefill, cache0 = apply(v, b['pixels'], b['tokens'][:, :P], b['kinds'][:, :P],
                           b['context_ids'][:, :P], cache=KVCache.create(DEC, 3, L))
   np.testing.assert_allclose(prefill, want[:, :P], atol=1e-5)
-  last2, _ = jax.jit(functools.partial(model.apply, logits_to_keep=2))(
+  # Keeping the last 2 positions' logits, the last layer computes only theirs, but writes the
+  # keys and values of every position as the full prefill does.
+  last2, cache2 = jax.jit(functools.partial(model.apply, logits_to_keep=2))(
       v, b['pixels'], b['tokens'][:, :P], b['kinds'][:, :P], b['context_ids'][:, :P],
       cache=KVCache.create(DEC, 3, L))
   np.testing.assert_allclose(last2, want[:, P - 2:P], atol=1e-5)
+  np.testing.assert_allclose(cache2.key_NBGMK, cache0.key_NBGMK, atol=1e-6)
+  np.testing.assert_allclose(cache2.value_NBGMK, cache0.value_NBGMK, atol=1e-6)
+  assert int(cache2.index) == int(cache0.index) == P
   # A cache held per layer (a decoding loop's state) reads and extends as the stacked one.
   split = cache0.per_layer()
   assert len(split.key_NBGMK) == DEC.num_layers and split.key_NBGMK[0].shape == (3, 2, L, 8)
@@ -138,6 +143,28 @@ def test_cached_logits_equal_non_cached(vlm):
   # The text context changes the logits, so generation below exercises the adaptor routing.
   other, _ = decode(b['tokens'][:, P:P + 1], 1 - b['context_ids'][:, P:P + 1], cache0)
   assert np.abs(other - got[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize('num_layers', [1, 3])
+def test_prefill_keeping_last_positions_equals_full_prefill(num_layers):
+  """A prefill that keeps the last k logits (its last layer computes only those positions)
+  gives the full prefill's logits there and the same cache, with the kept positions in
+  different contexts (their own routing) and a single layer (no layers before the last)."""
+  cfg = dataclasses.replace(DEC, num_layers=num_layers)
+  model = Decoder(cfg, PEFT)
+  tokens = np.asarray([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], np.int32)
+  ctx = np.asarray([[0, 1, 0, 1, 1, 0], [1, 1, 0, 0, 0, 1]], np.int32)
+  v = jax.jit(model.init)(jax.random.key(0), tokens, context_ids_BL=ctx)
+  v = {'params': v['params'], 'adaptors': _randomize(v['adaptors'], 4)}
+  prefill = jax.jit(model.apply, static_argnames='logits_to_keep')
+  full, cache = prefill(v, tokens, context_ids_BL=ctx, cache=KVCache.create(cfg, 2, 9))
+  for k in (1, 3):
+    kept, kept_cache = prefill(v, tokens, context_ids_BL=ctx, cache=KVCache.create(cfg, 2, 9),
+                               logits_to_keep=k)
+    assert kept.shape == (2, k, cfg.vocab_size)
+    np.testing.assert_allclose(kept, full[:, -k:], atol=1e-5)
+    np.testing.assert_allclose(kept_cache.key_NBGMK, cache.key_NBGMK, atol=1e-6)
+    np.testing.assert_allclose(kept_cache.value_NBGMK, cache.value_NBGMK, atol=1e-6)
 
 
 @pytest.mark.parametrize('text_context', [0, 1])

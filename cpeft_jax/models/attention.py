@@ -152,23 +152,31 @@ class Attention(SubLayer):
   biases = False  # a bias on every projection (else on q/k/v per cfg.qkv_bias)
 
   @nn.compact
-  def __call__(self, x_BLD, routing, mask, cos, sin, kv=None, index=None):
+  def __call__(self, x_BLD, routing, mask, cos, sin, kv=None, index=None, kept=None):
     """Without `kv`, causal attention within x (mask: [B,1,1,L] padding or None).
 
     With kv = this layer's cached (keys, values) [B, G, M, K], the new keys and values are
     written at slot `index` and the queries attend over the cache (mask: [B,1,L,M], causal and
-    padding already folded in); returns (out, updated kv).
+    padding already folded in); returns (out, updated kv). There, kept = (n, the routing of the
+    last n positions) computes the output of those positions only (their queries and output
+    projection; keys and values are written for all L): a prefill's last layer.
     """
     cfg = self.cfg
     B, L, _ = x_BLD.shape
     H, G, K = cfg.num_heads, cfg.kv_heads, cfg.dims
     out_name = PROJECTION_NAMES[cfg.arch][0]
     bias = self.biases
-    q = self.dense('q_proj', H * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, H, K)
+    xq_BQD, q_routing = x_BLD, routing
+    if kept is not None:
+      if kv is None:
+        raise ValueError('Attention computes only the last positions (kept) with a KV cache.')
+      xq_BQD, q_routing = x_BLD[:, -kept[0]:], kept[1]
+    Q = xq_BQD.shape[1]
+    q = self.dense('q_proj', H * K, bias or cfg.qkv_bias)(xq_BQD, q_routing).reshape(B, Q, H, K)
     k = self.dense('k_proj', G * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
     v = self.dense('v_proj', G * K, bias or cfg.qkv_bias)(x_BLD, routing).reshape(B, L, G, K)
     if cos is not None:
-      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      q, k = apply_rope(q, cos[:, L - Q:], sin[:, L - Q:]), apply_rope(k, cos, sin)
     if kv is None:
       out = causal_attention(q, k, v, mask)
       if self.is_mutable_collection(INTERMEDIATES):  # for attention heatmaps only
@@ -178,8 +186,8 @@ class Attention(SubLayer):
       write = lambda cache, new_BLGK: jax.lax.dynamic_update_slice_in_dim(
           cache, new_BLGK.transpose(0, 2, 1, 3).astype(cache.dtype), index, 2)
       kv = (write(key_BGMK, k), write(value_BGMK, v))
-      out = cached_attention(q, *kv, mask)
-    return self.dense(out_name, cfg.hidden_size, bias)(out.reshape(B, L, H * K), routing), kv
+      out = cached_attention(q, *kv, mask[:, :, L - Q:])
+    return self.dense(out_name, cfg.hidden_size, bias)(out.reshape(B, Q, H * K), q_routing), kv
 
 
 def cached_attention(q_BLHK, key_BGMK, value_BGMK, mask_B1LM):
