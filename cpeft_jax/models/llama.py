@@ -327,15 +327,13 @@ class Decoder(nn.Module):
     N = self.cfg.num_layers
     stacks = {col: tree['layers'] for col, tree in self.variables.items() if 'layers' in tree}
     take = lambda at: {col: jax.tree.map(lambda x: x[at], tree) for col, tree in stacks.items()}
-    keys, values = kv
+    front = (kv[0][:N - 1], kv[1][:N - 1])  # empty with one layer
     if N > 1:
-      x_BLD, (keys, values) = self._stack(N - 1)(*self._block_args(), parent=None).apply(
-          take(slice(0, N - 1)), x_BLD, shared, (keys[:N - 1], values[:N - 1]))
-    else:
-      keys, values = keys[:0], values[:0]
-    x_BLD, (key, value) = self.block(*self._block_args(), parent=None).apply(
+      x_BLD, front = self._stack(N - 1)(*self._block_args(), parent=None).apply(
+          take(slice(0, N - 1)), x_BLD, shared, front)
+    x_BLD, last = self.block(*self._block_args(), parent=None).apply(
         take(N - 1), x_BLD, shared, (kv[0][N - 1], kv[1][N - 1]), kept)
-    return x_BLD, (jnp.concatenate([keys, key[None]]), jnp.concatenate([values, value[None]]))
+    return x_BLD, tuple(jnp.concatenate([f, l[None]]) for f, l in zip(front, last))
 
   def final_hidden(self, x_BLD):
     """The last layer's output as the LM head reads it (final norm; OPT may project out)."""
